@@ -1,0 +1,373 @@
+//! `LayerBuilder`: what model code uses instead of a bare `VarBuilder`. It hands out frozen base
+//! tensors and `LoraLinear`s, deciding per module (by its full Hugging Face path) whether the
+//! layer gets an adapter — fresh trainable tensors, or tensors loaded from a PEFT file — and
+//! records every linear module so targets that match nothing can be reported.
+use crate::config::{LoraConfig, ModuleLora};
+use crate::error::{AdapterError, Result};
+use crate::lora_linear::{LoraLinear, LowRank};
+use crate::peft_format::{lora_key, PeftAdapter};
+use crate::target::TargetSelector;
+use candle_core::{DType, Device, Shape, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Where adapter tensors come from.
+pub enum Adapters {
+    /// The plain base model.
+    None,
+    /// Trainable adapters: `A` seeded-uniform like PEFT's kaiming init, `B` zero. Vars already
+    /// in `varmap` under their PEFT key are reused (resuming).
+    Train {
+        config: LoraConfig,
+        varmap: VarMap,
+        seed: u64,
+    },
+    /// Adapters read from a PEFT directory.
+    Loaded(PeftAdapter),
+}
+
+/// One linear module of a model, as built.
+#[derive(Clone, Debug)]
+pub struct LinearInfo {
+    pub path: String,
+    pub in_dim: usize,
+    pub out_dim: usize,
+    pub bias: bool,
+    /// Rank, alpha and scaling when the module is wrapped.
+    pub lora: Option<ModuleLora>,
+}
+
+struct Shared {
+    adapters: Adapters,
+    selector: Option<TargetSelector>,
+    modules: Mutex<Vec<LinearInfo>>,
+    /// Every base tensor handed out, so tests can check none receives a gradient.
+    base_tensors: Mutex<Vec<(String, Tensor)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A `VarBuilder` for base weights plus the adapter decision, at one module path.
+#[derive(Clone)]
+pub struct LayerBuilder<'a> {
+    vb: VarBuilder<'a>,
+    path: String,
+    shared: Arc<Shared>,
+}
+
+/// The outcome of building a model: wrapped modules and warnings.
+#[derive(Clone, Debug, Default)]
+pub struct BuildReport {
+    pub linears: Vec<LinearInfo>,
+    pub warnings: Vec<String>,
+}
+
+impl BuildReport {
+    pub fn wrapped(&self) -> impl Iterator<Item = &LinearInfo> {
+        self.linears.iter().filter(|l| l.lora.is_some())
+    }
+}
+
+impl<'a> LayerBuilder<'a> {
+    pub fn new(vb: VarBuilder<'a>, adapters: Adapters) -> Result<Self> {
+        let selector = match &adapters {
+            Adapters::None => None,
+            Adapters::Train { config, .. } => Some(TargetSelector::new(config)?),
+            Adapters::Loaded(a) => Some(TargetSelector::new(&a.config)?),
+        };
+        Ok(LayerBuilder {
+            vb,
+            path: String::new(),
+            shared: Arc::new(Shared {
+                adapters,
+                selector,
+                modules: Mutex::new(Vec::new()),
+                base_tensors: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// The builder for a child module.
+    pub fn pp(&self, name: impl ToString) -> Self {
+        let name = name.to_string();
+        LayerBuilder {
+            vb: self.vb.pp(&name),
+            path: if self.path.is_empty() {
+                name
+            } else {
+                format!("{}.{name}", self.path)
+            },
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// This module's full path, e.g. `model.layers.0.self_attn`.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    pub fn device(&self) -> &Device {
+        self.vb.device()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.vb.dtype()
+    }
+
+    pub fn contains_tensor(&self, name: &str) -> bool {
+        self.vb.contains_tensor(name)
+    }
+
+    fn full_name(&self, name: &str) -> String {
+        if self.path.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.path)
+        }
+    }
+
+    /// A frozen base tensor of this module (a norm weight, a bias, an embedding table);
+    /// `modules_to_save` replacements from a loaded adapter take precedence.
+    pub fn tensor(&self, shape: impl Into<Shape>, name: &str) -> Result<Tensor> {
+        let shape = shape.into();
+        let full = self.full_name(name);
+        let t = match &self.shared.adapters {
+            Adapters::Loaded(a) if a.replacements().contains_key(&full) => {
+                let t = &a.replacements()[&full];
+                if t.shape() != &shape {
+                    return Err(AdapterError::ShapeMismatch {
+                        file: a.weights_file(),
+                        name: full,
+                        expected: shape.dims().to_vec(),
+                        got: t.dims().to_vec(),
+                        why: "a `modules_to_save` tensor must have the base tensor's shape".into(),
+                    });
+                }
+                t.to_device(self.device())?.to_dtype(self.dtype())?
+            }
+            _ => self.vb.get(shape, name)?,
+        };
+        lock(&self.shared.base_tensors).push((full, t.clone()));
+        Ok(t)
+    }
+
+    /// An embedding table `[vocab, hidden]`. Adapters on embeddings are refused.
+    pub fn embedding(&self, vocab: usize, hidden: usize) -> Result<Tensor> {
+        if let Some(sel) = &self.shared.selector {
+            if let Some(entry) = sel.matching_entry(&self.path) {
+                return Err(AdapterError::Unsupported {
+                    file: "LoRA config".into(),
+                    key: "target_modules".into(),
+                    value: format!("{entry:?} (matches `{}`)", self.path),
+                    feature: "LoRA on embedding layers".into(),
+                });
+            }
+        }
+        self.tensor((vocab, hidden), "weight")
+    }
+
+    /// The linear layer at this path (`weight: [out, in]`, optional `bias: [out]`).
+    pub fn linear(&self, in_dim: usize, out_dim: usize, bias: bool) -> Result<LoraLinear> {
+        let weight = self.tensor((out_dim, in_dim), "weight")?;
+        let bias = if bias {
+            Some(self.tensor(out_dim, "bias")?)
+        } else {
+            None
+        };
+        self.linear_from(weight, bias)
+    }
+
+    /// A linear layer at this path over an existing weight (e.g. a tied output head).
+    pub fn linear_from(&self, weight: Tensor, bias: Option<Tensor>) -> Result<LoraLinear> {
+        let (out_dim, in_dim) = weight.dims2()?;
+        let wrapped = self
+            .shared
+            .selector
+            .as_ref()
+            .is_some_and(|s| s.matches(&self.path));
+        let (lora, info) = if wrapped {
+            let (l, info) = self.low_rank(in_dim, out_dim)?;
+            (Some(l), Some(info))
+        } else {
+            (None, None)
+        };
+        lock(&self.shared.modules).push(LinearInfo {
+            path: self.path.clone(),
+            in_dim,
+            out_dim,
+            bias: bias.is_some(),
+            lora: info,
+        });
+        Ok(LoraLinear::new(weight, bias, lora))
+    }
+
+    fn low_rank(&self, in_dim: usize, out_dim: usize) -> Result<(LowRank, ModuleLora)> {
+        let dev = self.device();
+        match &self.shared.adapters {
+            Adapters::None => unreachable_adapters(),
+            Adapters::Loaded(a) => {
+                let info = a.config.for_module(&self.path);
+                let l = a.low_rank(&self.path, in_dim, out_dim, dev)?.ok_or_else(|| {
+                    AdapterError::MissingTensor {
+                        file: a.weights_file(),
+                        name: lora_key(&self.path, "A"),
+                        why: "adapter_config.json targets this module".into(),
+                    }
+                })?;
+                Ok((l, info))
+            }
+            Adapters::Train {
+                config,
+                varmap,
+                seed,
+            } => {
+                let info = config.for_module(&self.path);
+                let mut vars = varmap.data().lock().unwrap_or_else(|p| p.into_inner());
+                let key_a = lora_key(&self.path, "A");
+                let key_b = lora_key(&self.path, "B");
+                let a = match vars.get(&key_a) {
+                    Some(v) => v.as_tensor().clone(),
+                    None => {
+                        let bound = 1.0 / (in_dim as f64).sqrt();
+                        let init = seeded_uniform(*seed, &key_a, info.r * in_dim, bound);
+                        let v = Var::from_tensor(&Tensor::from_vec(init, (info.r, in_dim), dev)?)?;
+                        vars.insert(key_a.clone(), v.clone());
+                        v.as_tensor().clone()
+                    }
+                };
+                let b = match vars.get(&key_b) {
+                    Some(v) => v.as_tensor().clone(),
+                    None => {
+                        let v = Var::zeros((out_dim, info.r), DType::F32, dev)?;
+                        vars.insert(key_b.clone(), v.clone());
+                        v.as_tensor().clone()
+                    }
+                };
+                for (t, key, expected) in [(&a, &key_a, [info.r, in_dim]), (&b, &key_b, [out_dim, info.r])] {
+                    if t.dims() != expected {
+                        return Err(AdapterError::ShapeMismatch {
+                            file: "resumed adapter state".into(),
+                            name: key.clone(),
+                            expected: expected.to_vec(),
+                            got: t.dims().to_vec(),
+                            why: "the LoRA config and base model imply this shape".into(),
+                        });
+                    }
+                }
+                Ok((
+                    LowRank {
+                        a,
+                        b,
+                        scaling: info.scaling,
+                        dropout: config.lora_dropout as f32,
+                    },
+                    info,
+                ))
+            }
+        }
+    }
+
+    /// Every linear module built so far.
+    pub fn linears(&self) -> Vec<LinearInfo> {
+        lock(&self.shared.modules).clone()
+    }
+
+    /// Every frozen base tensor handed out so far, by full name.
+    pub fn base_tensors(&self) -> Vec<(String, Tensor)> {
+        lock(&self.shared.base_tensors).clone()
+    }
+
+    /// Call after the model is built: fails if a target entry wrapped nothing or if a loaded
+    /// adapter holds tensors for modules the model does not have.
+    pub fn finish(&self) -> Result<BuildReport> {
+        let linears = self.linears();
+        let mut warnings = Vec::new();
+        if let Some(sel) = &self.shared.selector {
+            let paths: Vec<String> = linears.iter().map(|l| l.path.clone()).collect();
+            sel.check_all_matched(&paths)?;
+        }
+        if let Adapters::Loaded(a) = &self.shared.adapters {
+            warnings.extend(a.warnings.iter().cloned());
+            let wrapped: BTreeSet<&str> = linears
+                .iter()
+                .filter(|l| l.lora.is_some())
+                .map(|l| l.path.as_str())
+                .collect();
+            let unused: Vec<String> = a
+                .modules()
+                .filter(|m| !wrapped.contains(m))
+                .map(|m| lora_key(m, "A"))
+                .collect();
+            if !unused.is_empty() {
+                return Err(AdapterError::UnusedTensors {
+                    file: a.weights_file(),
+                    names: unused,
+                });
+            }
+            let base: BTreeSet<String> =
+                self.base_tensors().into_iter().map(|(n, _)| n).collect();
+            let unused: Vec<String> = a
+                .replacements()
+                .keys()
+                .filter(|k| !base.contains(*k))
+                .cloned()
+                .collect();
+            if !unused.is_empty() {
+                return Err(AdapterError::UnusedTensors {
+                    file: a.weights_file(),
+                    names: unused,
+                });
+            }
+        }
+        Ok(BuildReport { linears, warnings })
+    }
+}
+
+fn unreachable_adapters() -> Result<(LowRank, ModuleLora)> {
+    Err(AdapterError::InvalidConfig {
+        file: "LoRA config".into(),
+        key: "target_modules".into(),
+        message: "no adapters configured".into(),
+    })
+}
+
+/// Deterministic U(-bound, bound) values for one tensor: SplitMix64 seeded by the run seed and
+/// the tensor's name, so initialisation does not depend on construction order or thread.
+fn seeded_uniform(seed: u64, name: &str, n: usize, bound: f64) -> Vec<f32> {
+    let mut state = name
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64 ^ seed, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+        });
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            let u = (z >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
+            ((2.0 * u - 1.0) * bound) as f32
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeded_init_is_reproducible_and_bounded() {
+        let a = seeded_uniform(7, "x", 1000, 0.25);
+        assert_eq!(a, seeded_uniform(7, "x", 1000, 0.25));
+        assert_ne!(a, seeded_uniform(8, "x", 1000, 0.25));
+        assert_ne!(a, seeded_uniform(7, "y", 1000, 0.25));
+        assert!(a.iter().all(|v| v.abs() <= 0.25));
+        let mean: f32 = a.iter().sum::<f32>() / 1000.0;
+        assert!(mean.abs() < 0.03, "{mean}");
+        assert!(a.iter().any(|v| *v > 0.2) && a.iter().any(|v| *v < -0.2));
+    }
+}

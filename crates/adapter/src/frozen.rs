@@ -1,0 +1,238 @@
+//! Ops whose second operand is a frozen base tensor: forward as usual, backward gives the
+//! gradient of the activation only. candle's own matmul/mul/add compute (and keep until backward
+//! ends) a gradient for every operand, which for a frozen weight is wasted work and a full
+//! model-size buffer (DESIGN §3.3).
+use candle_core::backend::BackendStorage;
+use candle_core::op::{Add, Mul};
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Result, Shape, Tensor};
+
+/// `x @ wᵀ` for `x: [.., in]` (contiguous) and `w: [out, in]`.
+struct FrozenMatmul;
+
+impl FrozenMatmul {
+    /// Folds the leading dims of x into rows and views w as its transpose, without a copy.
+    fn plan(lx: &Layout, lw: &Layout) -> Result<((usize, usize, usize, usize), Layout, Layout, Shape)> {
+        let (out, inner) = lw.shape().dims2()?;
+        let xd = lx.shape().dims();
+        let k = *xd.last().unwrap_or(&0);
+        if k != inner {
+            candle_core::bail!(
+                "frozen linear: input has {k} features, weight {:?} expects {inner}",
+                lw.shape()
+            );
+        }
+        if !lx.is_contiguous() {
+            candle_core::bail!("frozen linear: input must be contiguous");
+        }
+        let rows = lx.shape().elem_count() / k.max(1);
+        let x2 = Layout::contiguous_with_offset((rows, k), lx.start_offset());
+        let wt = Layout::new(
+            Shape::from((k, out)),
+            vec![lw.stride()[1], lw.stride()[0]],
+            lw.start_offset(),
+        );
+        let mut dims = xd.to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = out;
+        }
+        Ok(((1, rows, out, k), x2, wt, Shape::from(dims)))
+    }
+}
+
+impl CustomOp2 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (bmnk, x2, wt, shape) = Self::plan(lx, lw)?;
+        Ok((sx.matmul(sw, bmnk, &x2, &wt)?, shape))
+    }
+
+    fn cuda_fwd(
+        &self,
+        sx: &CudaStorage,
+        lx: &Layout,
+        sw: &CudaStorage,
+        lw: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (bmnk, x2, wt, shape) = Self::plan(lx, lw)?;
+        Ok((sx.matmul(sw, bmnk, &x2, &wt)?, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (out, inner) = w.dims2()?;
+        let rows = grad.elem_count() / out.max(1);
+        let dx = grad
+            .reshape((rows, out))?
+            .matmul(&w.to_dtype(grad.dtype())?)?
+            .reshape(x.shape())?;
+        debug_assert_eq!(dx.dim(candle_core::D::Minus1)?, inner);
+        Ok((Some(dx.to_dtype(x.dtype())?), None))
+    }
+}
+
+/// Elementwise `x ∘ c` with `c` broadcast from the right (a norm weight, a bias).
+struct FrozenBroadcast {
+    mul: bool,
+}
+
+impl FrozenBroadcast {
+    fn run<S: BackendStorage>(
+        &self,
+        sx: &S,
+        lx: &Layout,
+        sc: &S,
+        lc: &Layout,
+    ) -> Result<(S, Shape)> {
+        let lc = lc.broadcast_as(lx.shape().clone())?;
+        let out = if self.mul {
+            sx.binary_impl::<Mul>(sc, lx, &lc)?
+        } else {
+            sx.binary_impl::<Add>(sc, lx, &lc)?
+        };
+        Ok((out, lx.shape().clone()))
+    }
+}
+
+impl CustomOp2 for FrozenBroadcast {
+    fn name(&self) -> &'static str {
+        if self.mul {
+            "frozen-broadcast-mul"
+        } else {
+            "frozen-broadcast-add"
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sc: &CpuStorage,
+        lc: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run(sx, lx, sc, lc)
+    }
+
+    fn cuda_fwd(
+        &self,
+        sx: &CudaStorage,
+        lx: &Layout,
+        sc: &CudaStorage,
+        lc: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.run(sx, lx, sc, lc)
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        c: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = if self.mul {
+            grad.broadcast_mul(c)?
+        } else {
+            grad.clone()
+        };
+        Ok((Some(dx), None))
+    }
+}
+
+/// `x @ wᵀ` where `w: [out, in]` is frozen: no gradient is computed or stored for `w`.
+pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    x.apply_op2(w, FrozenMatmul)
+}
+
+/// `x * c` (c broadcast from the right), `c` frozen.
+pub fn frozen_mul(x: &Tensor, c: &Tensor) -> Result<Tensor> {
+    x.apply_op2(c, FrozenBroadcast { mul: true })
+}
+
+/// `x + c` (c broadcast from the right), `c` frozen.
+pub fn frozen_add(x: &Tensor, c: &Tensor) -> Result<Tensor> {
+    x.apply_op2(c, FrozenBroadcast { mul: false })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var, D};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(D::Minus1)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn frozen_ops_match_candle_values_and_input_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1., (2, 3, 8), &dev)?;
+        let w = Tensor::randn(0f32, 1., (5, 8), &dev)?;
+        let b = Tensor::randn(0f32, 1., 5, &dev)?;
+        let g = Tensor::randn(0f32, 1., 5, &dev)?;
+
+        let ours = frozen_mul(&frozen_add(&frozen_matmul(x.as_tensor(), &w)?, &b)?, &g)?;
+        let reference = x
+            .as_tensor()
+            .broadcast_matmul(&w.t()?)?
+            .broadcast_add(&b)?
+            .broadcast_mul(&g)?;
+        assert!(max_diff(&ours, &reference) < 1e-5);
+
+        let go = ours.sqr()?.sum_all()?.backward()?;
+        let gr = reference.sqr()?.sum_all()?.backward()?;
+        assert!(max_diff(go.get(&x).unwrap(), gr.get(&x).unwrap()) < 1e-4);
+        // candle's composed path stores gradients for the frozen operands (under the ids of
+        // their transposed/broadcast views), ours stores none of that shape or size.
+        let sizes = |g: &candle_core::backprop::GradStore| -> Vec<Vec<usize>> {
+            g.get_ids().map(|id| g.get_id(*id).unwrap().dims().to_vec()).collect()
+        };
+        let (ours_shapes, ref_shapes) = (sizes(&go), sizes(&gr));
+        assert!(ref_shapes.contains(&vec![8, 5]), "{ref_shapes:?}");
+        assert!(!ours_shapes.iter().any(|s| s == &[8, 5] || s == &[5, 8] || s == &[5]));
+        let total = |v: &[Vec<usize>]| v.iter().map(|s| s.iter().product::<usize>()).sum::<usize>();
+        assert!(total(&ref_shapes) >= total(&ours_shapes) + w.elem_count());
+        for t in [&w, &b, &g] {
+            assert!(go.get(t).is_none());
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn frozen_matmul_accepts_strided_weight_and_offset_input() -> Result<()> {
+        let dev = Device::Cpu;
+        let big = Tensor::randn(0f32, 1., (4, 6, 8), &dev)?;
+        let x = big.narrow(0, 1, 2)?; // contiguous with an offset
+        let wt = Tensor::randn(0f32, 1., (8, 5), &dev)?;
+        let w = wt.t()?; // [5, 8] viewed through strides
+        let ours = frozen_matmul(&x, &w)?;
+        let reference = x.reshape((12, 8))?.matmul(&wt)?.reshape((2, 6, 5))?;
+        assert!(max_diff(&ours, &reference) < 1e-5);
+        let bad = Tensor::zeros((2, 7), DType::F32, &dev)?;
+        assert!(frozen_matmul(&bad, &w).is_err());
+        Ok(())
+    }
+}

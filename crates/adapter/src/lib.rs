@@ -1,0 +1,22 @@
+//! lorakit-adapter: LoRA adapters as PEFT defines them — config, target selection, the
+//! `LoraLinear` layer, the on-disk format and a merged-weights backend. Knows tensor names,
+//! never architectures.
+pub mod builder;
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod frozen;
+pub mod fsutil;
+pub mod lora_linear;
+pub mod merged_backend;
+pub mod peft_format;
+pub mod target;
+
+pub use builder::{Adapters, BuildReport, LayerBuilder, LinearInfo};
+pub use checkpoint::{Checkpoint, ShapeOnly};
+pub use config::{LoraConfig, ModuleLora, ModuleSpec};
+pub use error::{AdapterError, Result};
+pub use lora_linear::{LoraLinear, LowRank};
+pub use merged_backend::MergedBackend;
+pub use peft_format::{save_adapter, PeftAdapter};
+pub use target::TargetSelector;

@@ -1,0 +1,308 @@
+//! The Hugging Face PEFT on-disk format: `adapter_config.json` + `adapter_model.safetensors`
+//! with keys `base_model.model.<module>.lora_A.weight` `[r, in]` and `.lora_B.weight` `[out, r]`.
+use crate::checkpoint::Checkpoint;
+use crate::config::LoraConfig;
+use crate::error::{AdapterError, Result};
+use crate::fsutil::atomic_write;
+use crate::lora_linear::LowRank;
+use candle_core::{DType, Device, Tensor};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// Every key PEFT writes starts with this.
+pub const KEY_PREFIX: &str = "base_model.model.";
+
+/// The PEFT key of a LoRA tensor: `which` is `"A"` or `"B"`.
+pub fn lora_key(module: &str, which: &str) -> String {
+    format!("{KEY_PREFIX}{module}.lora_{which}.weight")
+}
+
+/// An adapter read from disk: config plus f32 tensors on the CPU.
+#[derive(Debug)]
+pub struct PeftAdapter {
+    pub config: LoraConfig,
+    /// Things worth telling the user (ignored config keys).
+    pub warnings: Vec<String>,
+    pub dir: PathBuf,
+    /// dtype the weights were stored in.
+    pub stored_dtype: DType,
+    /// module path → (A, B)
+    lora: BTreeMap<String, (Tensor, Tensor)>,
+    /// full base tensor name → replacement (PEFT `modules_to_save`)
+    replacements: BTreeMap<String, Tensor>,
+}
+
+impl PeftAdapter {
+    /// Loads `dir/adapter_config.json` and `dir/adapter_model.safetensors` (f32, bf16 or f16).
+    pub fn load(dir: &Path) -> Result<Self> {
+        let config_path = dir.join(CONFIG_FILE);
+        if !config_path.is_file() {
+            return Err(AdapterError::io(
+                &config_path,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "not found: an adapter directory holds adapter_config.json and adapter_model.safetensors",
+                ),
+            ));
+        }
+        let (config, warnings) = LoraConfig::from_peft_file(&config_path)?;
+        let weights = dir.join(WEIGHTS_FILE);
+        if !weights.is_file() && dir.join("adapter_model.bin").is_file() {
+            return Err(AdapterError::io(
+                &weights,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "not found; only a pickled adapter_model.bin is present, which lorakit does not execute. Re-save it with safetensors (PEFT: save_pretrained(..., safe_serialization=True))",
+                ),
+            ));
+        }
+        let ckpt = Checkpoint::open_files(std::slice::from_ref(&weights))?;
+        let file = weights.display().to_string();
+        let bad = |name: &str, message: String| AdapterError::BadTensor {
+            file: file.clone(),
+            name: name.into(),
+            message,
+        };
+        let mut a_map = BTreeMap::new();
+        let mut b_map = BTreeMap::new();
+        let mut replacements = BTreeMap::new();
+        let mut stored_dtype = DType::F32;
+        for name in ckpt.names() {
+            let meta = ckpt.meta(name)?;
+            if !matches!(meta.dtype, DType::F32 | DType::BF16 | DType::F16 | DType::F64) {
+                return Err(bad(name, format!("dtype {:?}, expected F32, BF16 or F16", meta.dtype)));
+            }
+            stored_dtype = meta.dtype;
+            let Some(rest) = name.strip_prefix(KEY_PREFIX) else {
+                return Err(bad(name, format!("key does not start with `{KEY_PREFIX}` (not a PEFT adapter file?)")));
+            };
+            if rest.contains("lora_magnitude_vector") {
+                return Err(AdapterError::Unsupported {
+                    file: file.clone(),
+                    key: name.into(),
+                    value: "present".into(),
+                    feature: "DoRA (the adapter stores magnitude vectors)".into(),
+                });
+            }
+            if rest.contains("lora_embedding_") {
+                return Err(AdapterError::Unsupported {
+                    file: file.clone(),
+                    key: name.into(),
+                    value: "present".into(),
+                    feature: "LoRA on embedding layers".into(),
+                });
+            }
+            let t = ckpt.load(name, &Device::Cpu)?.to_dtype(DType::F32)?;
+            let finite = t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.is_finite();
+            if !finite && t.elem_count() > 0 {
+                return Err(bad(name, "holds NaN or infinite values".into()));
+            }
+            if let Some(module) = rest.strip_suffix(".lora_A.weight") {
+                a_map.insert(module.to_string(), t);
+            } else if let Some(module) = rest.strip_suffix(".lora_B.weight") {
+                b_map.insert(module.to_string(), t);
+            } else if rest.contains(".lora_") {
+                return Err(bad(name, "unrecognised LoRA tensor (expected .lora_A.weight or .lora_B.weight)".into()));
+            } else if config
+                .modules_to_save
+                .iter()
+                .flatten()
+                .any(|m| rest == m || rest.starts_with(&format!("{m}.")) || rest.contains(&format!(".{m}.")))
+            {
+                replacements.insert(rest.to_string(), t);
+            } else {
+                return Err(AdapterError::UnusedTensors {
+                    file: file.clone(),
+                    names: vec![name.to_string()],
+                });
+            }
+        }
+        let mut lora = BTreeMap::new();
+        for (module, a) in a_map {
+            let b = b_map.remove(&module).ok_or_else(|| AdapterError::MissingTensor {
+                file: file.clone(),
+                name: lora_key(&module, "B"),
+                why: format!("{} is present", lora_key(&module, "A")),
+            })?;
+            let r = config.for_module(&module).r;
+            if a.dims().len() != 2 || a.dim(0)? != r {
+                return Err(AdapterError::ShapeMismatch {
+                    file: file.clone(),
+                    name: lora_key(&module, "A"),
+                    expected: vec![r, a.dims().get(1).copied().unwrap_or(0)],
+                    got: a.dims().to_vec(),
+                    why: "rank from `r` / `rank_pattern` in adapter_config.json".into(),
+                });
+            }
+            if b.dims().len() != 2 || b.dim(1)? != r {
+                return Err(AdapterError::ShapeMismatch {
+                    file: file.clone(),
+                    name: lora_key(&module, "B"),
+                    expected: vec![b.dims().first().copied().unwrap_or(0), r],
+                    got: b.dims().to_vec(),
+                    why: "rank from `r` / `rank_pattern` in adapter_config.json".into(),
+                });
+            }
+            lora.insert(module, (a, b));
+        }
+        if let Some(module) = b_map.keys().next() {
+            return Err(AdapterError::MissingTensor {
+                file,
+                name: lora_key(module, "A"),
+                why: format!("{} is present", lora_key(module, "B")),
+            });
+        }
+        Ok(PeftAdapter {
+            config,
+            warnings,
+            dir: dir.to_path_buf(),
+            stored_dtype,
+            lora,
+            replacements,
+        })
+    }
+
+    /// The weights file, for messages.
+    pub fn weights_file(&self) -> String {
+        self.dir.join(WEIGHTS_FILE).display().to_string()
+    }
+
+    /// Paths of the modules this adapter holds LoRA tensors for.
+    pub fn modules(&self) -> impl Iterator<Item = &str> {
+        self.lora.keys().map(String::as_str)
+    }
+
+    /// Full base tensor names replaced whole (`modules_to_save`).
+    pub fn replacements(&self) -> &BTreeMap<String, Tensor> {
+        &self.replacements
+    }
+
+    /// The low-rank pair for `module` on `device`, checked against the base layer's shape.
+    pub fn low_rank(
+        &self,
+        module: &str,
+        in_dim: usize,
+        out_dim: usize,
+        device: &Device,
+    ) -> Result<Option<LowRank>> {
+        let Some((a, b)) = self.lora.get(module) else {
+            return Ok(None);
+        };
+        let r = a.dim(0)?;
+        for (t, which, expected) in [(a, "A", vec![r, in_dim]), (b, "B", vec![out_dim, r])] {
+            if t.dims() != expected.as_slice() {
+                return Err(AdapterError::ShapeMismatch {
+                    file: self.weights_file(),
+                    name: lora_key(module, which),
+                    expected,
+                    got: t.dims().to_vec(),
+                    why: format!("the base layer `{module}` is [{out_dim}, {in_dim}]; is the adapter made for another base model?"),
+                });
+            }
+        }
+        Ok(Some(LowRank {
+            a: a.to_device(device)?,
+            b: b.to_device(device)?,
+            scaling: self.config.for_module(module).scaling,
+            dropout: 0.0,
+        }))
+    }
+}
+
+/// Writes a PEFT-format adapter into `dir` (created if needed), each file atomically.
+/// `modules` pairs module paths with their low-rank tensors; `metadata` goes into the
+/// safetensors header next to `format: pt`.
+pub fn save_adapter(
+    dir: &Path,
+    config: &LoraConfig,
+    modules: &[(String, LowRank)],
+    metadata: &HashMap<String, String>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| AdapterError::io(dir, e))?;
+    let mut tensors: Vec<(String, Tensor)> = Vec::with_capacity(modules.len() * 2);
+    for (module, l) in modules {
+        for (which, t) in [("A", &l.a), ("B", &l.b)] {
+            let t = t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?;
+            tensors.push((lora_key(module, which), t));
+        }
+    }
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut meta = metadata.clone();
+    meta.insert("format".into(), "pt".into());
+    let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
+        .map_err(|e| AdapterError::Safetensors {
+            file: dir.join(WEIGHTS_FILE).display().to_string(),
+            message: e.to_string(),
+        })?;
+    atomic_write(&dir.join(WEIGHTS_FILE), &bytes)?;
+    let json = serde_json::to_string_pretty(&config.to_peft_json()).map_err(|e| AdapterError::Json {
+        path: dir.join(CONFIG_FILE),
+        message: e.to_string(),
+    })?;
+    atomic_write(&dir.join(CONFIG_FILE), json.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModuleSpec;
+
+    fn config() -> LoraConfig {
+        LoraConfig {
+            r: 2,
+            lora_alpha: 4.0,
+            target_modules: Some(ModuleSpec::List(vec!["q_proj".into()])),
+            ..Default::default()
+        }
+    }
+
+    fn pair(r: usize, inp: usize, out: usize) -> LowRank {
+        let dev = Device::Cpu;
+        LowRank {
+            a: Tensor::randn(0f32, 1., (r, inp), &dev).unwrap(),
+            b: Tensor::randn(0f32, 1., (out, r), &dev).unwrap(),
+            scaling: 2.0,
+            dropout: 0.0,
+        }
+    }
+
+    #[test]
+    fn save_then_load_round_trips_and_checks_shapes() {
+        let d = tempfile::tempdir().unwrap();
+        let l = pair(2, 6, 4);
+        save_adapter(d.path(), &config(), &[("model.layers.0.self_attn.q_proj".into(), l.clone())], &HashMap::new()).unwrap();
+        let ad = PeftAdapter::load(d.path()).unwrap();
+        assert_eq!(ad.modules().collect::<Vec<_>>(), vec!["model.layers.0.self_attn.q_proj"]);
+        let got = ad.low_rank("model.layers.0.self_attn.q_proj", 6, 4, &Device::Cpu).unwrap().unwrap();
+        assert_eq!(got.a.to_vec2::<f32>().unwrap(), l.a.to_vec2::<f32>().unwrap());
+        assert_eq!(got.scaling, 2.0);
+        let err = ad.low_rank("model.layers.0.self_attn.q_proj", 8, 4, &Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("lora_A.weight") && err.contains("[2, 8]"), "{err}");
+        // no temp files left behind
+        let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
+    fn a_missing_lora_b_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let l = pair(2, 6, 4);
+        let mut map = HashMap::new();
+        map.insert(lora_key("m.q_proj", "A"), l.a.clone());
+        candle_core::safetensors::save(&map, d.path().join(WEIGHTS_FILE)).unwrap();
+        std::fs::write(d.path().join(CONFIG_FILE), config().to_peft_json().to_string()).unwrap();
+        let err = PeftAdapter::load(d.path()).unwrap_err().to_string();
+        assert!(err.contains("m.q_proj.lora_B.weight") && err.contains(WEIGHTS_FILE), "{err}");
+    }
+
+    #[test]
+    fn a_rank_that_disagrees_with_the_config_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        save_adapter(d.path(), &config(), &[("m.q_proj".into(), pair(3, 6, 4))], &HashMap::new()).unwrap();
+        std::fs::write(d.path().join(CONFIG_FILE), config().to_peft_json().to_string()).unwrap();
+        let err = PeftAdapter::load(d.path()).unwrap_err().to_string();
+        assert!(err.contains("rank") && err.contains("[3, 6]"), "{err}");
+    }
+}
