@@ -17,14 +17,14 @@ impl MergedBackend {
 
     /// The f32 tensor `name` with the adapter folded in.
     pub fn merged_f32(&self, name: &str, dev: &Device) -> Result<Tensor> {
-        if let Some(t) = self.adapter.replacements().get(name) {
-            return t.to_device(dev);
-        }
-        let w = self
-            .base
-            .load(name, dev)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?
-            .to_dtype(DType::F32)?;
+        let w = match self.adapter.replacements().get(name) {
+            Some(t) => t.to_device(dev)?,
+            None => self
+                .base
+                .load(name, dev)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+                .to_dtype(DType::F32)?,
+        };
         let Some(module) = name.strip_suffix(".weight") else {
             return Ok(w);
         };

@@ -103,6 +103,10 @@ impl PeftAdapter {
                 a_map.insert(module.to_string(), t);
             } else if let Some(module) = rest.strip_suffix(".lora_B.weight") {
                 b_map.insert(module.to_string(), t);
+            } else if let Some(module) = rest.strip_suffix(".base_layer.weight") {
+                // PEFT saves the base weight of an output/embedding layer it adapts
+                // (`save_embedding_layers`); loading it replaces the base tensor.
+                replacements.insert(format!("{module}.weight"), t);
             } else if rest.contains(".lora_") {
                 return Err(bad(name, "unrecognised LoRA tensor (expected .lora_A.weight or .lora_B.weight)".into()));
             } else if config
@@ -174,7 +178,7 @@ impl PeftAdapter {
         self.lora.keys().map(String::as_str)
     }
 
-    /// Full base tensor names replaced whole (`modules_to_save`).
+    /// Full base tensor names replaced whole (`modules_to_save`, saved embedding/output layers).
     pub fn replacements(&self) -> &BTreeMap<String, Tensor> {
         &self.replacements
     }

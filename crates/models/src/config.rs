@@ -1,0 +1,343 @@
+//! `config.json` of Llama-family models, read in both transformers 4 and 5 forms
+//! (`rope_theta` top-level or inside `rope_parameters`; `torch_dtype` or `dtype`).
+use crate::error::{ModelError, Result};
+use candle_core::DType;
+use serde::Deserialize;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// The architectures this crate builds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    Mistral,
+    Qwen2,
+}
+
+impl Arch {
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Mistral => "mistral",
+            Arch::Qwen2 => "qwen2",
+        }
+    }
+}
+
+/// How rotary frequencies are scaled.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor`.
+    Linear { factor: f64 },
+    /// Llama 3.x frequency-band scaling.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+/// The raw fields we read; everything else in config.json is ignored.
+#[derive(Deserialize)]
+struct Raw {
+    model_type: Option<String>,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_parameters: Option<Value>,
+    rope_scaling: Option<Value>,
+    max_position_embeddings: Option<usize>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
+    hidden_act: Option<String>,
+    torch_dtype: Option<String>,
+    dtype: Option<String>,
+}
+
+/// A resolved Llama-family configuration.
+#[derive(Clone, Debug)]
+pub struct LlamaConfig {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// Bias on q, k and v projections (Qwen2: always; Llama: `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on the output projection (Llama `attention_bias`).
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    /// Mistral's sliding attention window.
+    pub sliding_window: Option<usize>,
+    /// The dtype the checkpoint declares (`torch_dtype` / `dtype`).
+    pub dtype: Option<DType>,
+}
+
+impl LlamaConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| ModelError::Json {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Self::from_json(v, path)
+    }
+
+    pub fn from_json(v: Value, file: &Path) -> Result<Self> {
+        let err = |key: &str, message: String| ModelError::Config {
+            file: file.to_path_buf(),
+            key: key.into(),
+            message,
+        };
+        let model_type = v
+            .get("model_type")
+            .and_then(Value::as_str)
+            .unwrap_or("llama")
+            .to_string();
+        let arch = match model_type.as_str() {
+            "llama" => Arch::Llama,
+            "mistral" => Arch::Mistral,
+            "qwen2" => Arch::Qwen2,
+            other => {
+                return Err(err(
+                    "model_type",
+                    format!("{other:?} is not supported (supported: llama, mistral, qwen2)"),
+                ))
+            }
+        };
+        let raw: Raw = serde_json::from_value(v).map_err(|e| {
+            let msg = e.to_string();
+            let key = msg.split('`').nth(1).unwrap_or("(config)").to_string();
+            err(&key, msg)
+        })?;
+        debug_assert_eq!(raw.model_type.as_deref().unwrap_or("llama"), model_type);
+        if let Some(act) = &raw.hidden_act {
+            if act != "silu" {
+                return Err(err("hidden_act", format!("{act:?} is not supported (expected \"silu\")")));
+            }
+        }
+        if raw.num_attention_heads == 0 || raw.hidden_size == 0 || raw.num_hidden_layers == 0 {
+            return Err(err("num_attention_heads", "hidden_size, num_hidden_layers and num_attention_heads must be positive".into()));
+        }
+        let kv = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
+        if kv == 0 || raw.num_attention_heads % kv != 0 {
+            return Err(err(
+                "num_key_value_heads",
+                format!("{kv} does not divide num_attention_heads = {}", raw.num_attention_heads),
+            ));
+        }
+        let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / raw.num_attention_heads);
+        if head_dim % 2 != 0 || head_dim == 0 {
+            return Err(err("head_dim", format!("{head_dim} must be even and positive for rotary embeddings")));
+        }
+        let params = raw.rope_parameters.as_ref().and_then(Value::as_object);
+        let rope_theta = raw
+            .rope_theta
+            .or_else(|| params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64))
+            .unwrap_or(10_000.0);
+        let scaling = raw.rope_scaling.as_ref().filter(|v| !v.is_null()).or(raw.rope_parameters.as_ref());
+        let rope_scaling = parse_rope_scaling(scaling, file)?;
+        if arch == Arch::Qwen2 && raw.use_sliding_window == Some(true) {
+            return Err(err("use_sliding_window", "sliding-window attention for qwen2 is not supported".into()));
+        }
+        let dtype_name = raw.dtype.or(raw.torch_dtype);
+        let dtype = match dtype_name.as_deref() {
+            None => None,
+            Some("float32") => Some(DType::F32),
+            Some("bfloat16") => Some(DType::BF16),
+            Some("float16") => Some(DType::F16),
+            Some(other) => return Err(err("torch_dtype", format!("{other:?} is not supported (float32, bfloat16 or float16)"))),
+        };
+        let attention_bias = raw.attention_bias.unwrap_or(false);
+        Ok(LlamaConfig {
+            arch,
+            vocab_size: raw.vocab_size,
+            hidden_size: raw.hidden_size,
+            intermediate_size: raw.intermediate_size,
+            num_hidden_layers: raw.num_hidden_layers,
+            num_attention_heads: raw.num_attention_heads,
+            num_key_value_heads: kv,
+            head_dim,
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            qkv_bias: arch == Arch::Qwen2 || (arch == Arch::Llama && attention_bias),
+            o_bias: arch == Arch::Llama && attention_bias,
+            mlp_bias: arch == Arch::Llama && raw.mlp_bias.unwrap_or(false),
+            sliding_window: if arch == Arch::Mistral { raw.sliding_window } else { None },
+            dtype,
+        })
+    }
+
+    /// Rotary inverse frequencies `[head_dim / 2]`, scaled as configured.
+    pub fn inv_freq(&self) -> Vec<f64> {
+        let d = self.head_dim;
+        let base: Vec<f64> = (0..d / 2)
+            .map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / d as f64))
+            .collect();
+        match self.rope_scaling {
+            RopeScaling::None | RopeScaling::Linear { .. } => base,
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old,
+            } => {
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                base.into_iter()
+                    .map(|f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// Positions are divided by this before rotation (linear scaling), else 1.
+    pub fn position_scale(&self) -> f64 {
+        match self.rope_scaling {
+            RopeScaling::Linear { factor } => 1.0 / factor,
+            _ => 1.0,
+        }
+    }
+}
+
+fn parse_rope_scaling(v: Option<&Value>, file: &Path) -> Result<RopeScaling> {
+    let Some(obj) = v.and_then(Value::as_object) else {
+        return Ok(RopeScaling::None);
+    };
+    let err = |message: String| ModelError::Config {
+        file: PathBuf::from(file),
+        key: "rope_scaling".into(),
+        message,
+    };
+    let kind = obj
+        .get("rope_type")
+        .or_else(|| obj.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let num = |k: &str| {
+        obj.get(k)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| err(format!("rope_type {kind:?} needs a number `{k}`")))
+    };
+    Ok(match kind {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear { factor: num("factor")? },
+        "llama3" => RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")?,
+        },
+        other => return Err(err(format!("rope_type {other:?} is not supported (default, linear, llama3)"))),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn base() -> Value {
+        json!({"model_type": "llama", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
+               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2})
+    }
+
+    #[test]
+    fn reads_transformers_4_and_5_forms_alike() {
+        let mut v4 = base();
+        v4["rope_theta"] = json!(500000.0);
+        v4["torch_dtype"] = json!("bfloat16");
+        v4["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        let mut v5 = base();
+        v5["dtype"] = json!("bfloat16");
+        v5["rope_parameters"] = json!({"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        let a = LlamaConfig::from_json(v4, Path::new("config.json")).unwrap();
+        let b = LlamaConfig::from_json(v5, Path::new("config.json")).unwrap();
+        assert_eq!(a.rope_theta, 500000.0);
+        assert_eq!(a.rope_theta, b.rope_theta);
+        assert_eq!(a.rope_scaling, b.rope_scaling);
+        assert_eq!(a.dtype, Some(DType::BF16));
+        assert_eq!(b.dtype, Some(DType::BF16));
+        assert_eq!(a.head_dim, 4);
+    }
+
+    #[test]
+    fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
+        let mut v = base();
+        v["hidden_size"] = json!(512);
+        v["num_attention_heads"] = json!(4);
+        v["num_key_value_heads"] = json!(4);
+        v["rope_theta"] = json!(500000.0);
+        v["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        let c = LlamaConfig::from_json(v.clone(), Path::new("c")).unwrap();
+        v["rope_scaling"] = Value::Null;
+        let plain = LlamaConfig::from_json(v, Path::new("c")).unwrap();
+        let (s, p) = (c.inv_freq(), plain.inv_freq());
+        assert_eq!(s[0], p[0]);
+        let last = s.len() - 1;
+        assert!((s[last] - p[last] / 8.0).abs() < 1e-15);
+        assert!(s.iter().zip(&p).any(|(a, b)| a < b && *a > b / 8.0));
+    }
+
+    #[test]
+    fn bad_configs_name_the_key() {
+        let mut v = base();
+        v["model_type"] = json!("gpt2");
+        let e = LlamaConfig::from_json(v, Path::new("m/config.json")).unwrap_err().to_string();
+        assert!(e.contains("m/config.json") && e.contains("model_type") && e.contains("gpt2"), "{e}");
+        let mut v = base();
+        v["num_key_value_heads"] = json!(3);
+        let e = LlamaConfig::from_json(v, Path::new("c")).unwrap_err().to_string();
+        assert!(e.contains("num_key_value_heads"), "{e}");
+        let mut v = base();
+        v.as_object_mut().unwrap().remove("hidden_size");
+        let e = LlamaConfig::from_json(v, Path::new("c")).unwrap_err().to_string();
+        assert!(e.contains("hidden_size"), "{e}");
+    }
+
+    #[test]
+    fn qwen2_has_qkv_bias_and_no_o_bias() {
+        let mut v = base();
+        v["model_type"] = json!("qwen2");
+        let c = LlamaConfig::from_json(v, Path::new("c")).unwrap();
+        assert!(c.qkv_bias && !c.o_bias && c.arch == Arch::Qwen2);
+    }
+}

@@ -1,0 +1,193 @@
+//! Llama, Mistral and Qwen2 decoders (one file: they differ only in biases and the attention
+//! window), differentiable end to end and returning logits for every position.
+use crate::config::LlamaConfig;
+use crate::error::{ModelError, Result};
+use crate::ops::{apply_rope, attention_bias, repeat_kv, rms_norm, rope_tables};
+use candle_core::{DType, Module, Tensor, D};
+use lorakit_adapter::{LayerBuilder, LoraLinear};
+
+struct Attention {
+    q_proj: LoraLinear,
+    k_proj: LoraLinear,
+    v_proj: LoraLinear,
+    o_proj: LoraLinear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(cfg: &LlamaConfig, lb: &LayerBuilder) -> Result<Self> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let q_out = cfg.num_attention_heads * d;
+        let kv_out = cfg.num_key_value_heads * d;
+        Ok(Attention {
+            q_proj: lb.pp("q_proj").linear(h, q_out, cfg.qkv_bias)?,
+            k_proj: lb.pp("k_proj").linear(h, kv_out, cfg.qkv_bias)?,
+            v_proj: lb.pp("v_proj").linear(h, kv_out, cfg.qkv_bias)?,
+            o_proj: lb.pp("o_proj").linear(q_out, h, cfg.o_bias)?,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: d,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, bias: &Tensor, train: bool) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let split = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
+            t.reshape((b, s, n, self.head_dim))?.transpose(1, 2)?.contiguous()
+        };
+        let q = split(self.q_proj.forward_t(x, train)?, self.heads)?;
+        let k = split(self.k_proj.forward_t(x, train)?, self.kv_heads)?;
+        let v = split(self.v_proj.forward_t(x, train)?, self.kv_heads)?;
+        let q = apply_rope(&q, cos, sin)?;
+        let k = apply_rope(&k, cos, sin)?;
+        let n_rep = self.heads / self.kv_heads;
+        let k = repeat_kv(&k, n_rep)?.contiguous()?;
+        let v = repeat_kv(&v, n_rep)?.contiguous()?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?
+            .to_dtype(DType::F32)?
+            .broadcast_add(bias)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(v.dtype())?;
+        let out = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, s, self.heads * self.head_dim))?;
+        Ok(self.o_proj.forward_t(&out, train)?)
+    }
+}
+
+struct Mlp {
+    gate_proj: LoraLinear,
+    up_proj: LoraLinear,
+    down_proj: LoraLinear,
+}
+
+impl Mlp {
+    fn new(cfg: &LlamaConfig, lb: &LayerBuilder) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Mlp {
+            gate_proj: lb.pp("gate_proj").linear(h, i, cfg.mlp_bias)?,
+            up_proj: lb.pp("up_proj").linear(h, i, cfg.mlp_bias)?,
+            down_proj: lb.pp("down_proj").linear(i, h, cfg.mlp_bias)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let gate = self.gate_proj.forward_t(x, train)?.silu()?;
+        let up = self.up_proj.forward_t(x, train)?;
+        Ok(self.down_proj.forward_t(&(gate * up)?, train)?)
+    }
+}
+
+struct DecoderLayer {
+    input_layernorm: Tensor,
+    self_attn: Attention,
+    post_attention_layernorm: Tensor,
+    mlp: Mlp,
+}
+
+/// A decoder-only causal language model of the Llama family.
+pub struct CausalLm {
+    cfg: LlamaConfig,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: Tensor,
+    lm_head: LoraLinear,
+    inv_freq: Vec<f64>,
+}
+
+impl CausalLm {
+    /// Builds the model from weights named as in Hugging Face checkpoints
+    /// (`model.layers.N.self_attn.q_proj.weight`, ...).
+    pub fn new(cfg: &LlamaConfig, lb: &LayerBuilder) -> Result<Self> {
+        let m = lb.pp("model");
+        let embed_tokens = m.pp("embed_tokens").embedding(cfg.vocab_size, cfg.hidden_size)?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let l = m.pp("layers").pp(i);
+            layers.push(DecoderLayer {
+                input_layernorm: l.pp("input_layernorm").tensor(cfg.hidden_size, "weight")?,
+                self_attn: Attention::new(cfg, &l.pp("self_attn"))?,
+                post_attention_layernorm: l
+                    .pp("post_attention_layernorm")
+                    .tensor(cfg.hidden_size, "weight")?,
+                mlp: Mlp::new(cfg, &l.pp("mlp"))?,
+            });
+        }
+        let norm = m.pp("norm").tensor(cfg.hidden_size, "weight")?;
+        let head = lb.pp("lm_head");
+        let lm_head = if cfg.tie_word_embeddings {
+            head.linear_from(embed_tokens.clone(), None)?
+        } else {
+            head.linear(cfg.hidden_size, cfg.vocab_size, false)?
+        };
+        Ok(CausalLm {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq: cfg.inv_freq(),
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// Logits `[batch, seq, vocab]` (f32) for every position. `attention_mask` `[batch, seq]`
+    /// is 1 for real tokens and 0 for padding; `train` switches LoRA dropout on.
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        let hidden = self.hidden_states(input_ids, attention_mask, train)?;
+        Ok(self.lm_head.forward_t(&hidden, train)?.to_dtype(DType::F32)?)
+    }
+
+    /// The final normalised hidden states `[batch, seq, hidden]`, before the output head.
+    pub fn hidden_states(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        if s == 0 {
+            return Err(ModelError::Input("empty input sequence".into()));
+        }
+        if let Some(m) = attention_mask {
+            if m.dims() != [b, s] {
+                return Err(ModelError::Input(format!(
+                    "attention mask has shape {:?}, input ids {:?}",
+                    m.dims(),
+                    [b, s]
+                )));
+            }
+        }
+        let ids = input_ids.to_dtype(DType::U32)?;
+        let max_id = ids.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize;
+        if max_id >= self.cfg.vocab_size {
+            return Err(ModelError::Input(format!(
+                "token id {max_id} is outside the vocabulary of {}",
+                self.cfg.vocab_size
+            )));
+        }
+        let dev = self.embed_tokens.device();
+        let mut x = self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, s, self.cfg.hidden_size))?;
+        let (cos, sin) = rope_tables(&self.inv_freq, self.cfg.position_scale(), s, x.dtype(), dev)?;
+        let bias = attention_bias(b, s, attention_mask, self.cfg.sliding_window, dev)?;
+        let eps = self.cfg.rms_norm_eps;
+        for layer in &self.layers {
+            let h = rms_norm(&x, &layer.input_layernorm, eps)?;
+            x = (x + layer.self_attn.forward(&h, &cos, &sin, &bias, train)?)?;
+            let h = rms_norm(&x, &layer.post_attention_layernorm, eps)?;
+            x = (x + layer.mlp.forward(&h, train)?)?;
+        }
+        Ok(rms_norm(&x, &self.norm, eps)?)
+    }
+}
+
+impl Module for CausalLm {
+    fn forward(&self, input_ids: &Tensor) -> candle_core::Result<Tensor> {
+        CausalLm::forward(self, input_ids, None, false).map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+}

@@ -1,0 +1,75 @@
+//! Opening a Hugging Face model directory: config.json + safetensors (single or sharded).
+use crate::config::LlamaConfig;
+use crate::error::{ModelError, Result};
+use crate::llama::CausalLm;
+use candle_core::{DType, Device};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use lorakit_adapter::{Adapters, BuildReport, Checkpoint, LayerBuilder, LinearInfo, ShapeOnly};
+use std::path::{Path, PathBuf};
+
+/// A model directory with its parsed config and opened checkpoint.
+pub struct ModelDir {
+    pub dir: PathBuf,
+    pub config: LlamaConfig,
+    pub checkpoint: Checkpoint,
+}
+
+impl ModelDir {
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(ModelError::Io {
+                path: dir.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "not a directory (expected a Hugging Face model directory with config.json and model.safetensors)",
+                ),
+            });
+        }
+        let config = LlamaConfig::from_file(&dir.join("config.json"))?;
+        let checkpoint = Checkpoint::open_dir(dir)?;
+        Ok(ModelDir {
+            dir: dir.to_path_buf(),
+            config,
+            checkpoint,
+        })
+    }
+
+    /// The dtype the checkpoint declares, else the dtype of its first float tensor.
+    pub fn stored_dtype(&self) -> DType {
+        self.config.dtype.unwrap_or_else(|| {
+            self.checkpoint
+                .names()
+                .filter_map(|n| self.checkpoint.meta(n).ok())
+                .map(|m| m.dtype)
+                .find(|d| d.is_float())
+                .unwrap_or(DType::F32)
+        })
+    }
+
+    /// Loads the model with `adapters` in `dtype` on `device`.
+    pub fn load(self, adapters: Adapters, dtype: DType, device: &Device) -> Result<(CausalLm, BuildReport)> {
+        let config = self.config.clone();
+        let backend: Box<dyn SimpleBackend> = Box::new(self.checkpoint);
+        build(&config, VarBuilder::from_backend(backend, dtype, device.clone()), adapters)
+    }
+
+    /// Walks the model's structure against the checkpoint headers without reading weights:
+    /// every linear module with its shape, and which ones `adapters` would wrap.
+    pub fn linear_modules(self, adapters: Adapters) -> Result<Vec<LinearInfo>> {
+        let config = self.config.clone();
+        let backend: Box<dyn SimpleBackend> = Box::new(ShapeOnly(self.checkpoint));
+        let vb = VarBuilder::from_backend(backend, DType::F32, Device::Cpu);
+        let lb = LayerBuilder::new(vb, adapters)?;
+        CausalLm::new(&config, &lb)?;
+        Ok(lb.linears())
+    }
+}
+
+/// Builds a model from any `VarBuilder` (a checkpoint, a merged backend, a test's tensors).
+pub fn build(config: &LlamaConfig, vb: VarBuilder<'static>, adapters: Adapters) -> Result<(CausalLm, BuildReport)> {
+    let lb = LayerBuilder::new(vb, adapters)?;
+    let model = CausalLm::new(config, &lb)?;
+    let report = lb.finish()?;
+    Ok((model, report))
+}

@@ -1,0 +1,120 @@
+//! Differentiable building blocks shared by the architectures (composed from candle ops that
+//! have a backward pass; DESIGN §3.1 lists the fused ones that silently don't).
+use candle_core::{DType, Device, Result, Tensor, D};
+use lorakit_adapter::frozen::frozen_mul;
+
+/// HF-style RMSNorm: normalise in f32, cast back, scale by the frozen weight.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x32 = x.to_dtype(DType::F32)?;
+    let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = x32.broadcast_div(&(var + eps)?.sqrt()?)?;
+    frozen_mul(&normed.to_dtype(dtype)?, weight)
+}
+
+/// `cos` and `sin` tables `[seq_len, head_dim / 2]` for positions `0..seq_len`.
+pub fn rope_tables(
+    inv_freq: &[f64],
+    position_scale: f64,
+    seq_len: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = inv_freq.len();
+    let mut cos = Vec::with_capacity(seq_len * half);
+    let mut sin = Vec::with_capacity(seq_len * half);
+    for p in 0..seq_len {
+        for f in inv_freq {
+            // f32 angles, like the reference implementation's float32 freqs
+            let angle = ((p as f64 * position_scale) as f32) * (*f as f32);
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+        }
+    }
+    let cos = Tensor::from_vec(cos, (seq_len, half), device)?.to_dtype(dtype)?;
+    let sin = Tensor::from_vec(sin, (seq_len, half), device)?.to_dtype(dtype)?;
+    Ok((cos, sin))
+}
+
+/// Rotary embedding on `[b, heads, seq, head_dim]` (non-interleaved halves, as in HF).
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    candle_nn::rotary_emb::rope_slow(&x.contiguous()?, cos, sin)
+}
+
+/// `[b, kv_heads, s, d]` → `[b, kv_heads * n_rep, s, d]`, each kv head repeated `n_rep` times.
+pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, s, d) = x.dims4()?;
+    Tensor::cat(&vec![x; n_rep], 2)?.reshape((b, kv * n_rep, s, d))
+}
+
+/// Additive attention bias `[b, 1, s, s]` in f32: 0 where query i may see key j (j ≤ i, within
+/// the sliding window, key not padding), a large negative number elsewhere. A finite value keeps
+/// rows that see nothing (padding queries) free of NaN.
+pub fn attention_bias(
+    batch: usize,
+    seq: usize,
+    key_mask: Option<&Tensor>,
+    sliding_window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
+    const NEG: f32 = -1.0e9;
+    let keep: Vec<Vec<u32>> = match key_mask {
+        Some(m) => {
+            let m = m.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            m.into_iter()
+                .map(|row| row.into_iter().map(|v| (v != 0.0) as u32).collect())
+                .collect()
+        }
+        None => vec![vec![1; seq]; batch],
+    };
+    let mut bias = Vec::with_capacity(batch * seq * seq);
+    for row in keep.iter() {
+        for i in 0..seq {
+            for (j, k) in row.iter().enumerate() {
+                let in_window = sliding_window.is_none_or(|w| i - j.min(i) < w);
+                let ok = j <= i && *k != 0 && in_window;
+                bias.push(if ok { 0.0 } else { NEG });
+            }
+        }
+    }
+    Tensor::from_vec(bias, (batch, 1, seq, seq), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_combines_causal_padding_and_window() -> Result<()> {
+        let dev = Device::Cpu;
+        let m = Tensor::new(&[[1u32, 1, 1, 0]], &dev)?;
+        let b = attention_bias(1, 4, Some(&m), Some(2), &dev)?.squeeze(0)?.squeeze(0)?;
+        let allowed: Vec<Vec<bool>> = b
+            .to_vec2::<f32>()?
+            .into_iter()
+            .map(|r| r.into_iter().map(|v| v == 0.0).collect())
+            .collect();
+        assert_eq!(
+            allowed,
+            vec![
+                vec![true, false, false, false],
+                vec![true, true, false, false],
+                vec![false, true, true, false],
+                vec![false, false, true, false],
+            ]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn repeat_kv_repeats_each_head_in_place() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::arange(0f32, 2., &dev)?.reshape((1, 2, 1, 1))?;
+        let r = repeat_kv(&x, 3)?.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(r, vec![0., 0., 0., 1., 1., 1.]);
+        Ok(())
+    }
+}
