@@ -62,12 +62,43 @@ pub struct LayerBuilder<'a> {
 #[derive(Clone, Debug, Default)]
 pub struct BuildReport {
     pub linears: Vec<LinearInfo>,
+    /// Every frozen base tensor the model holds, by full name.
+    pub frozen: Vec<(String, Tensor)>,
     pub warnings: Vec<String>,
 }
 
 impl BuildReport {
     pub fn wrapped(&self) -> impl Iterator<Item = &LinearInfo> {
         self.linears.iter().filter(|l| l.lora.is_some())
+    }
+
+    /// The trained low-rank pairs of the wrapped modules, read from `varmap` (for saving).
+    pub fn trained_modules(&self, varmap: &VarMap) -> Result<Vec<(String, LowRank)>> {
+        let vars = varmap.data().lock().unwrap_or_else(|p| p.into_inner());
+        self.wrapped()
+            .map(|l| {
+                let get = |which: &str| {
+                    let key = lora_key(&l.path, which);
+                    vars.get(&key)
+                        .map(|v| v.as_tensor().clone())
+                        .ok_or_else(|| AdapterError::MissingTensor {
+                            file: "training state".into(),
+                            name: key,
+                            why: "the module is wrapped".into(),
+                        })
+                };
+                let info = l.lora.unwrap_or(ModuleLora { r: 0, alpha: 0.0, scaling: 0.0 });
+                Ok((
+                    l.path.clone(),
+                    LowRank {
+                        a: get("A")?,
+                        b: get("B")?,
+                        scaling: info.scaling,
+                        dropout: 0.0,
+                    },
+                ))
+            })
+            .collect()
     }
 }
 
@@ -157,7 +188,11 @@ impl<'a> LayerBuilder<'a> {
     /// An embedding table `[vocab, hidden]`. Adapters on embeddings are refused.
     pub fn embedding(&self, vocab: usize, hidden: usize) -> Result<Tensor> {
         if let Some(sel) = &self.shared.selector {
-            if let Some(entry) = sel.matching_entry(&self.path) {
+            // "all-linear" means linear layers only; an explicit entry naming an embedding is refused.
+            if let Some(entry) = sel
+                .matching_entry(&self.path)
+                .filter(|e| e != crate::target::ALL_LINEAR)
+            {
                 return Err(AdapterError::Unsupported {
                     file: "LoRA config".into(),
                     key: "target_modules".into(),
@@ -322,7 +357,11 @@ impl<'a> LayerBuilder<'a> {
                 });
             }
         }
-        Ok(BuildReport { linears, warnings })
+        Ok(BuildReport {
+            linears,
+            frozen: self.base_tensors(),
+            warnings,
+        })
     }
 }
 
