@@ -1,0 +1,271 @@
+//! The streaming merge: `W' = W + s·B·A` computed in f32 and rounded once to the output dtype,
+//! one tensor at a time, over the base's own shard layout. Works on tensor names only.
+use crate::error::{MergeError, Result};
+use crate::writer::{index_json, Planned, StreamWriter};
+use candle_core::{DType, Device, Tensor};
+use lorakit_adapter::checkpoint::{INDEX_FILE, SINGLE_FILE};
+use lorakit_adapter::fsutil::{atomic_write, AtomicDir};
+use lorakit_adapter::{Checkpoint, PeftAdapter};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// The output dtype of merged float tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutDType {
+    /// Each tensor keeps the base's dtype.
+    Auto,
+    Fixed(DType),
+}
+
+#[derive(Clone, Debug)]
+pub struct MergeOptions {
+    pub dtype: OutDType,
+    /// Replace an existing non-empty output directory.
+    pub force: bool,
+}
+
+/// What a merge did.
+#[derive(Clone, Debug)]
+pub struct MergeSummary {
+    pub out: PathBuf,
+    /// Base tensors that received a LoRA update.
+    pub merged: Vec<String>,
+    /// Base tensors replaced whole (`modules_to_save`).
+    pub replaced: Vec<String>,
+    pub tensors: usize,
+    pub shards: usize,
+    pub bytes: usize,
+    /// The output head was tied to the embeddings and is now stored on its own.
+    pub untied: Option<String>,
+}
+
+/// Files never copied from the base directory: weights in any format (we write our own).
+fn is_weight_file(name: &str) -> bool {
+    [".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".onnx"]
+        .iter()
+        .any(|ext| name.ends_with(ext))
+        || name == INDEX_FILE
+        || name.ends_with(".index.json")
+}
+
+/// Where each adapted tensor's update comes from.
+enum Source {
+    /// The base tensor itself.
+    Base,
+    /// A tied output head: the base embedding `from`, stored under a new name.
+    TiedFrom(String),
+}
+
+/// Merges `adapter` into the model at `base_dir`, writing a complete model directory at `out`.
+pub fn merge(base_dir: &Path, adapter: &PeftAdapter, out: &Path, opts: &MergeOptions) -> Result<MergeSummary> {
+    let base = Checkpoint::open_dir(base_dir)?;
+    let config_path = base_dir.join("config.json");
+    let mut config: serde_json::Value = {
+        let text = std::fs::read_to_string(&config_path).map_err(|e| MergeError::io(&config_path, e))?;
+        serde_json::from_str(&text).map_err(|e| MergeError::Json {
+            path: config_path.clone(),
+            message: e.to_string(),
+        })?
+    };
+
+    // Resolve every adapted module to a base tensor before writing anything.
+    let dev = Device::Cpu;
+    let mut updates: BTreeMap<String, (String, Source)> = BTreeMap::new(); // out name -> (module, source)
+    let mut untied = None;
+    for module in adapter.modules() {
+        let name = format!("{module}.weight");
+        if base.contains(&name) {
+            updates.insert(name, (module.to_string(), Source::Base));
+        } else if let Some(embed) = tied_embedding(&base, &config, module, adapter)? {
+            untied = Some(name.clone());
+            updates.insert(name, (module.to_string(), Source::TiedFrom(embed)));
+        } else {
+            return Err(MergeError::NoBaseWeight {
+                adapter: adapter.weights_file(),
+                module: module.to_string(),
+                base: base.describe(),
+            });
+        }
+    }
+    for name in adapter.replacements().keys() {
+        if !base.contains(name) && !updates.contains_key(name) {
+            return Err(MergeError::NoBaseWeight {
+                adapter: adapter.weights_file(),
+                module: name.trim_end_matches(".weight").to_string(),
+                base: base.describe(),
+            });
+        }
+    }
+    // Shapes: check each low-rank pair against its base tensor now, not halfway through.
+    for (name, (module, source)) in &updates {
+        let src = match source {
+            Source::Base => name.as_str(),
+            Source::TiedFrom(e) => e.as_str(),
+        };
+        let shape = base.meta(src)?.shape;
+        let [out_dim, in_dim] = shape[..] else {
+            return Err(MergeError::NoBaseWeight {
+                adapter: adapter.weights_file(),
+                module: module.clone(),
+                base: format!("{} (`{src}` is not a matrix)", base.describe()),
+            });
+        };
+        adapter.low_rank(module, in_dim, out_dim, &dev)?;
+    }
+
+    let out_dtype = |stored: DType| match opts.dtype {
+        OutDType::Fixed(d) if stored.is_float() => d,
+        _ => stored,
+    };
+
+    let dir = AtomicDir::create(out, opts.force)?;
+    let sharded = base_dir.join(INDEX_FILE).is_file();
+    let files = base.files();
+    let mut weight_map = BTreeMap::new();
+    let mut total = 0usize;
+    let mut merged = Vec::new();
+    let mut replaced = Vec::new();
+    let mut tensors = 0usize;
+    let n_files = files.len();
+    for (i, (path, names)) in files.iter().enumerate() {
+        let file_name = if sharded {
+            path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        } else {
+            SINGLE_FILE.to_string()
+        };
+        let mut names = names.clone();
+        // a newly untied head goes into the last shard
+        if i + 1 == n_files {
+            if let Some(u) = &untied {
+                names.push(u.clone());
+            }
+        }
+        let mut plan = Vec::with_capacity(names.len());
+        for n in &names {
+            let meta = match updates.get(n) {
+                Some((_, Source::TiedFrom(e))) => base.meta(e)?,
+                _ => base.meta(n)?,
+            };
+            let dtype = out_dtype(meta.dtype);
+            total += meta.shape.iter().product::<usize>() * dtype.size_in_bytes();
+            plan.push(Planned { name: n.clone(), dtype, shape: meta.shape });
+        }
+        let mut w = StreamWriter::create(&dir.path().join(&file_name), plan)?;
+        for n in &names {
+            let update = updates.get(n);
+            let replacement = adapter.replacements().get(n);
+            if update.is_none() && replacement.is_none() {
+                let meta = base.meta(n)?;
+                if out_dtype(meta.dtype) == meta.dtype {
+                    w.write_raw(n, base.bytes(n)?)?;
+                } else {
+                    w.write_tensor(n, &base.load(n, &dev)?)?;
+                }
+            } else {
+                let src = match update {
+                    Some((_, Source::TiedFrom(e))) => e.as_str(),
+                    _ => n.as_str(),
+                };
+                let mut t = match replacement {
+                    Some(r) => {
+                        replaced.push(n.clone());
+                        r.clone()
+                    }
+                    None => base.load(src, &dev)?.to_dtype(DType::F32)?,
+                };
+                if let Some((module, _)) = update {
+                    let (out_dim, in_dim) = t.dims2()?;
+                    if let Some(l) = adapter.low_rank(module, in_dim, out_dim, &dev)? {
+                        t = (t + l.delta_weight()?)?;
+                        merged.push(n.clone());
+                    }
+                }
+                check_finite(n, &t)?;
+                w.write_tensor(n, &t)?;
+            }
+            weight_map.insert(n.clone(), file_name.clone());
+            tensors += 1;
+        }
+        w.finish()?;
+    }
+    if sharded {
+        let index = serde_json::to_vec_pretty(&index_json(&weight_map, total)).map_err(|e| MergeError::io(INDEX_FILE, e))?;
+        atomic_write(&dir.path().join(INDEX_FILE), &index)?;
+    }
+
+    // config.json: the new dtype, and the head untied if we stored it separately.
+    if let Some(obj) = config.as_object_mut() {
+        if let OutDType::Fixed(d) = opts.dtype {
+            let name = match d {
+                DType::BF16 => "bfloat16",
+                DType::F16 => "float16",
+                _ => "float32",
+            };
+            let key = if obj.contains_key("dtype") || !obj.contains_key("torch_dtype") { "dtype" } else { "torch_dtype" };
+            obj.insert(key.into(), name.into());
+        }
+        if untied.is_some() {
+            obj.insert("tie_word_embeddings".into(), false.into());
+        }
+    }
+    let text = serde_json::to_vec_pretty(&config).map_err(|e| MergeError::io(&config_path, e))?;
+    atomic_write(&dir.path().join("config.json"), &text)?;
+    copy_side_files(base_dir, dir.path())?;
+    let out = dir.commit()?;
+    Ok(MergeSummary {
+        out,
+        merged,
+        replaced,
+        tensors,
+        shards: n_files,
+        bytes: total,
+        untied,
+    })
+}
+
+/// For an adapted module with no weight of its own (a tied output head), the embedding tensor it
+/// shares: the only 2-D float tensor with "embed" or "wte" in its name whose shape fits.
+fn tied_embedding(base: &Checkpoint, config: &serde_json::Value, module: &str, adapter: &PeftAdapter) -> Result<Option<String>> {
+    if config.get("tie_word_embeddings").and_then(|v| v.as_bool()) == Some(false) {
+        return Ok(None);
+    }
+    if !module.ends_with("lm_head") {
+        return Ok(None);
+    }
+    let candidates: BTreeSet<String> = base
+        .names()
+        .filter(|n| (n.contains("embed") || n.contains("wte")) && n.ends_with(".weight"))
+        .map(String::from)
+        .collect();
+    let fits: Vec<String> = candidates
+        .into_iter()
+        .filter(|n| {
+            base.meta(n)
+                .map(|m| m.shape.len() == 2 && adapter.low_rank(module, m.shape[1], m.shape[0], &Device::Cpu).is_ok())
+                .unwrap_or(false)
+        })
+        .collect();
+    Ok(if fits.len() == 1 { fits.into_iter().next() } else { None })
+}
+
+fn check_finite(name: &str, t: &Tensor) -> Result<()> {
+    let m = t.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    if !m.is_finite() {
+        return Err(MergeError::NonFinite { name: name.into() });
+    }
+    Ok(())
+}
+
+/// Copies config-like files (tokenizer, generation config, chat template, ...) as they are.
+fn copy_side_files(from: &Path, to: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(from).map_err(|e| MergeError::io(from, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| MergeError::io(from, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !entry.path().is_file() || is_weight_file(&name) || name == "config.json" || name.starts_with('.') {
+            continue;
+        }
+        std::fs::copy(entry.path(), to.join(&name)).map_err(|e| MergeError::io(entry.path(), e))?;
+    }
+    Ok(())
+}
