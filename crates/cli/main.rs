@@ -1,1 +1,40 @@
-fn main() {}
+//! `lorakit`: parameter-efficient fine-tuning on candle. One file per subcommand.
+mod inspect;
+mod merge;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "lorakit",
+    version,
+    about = "LoRA fine-tuning toolkit: inspect models, merge PEFT adapters"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show a model's architecture, size and linear modules, and which ones LoRA targets would wrap.
+    Inspect(inspect::Args),
+    /// Fold a PEFT LoRA adapter into its base model and write an ordinary Hugging Face model directory.
+    Merge(merge::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Inspect(a) => inspect::run(a),
+        Command::Merge(a) => merge::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

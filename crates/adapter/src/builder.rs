@@ -87,7 +87,11 @@ impl BuildReport {
                             why: "the module is wrapped".into(),
                         })
                 };
-                let info = l.lora.unwrap_or(ModuleLora { r: 0, alpha: 0.0, scaling: 0.0 });
+                let info = l.lora.unwrap_or(ModuleLora {
+                    r: 0,
+                    alpha: 0.0,
+                    scaling: 0.0,
+                });
                 Ok((
                     l.path.clone(),
                     LowRank {
@@ -245,13 +249,13 @@ impl<'a> LayerBuilder<'a> {
             Adapters::None => unreachable_adapters(),
             Adapters::Loaded(a) => {
                 let info = a.config.for_module(&self.path);
-                let l = a.low_rank(&self.path, in_dim, out_dim, dev)?.ok_or_else(|| {
-                    AdapterError::MissingTensor {
+                let l = a
+                    .low_rank(&self.path, in_dim, out_dim, dev)?
+                    .ok_or_else(|| AdapterError::MissingTensor {
                         file: a.weights_file(),
                         name: lora_key(&self.path, "A"),
                         why: "adapter_config.json targets this module".into(),
-                    }
-                })?;
+                    })?;
                 Ok((l, info))
             }
             Adapters::Train {
@@ -281,7 +285,10 @@ impl<'a> LayerBuilder<'a> {
                         v.as_tensor().clone()
                     }
                 };
-                for (t, key, expected) in [(&a, &key_a, [info.r, in_dim]), (&b, &key_b, [out_dim, info.r])] {
+                for (t, key, expected) in [
+                    (&a, &key_a, [info.r, in_dim]),
+                    (&b, &key_b, [out_dim, info.r]),
+                ] {
                     if t.dims() != expected {
                         return Err(AdapterError::ShapeMismatch {
                             file: "resumed adapter state".into(),
@@ -342,8 +349,7 @@ impl<'a> LayerBuilder<'a> {
                     names: unused,
                 });
             }
-            let base: BTreeSet<String> =
-                self.base_tensors().into_iter().map(|(n, _)| n).collect();
+            let base: BTreeSet<String> = self.base_tensors().into_iter().map(|(n, _)| n).collect();
             let unused: Vec<String> = a
                 .replacements()
                 .keys()
@@ -376,11 +382,9 @@ fn unreachable_adapters() -> Result<(LowRank, ModuleLora)> {
 /// Deterministic U(-bound, bound) values for one tensor: SplitMix64 seeded by the run seed and
 /// the tensor's name, so initialisation does not depend on construction order or thread.
 fn seeded_uniform(seed: u64, name: &str, n: usize, bound: f64) -> Vec<f32> {
-    let mut state = name
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64 ^ seed, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-        });
+    let mut state = name.bytes().fold(0xcbf2_9ce4_8422_2325u64 ^ seed, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    });
     (0..n)
         .map(|_| {
             state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);

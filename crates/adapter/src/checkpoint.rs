@@ -262,9 +262,15 @@ impl Checkpoint {
 fn describe_st_error(e: &safetensors::SafeTensorError) -> String {
     use safetensors::SafeTensorError as E;
     match e {
-        E::HeaderTooSmall => "shorter than the 8-byte header length (empty or truncated file)".into(),
-        E::HeaderTooLarge => "header length exceeds the 100 MB limit (corrupt or not safetensors)".into(),
-        E::InvalidHeaderLength => "header length points past the end of the file (truncated?)".into(),
+        E::HeaderTooSmall => {
+            "shorter than the 8-byte header length (empty or truncated file)".into()
+        }
+        E::HeaderTooLarge => {
+            "header length exceeds the 100 MB limit (corrupt or not safetensors)".into()
+        }
+        E::InvalidHeaderLength => {
+            "header length points past the end of the file (truncated?)".into()
+        }
         E::MetadataIncompleteBuffer => {
             "tensor data does not end where the file ends (truncated or trailing bytes)".into()
         }
@@ -287,7 +293,10 @@ impl candle_nn::var_builder::SimpleBackend for Checkpoint {
         if t.shape() != &s {
             return Err(candle_core::Error::Msg(
                 AdapterError::ShapeMismatch {
-                    file: self.file_of(name).map(|p| p.display().to_string()).unwrap_or_default(),
+                    file: self
+                        .file_of(name)
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
                     name: name.into(),
                     expected: s.dims().to_vec(),
                     got: t.dims().to_vec(),
@@ -331,7 +340,11 @@ impl candle_nn::var_builder::SimpleBackend for ShapeOnly {
         if meta.shape != s.dims() {
             return Err(candle_core::Error::Msg(
                 AdapterError::ShapeMismatch {
-                    file: self.0.file_of(name).map(|p| p.display().to_string()).unwrap_or_default(),
+                    file: self
+                        .0
+                        .file_of(name)
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
                     name: name.into(),
                     expected: s.dims().to_vec(),
                     got: meta.shape,
@@ -377,9 +390,16 @@ mod tests {
     fn reads_single_and_sharded_checkpoints() {
         let d = tempfile::tempdir().unwrap();
         let dev = Device::Cpu;
-        let a = Tensor::arange(0f32, 6., &dev).unwrap().reshape((2, 3)).unwrap();
+        let a = Tensor::arange(0f32, 6., &dev)
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap();
         let b = Tensor::ones(4, DType::BF16, &dev).unwrap();
-        write(d.path(), "model-00001-of-00002.safetensors", &[("a", a.clone())]);
+        write(
+            d.path(),
+            "model-00001-of-00002.safetensors",
+            &[("a", a.clone())],
+        );
         write(d.path(), "model-00002-of-00002.safetensors", &[("b", b)]);
         std::fs::write(
             d.path().join(INDEX_FILE),
@@ -400,20 +420,39 @@ mod tests {
     fn broken_files_and_indexes_are_named() {
         let d = tempfile::tempdir().unwrap();
         let dev = Device::Cpu;
-        let p = write(d.path(), "model.safetensors", &[("a", Tensor::ones(8, DType::F32, &dev).unwrap())]);
+        let p = write(
+            d.path(),
+            "model.safetensors",
+            &[("a", Tensor::ones(8, DType::F32, &dev).unwrap())],
+        );
         let bytes = std::fs::read(&p).unwrap();
         std::fs::write(&p, &bytes[..bytes.len() - 4]).unwrap();
         let err = Checkpoint::open_dir(d.path()).err().unwrap().to_string();
-        assert!(err.contains("model.safetensors") && err.contains("truncated"), "{err}");
+        assert!(
+            err.contains("model.safetensors") && err.contains("truncated"),
+            "{err}"
+        );
         std::fs::write(&p, [0xffu8; 8]).unwrap();
         let err = Checkpoint::open_dir(d.path()).err().unwrap().to_string();
         assert!(err.contains("header"), "{err}");
 
-        write(d.path(), "s1.safetensors", &[("a", Tensor::ones(2, DType::F32, &dev).unwrap())]);
-        std::fs::write(d.path().join(INDEX_FILE), r#"{"weight_map":{"a":"s1.safetensors","b":"s1.safetensors"}}"#).unwrap();
+        write(
+            d.path(),
+            "s1.safetensors",
+            &[("a", Tensor::ones(2, DType::F32, &dev).unwrap())],
+        );
+        std::fs::write(
+            d.path().join(INDEX_FILE),
+            r#"{"weight_map":{"a":"s1.safetensors","b":"s1.safetensors"}}"#,
+        )
+        .unwrap();
         let err = Checkpoint::open_dir(d.path()).err().unwrap().to_string();
         assert!(err.contains(INDEX_FILE) && err.contains("`b`"), "{err}");
-        std::fs::write(d.path().join(INDEX_FILE), r#"{"weight_map":{"a":"../s1.safetensors"}}"#).unwrap();
+        std::fs::write(
+            d.path().join(INDEX_FILE),
+            r#"{"weight_map":{"a":"../s1.safetensors"}}"#,
+        )
+        .unwrap();
         assert!(Checkpoint::open_dir(d.path()).is_err());
     }
 }

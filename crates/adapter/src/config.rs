@@ -273,12 +273,13 @@ impl LoraConfig {
                 ));
             }
         }
-        let config: LoraConfig =
-            serde_json::from_value(Value::Object(own)).map_err(|e| AdapterError::InvalidConfig {
+        let config: LoraConfig = serde_json::from_value(Value::Object(own)).map_err(|e| {
+            AdapterError::InvalidConfig {
                 file: file.into(),
                 key: field_of_serde_error(&e.to_string()),
                 message: e.to_string(),
-            })?;
+            }
+        })?;
         config.validate(file)?;
         if config.layers_to_transform.is_some()
             && matches!(config.target_modules, Some(ModuleSpec::Regex(_)))
@@ -427,7 +428,10 @@ impl LoraConfig {
         put("modules_to_save", self.modules_to_save.clone().into());
         put("revision", Value::Null);
         if let Some(ex) = &self.exclude_modules {
-            put("exclude_modules", serde_json::to_value(ex).unwrap_or(Value::Null));
+            put(
+                "exclude_modules",
+                serde_json::to_value(ex).unwrap_or(Value::Null),
+            );
         }
         Value::Object(m)
     }
@@ -484,7 +488,8 @@ mod tests {
 
     #[test]
     fn unknown_key_with_a_value_is_reported() {
-        let (_, w) = parse(json!({"r": 4, "target_modules": "all-linear", "new_thing": 3})).unwrap();
+        let (_, w) =
+            parse(json!({"r": 4, "target_modules": "all-linear", "new_thing": 3})).unwrap();
         assert_eq!(w.len(), 1);
         assert!(w[0].contains("new_thing"));
     }
@@ -543,8 +548,9 @@ mod tests {
 
     #[test]
     fn written_config_round_trips() {
-        let (c, _) = parse(json!({"r": 4, "lora_alpha": 16, "target_modules": ["v_proj", "q_proj"]}))
-            .unwrap();
+        let (c, _) =
+            parse(json!({"r": 4, "lora_alpha": 16, "target_modules": ["v_proj", "q_proj"]}))
+                .unwrap();
         let v = c.to_peft_json();
         assert_eq!(v["target_modules"], json!(["q_proj", "v_proj"]));
         assert_eq!(v["lora_alpha"], json!(16));

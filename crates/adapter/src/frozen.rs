@@ -9,9 +9,18 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Result, Shape, Ten
 /// `x @ wᵀ` for `x: [.., in]` (contiguous) and `w: [out, in]`.
 struct FrozenMatmul;
 
+/// How the storage-level matmul is called: `(b, m, n, k)`, the layouts of x and wᵀ, and the
+/// output shape.
+struct MatmulPlan {
+    bmnk: (usize, usize, usize, usize),
+    x2: Layout,
+    wt: Layout,
+    shape: Shape,
+}
+
 impl FrozenMatmul {
     /// Folds the leading dims of x into rows and views w as its transpose, without a copy.
-    fn plan(lx: &Layout, lw: &Layout) -> Result<((usize, usize, usize, usize), Layout, Layout, Shape)> {
+    fn plan(lx: &Layout, lw: &Layout) -> Result<MatmulPlan> {
         let (out, inner) = lw.shape().dims2()?;
         let xd = lx.shape().dims();
         let k = *xd.last().unwrap_or(&0);
@@ -35,7 +44,12 @@ impl FrozenMatmul {
         if let Some(last) = dims.last_mut() {
             *last = out;
         }
-        Ok(((1, rows, out, k), x2, wt, Shape::from(dims)))
+        Ok(MatmulPlan {
+            bmnk: (1, rows, out, k),
+            x2,
+            wt,
+            shape: Shape::from(dims),
+        })
     }
 }
 
@@ -51,8 +65,8 @@ impl CustomOp2 for FrozenMatmul {
         sw: &CpuStorage,
         lw: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (bmnk, x2, wt, shape) = Self::plan(lx, lw)?;
-        Ok((sx.matmul(sw, bmnk, &x2, &wt)?, shape))
+        let p = Self::plan(lx, lw)?;
+        Ok((sx.matmul(sw, p.bmnk, &p.x2, &p.wt)?, p.shape))
     }
 
     fn cuda_fwd(
@@ -62,8 +76,8 @@ impl CustomOp2 for FrozenMatmul {
         sw: &CudaStorage,
         lw: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let (bmnk, x2, wt, shape) = Self::plan(lx, lw)?;
-        Ok((sx.matmul(sw, bmnk, &x2, &wt)?, shape))
+        let p = Self::plan(lx, lw)?;
+        Ok((sx.matmul(sw, p.bmnk, &p.x2, &p.wt)?, p.shape))
     }
 
     fn bwd(
@@ -208,11 +222,15 @@ mod tests {
         // candle's composed path stores gradients for the frozen operands (under the ids of
         // their transposed/broadcast views), ours stores none of that shape or size.
         let sizes = |g: &candle_core::backprop::GradStore| -> Vec<Vec<usize>> {
-            g.get_ids().map(|id| g.get_id(*id).unwrap().dims().to_vec()).collect()
+            g.get_ids()
+                .map(|id| g.get_id(*id).unwrap().dims().to_vec())
+                .collect()
         };
         let (ours_shapes, ref_shapes) = (sizes(&go), sizes(&gr));
         assert!(ref_shapes.contains(&vec![8, 5]), "{ref_shapes:?}");
-        assert!(!ours_shapes.iter().any(|s| s == &[8, 5] || s == &[5, 8] || s == &[5]));
+        assert!(!ours_shapes
+            .iter()
+            .any(|s| s == &[8, 5] || s == &[5, 8] || s == &[5]));
         let total = |v: &[Vec<usize>]| v.iter().map(|s| s.iter().product::<usize>()).sum::<usize>();
         assert!(total(&ref_shapes) >= total(&ours_shapes) + w.elem_count());
         for t in [&w, &b, &g] {

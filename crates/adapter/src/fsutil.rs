@@ -34,7 +34,11 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Best-effort fsync of a directory so a rename inside it survives a crash.
 pub fn sync_dir(dir: Option<&Path>) {
     if let Some(d) = dir {
-        let d = if d.as_os_str().is_empty() { Path::new(".") } else { d };
+        let d = if d.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            d
+        };
         if let Ok(f) = std::fs::File::open(d) {
             let _ = f.sync_all();
         }

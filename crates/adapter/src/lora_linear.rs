@@ -122,7 +122,10 @@ mod tests {
         let grads = loss_of(a.as_tensor(), b.as_tensor())?.backward()?;
         let eps = 1e-6;
         for (var, other, is_a) in [(&a, &b, true), (&b, &a, false)] {
-            let analytic = grads.get(var).expect("gradient for LoRA tensor").flatten_all()?;
+            let analytic = grads
+                .get(var)
+                .expect("gradient for LoRA tensor")
+                .flatten_all()?;
             let base = var.as_tensor().flatten_all()?.to_vec1::<f64>()?;
             for i in 0..base.len() {
                 let bump = |d: f64| -> Result<f64> {

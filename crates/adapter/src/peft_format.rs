@@ -71,12 +71,21 @@ impl PeftAdapter {
         let mut stored_dtype = DType::F32;
         for name in ckpt.names() {
             let meta = ckpt.meta(name)?;
-            if !matches!(meta.dtype, DType::F32 | DType::BF16 | DType::F16 | DType::F64) {
-                return Err(bad(name, format!("dtype {:?}, expected F32, BF16 or F16", meta.dtype)));
+            if !matches!(
+                meta.dtype,
+                DType::F32 | DType::BF16 | DType::F16 | DType::F64
+            ) {
+                return Err(bad(
+                    name,
+                    format!("dtype {:?}, expected F32, BF16 or F16", meta.dtype),
+                ));
             }
             stored_dtype = meta.dtype;
             let Some(rest) = name.strip_prefix(KEY_PREFIX) else {
-                return Err(bad(name, format!("key does not start with `{KEY_PREFIX}` (not a PEFT adapter file?)")));
+                return Err(bad(
+                    name,
+                    format!("key does not start with `{KEY_PREFIX}` (not a PEFT adapter file?)"),
+                ));
             };
             if rest.contains("lora_magnitude_vector") {
                 return Err(AdapterError::Unsupported {
@@ -95,7 +104,12 @@ impl PeftAdapter {
                 });
             }
             let t = ckpt.load(name, &Device::Cpu)?.to_dtype(DType::F32)?;
-            let finite = t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.is_finite();
+            let finite = t
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?
+                .is_finite();
             if !finite && t.elem_count() > 0 {
                 return Err(bad(name, "holds NaN or infinite values".into()));
             }
@@ -108,13 +122,13 @@ impl PeftAdapter {
                 // (`save_embedding_layers`); loading it replaces the base tensor.
                 replacements.insert(format!("{module}.weight"), t);
             } else if rest.contains(".lora_") {
-                return Err(bad(name, "unrecognised LoRA tensor (expected .lora_A.weight or .lora_B.weight)".into()));
-            } else if config
-                .modules_to_save
-                .iter()
-                .flatten()
-                .any(|m| rest == m || rest.starts_with(&format!("{m}.")) || rest.contains(&format!(".{m}.")))
-            {
+                return Err(bad(
+                    name,
+                    "unrecognised LoRA tensor (expected .lora_A.weight or .lora_B.weight)".into(),
+                ));
+            } else if config.modules_to_save.iter().flatten().any(|m| {
+                rest == m || rest.starts_with(&format!("{m}.")) || rest.contains(&format!(".{m}."))
+            }) {
                 replacements.insert(rest.to_string(), t);
             } else {
                 return Err(AdapterError::UnusedTensors {
@@ -125,11 +139,13 @@ impl PeftAdapter {
         }
         let mut lora = BTreeMap::new();
         for (module, a) in a_map {
-            let b = b_map.remove(&module).ok_or_else(|| AdapterError::MissingTensor {
-                file: file.clone(),
-                name: lora_key(&module, "B"),
-                why: format!("{} is present", lora_key(&module, "A")),
-            })?;
+            let b = b_map
+                .remove(&module)
+                .ok_or_else(|| AdapterError::MissingTensor {
+                    file: file.clone(),
+                    name: lora_key(&module, "B"),
+                    why: format!("{} is present", lora_key(&module, "A")),
+                })?;
             let r = config.for_module(&module).r;
             if a.dims().len() != 2 || a.dim(0)? != r {
                 return Err(AdapterError::ShapeMismatch {
@@ -228,7 +244,10 @@ pub fn save_adapter(
     let mut tensors: Vec<(String, Tensor)> = Vec::with_capacity(modules.len() * 2);
     for (module, l) in modules {
         for (which, t) in [("A", &l.a), ("B", &l.b)] {
-            let t = t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?;
+            let t = t
+                .to_device(&Device::Cpu)?
+                .to_dtype(DType::F32)?
+                .contiguous()?;
             tensors.push((lora_key(module, which), t));
         }
     }
@@ -241,10 +260,11 @@ pub fn save_adapter(
             message: e.to_string(),
         })?;
     atomic_write(&dir.join(WEIGHTS_FILE), &bytes)?;
-    let json = serde_json::to_string_pretty(&config.to_peft_json()).map_err(|e| AdapterError::Json {
-        path: dir.join(CONFIG_FILE),
-        message: e.to_string(),
-    })?;
+    let json =
+        serde_json::to_string_pretty(&config.to_peft_json()).map_err(|e| AdapterError::Json {
+            path: dir.join(CONFIG_FILE),
+            message: e.to_string(),
+        })?;
     atomic_write(&dir.join(CONFIG_FILE), json.as_bytes())
 }
 
@@ -276,16 +296,40 @@ mod tests {
     fn save_then_load_round_trips_and_checks_shapes() {
         let d = tempfile::tempdir().unwrap();
         let l = pair(2, 6, 4);
-        save_adapter(d.path(), &config(), &[("model.layers.0.self_attn.q_proj".into(), l.clone())], &HashMap::new()).unwrap();
+        save_adapter(
+            d.path(),
+            &config(),
+            &[("model.layers.0.self_attn.q_proj".into(), l.clone())],
+            &HashMap::new(),
+        )
+        .unwrap();
         let ad = PeftAdapter::load(d.path()).unwrap();
-        assert_eq!(ad.modules().collect::<Vec<_>>(), vec!["model.layers.0.self_attn.q_proj"]);
-        let got = ad.low_rank("model.layers.0.self_attn.q_proj", 6, 4, &Device::Cpu).unwrap().unwrap();
-        assert_eq!(got.a.to_vec2::<f32>().unwrap(), l.a.to_vec2::<f32>().unwrap());
+        assert_eq!(
+            ad.modules().collect::<Vec<_>>(),
+            vec!["model.layers.0.self_attn.q_proj"]
+        );
+        let got = ad
+            .low_rank("model.layers.0.self_attn.q_proj", 6, 4, &Device::Cpu)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            got.a.to_vec2::<f32>().unwrap(),
+            l.a.to_vec2::<f32>().unwrap()
+        );
         assert_eq!(got.scaling, 2.0);
-        let err = ad.low_rank("model.layers.0.self_attn.q_proj", 8, 4, &Device::Cpu).unwrap_err().to_string();
-        assert!(err.contains("lora_A.weight") && err.contains("[2, 8]"), "{err}");
+        let err = ad
+            .low_rank("model.layers.0.self_attn.q_proj", 8, 4, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("lora_A.weight") && err.contains("[2, 8]"),
+            "{err}"
+        );
         // no temp files left behind
-        let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 2, "{names:?}");
     }
 
@@ -296,16 +340,33 @@ mod tests {
         let mut map = HashMap::new();
         map.insert(lora_key("m.q_proj", "A"), l.a.clone());
         candle_core::safetensors::save(&map, d.path().join(WEIGHTS_FILE)).unwrap();
-        std::fs::write(d.path().join(CONFIG_FILE), config().to_peft_json().to_string()).unwrap();
+        std::fs::write(
+            d.path().join(CONFIG_FILE),
+            config().to_peft_json().to_string(),
+        )
+        .unwrap();
         let err = PeftAdapter::load(d.path()).unwrap_err().to_string();
-        assert!(err.contains("m.q_proj.lora_B.weight") && err.contains(WEIGHTS_FILE), "{err}");
+        assert!(
+            err.contains("m.q_proj.lora_B.weight") && err.contains(WEIGHTS_FILE),
+            "{err}"
+        );
     }
 
     #[test]
     fn a_rank_that_disagrees_with_the_config_is_named() {
         let d = tempfile::tempdir().unwrap();
-        save_adapter(d.path(), &config(), &[("m.q_proj".into(), pair(3, 6, 4))], &HashMap::new()).unwrap();
-        std::fs::write(d.path().join(CONFIG_FILE), config().to_peft_json().to_string()).unwrap();
+        save_adapter(
+            d.path(),
+            &config(),
+            &[("m.q_proj".into(), pair(3, 6, 4))],
+            &HashMap::new(),
+        )
+        .unwrap();
+        std::fs::write(
+            d.path().join(CONFIG_FILE),
+            config().to_peft_json().to_string(),
+        )
+        .unwrap();
         let err = PeftAdapter::load(d.path()).unwrap_err().to_string();
         assert!(err.contains("rank") && err.contains("[3, 6]"), "{err}");
     }

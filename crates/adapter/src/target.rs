@@ -24,13 +24,15 @@ impl Spec {
     fn new(spec: &ModuleSpec) -> Result<Self> {
         Ok(match spec {
             ModuleSpec::Regex(s) if s.eq_ignore_ascii_case(ALL_LINEAR) => Spec::AllLinear,
-            ModuleSpec::Regex(s) => Spec::Regex(Regex::new(&format!("^(?:{s})$")).map_err(
-                |e| AdapterError::InvalidConfig {
-                    file: "LoRA config".into(),
-                    key: "target_modules".into(),
-                    message: format!("invalid regex: {e}"),
-                },
-            )?),
+            ModuleSpec::Regex(s) => {
+                Spec::Regex(Regex::new(&format!("^(?:{s})$")).map_err(|e| {
+                    AdapterError::InvalidConfig {
+                        file: "LoRA config".into(),
+                        key: "target_modules".into(),
+                        message: format!("invalid regex: {e}"),
+                    }
+                })?)
+            }
             ModuleSpec::List(v) => Spec::List(v.clone()),
         })
     }
@@ -64,14 +66,15 @@ pub struct TargetSelector {
 
 impl TargetSelector {
     pub fn new(config: &LoraConfig) -> Result<Self> {
-        let targets = config
-            .target_modules
-            .as_ref()
-            .ok_or_else(|| AdapterError::InvalidConfig {
-                file: "LoRA config".into(),
-                key: "target_modules".into(),
-                message: "missing".into(),
-            })?;
+        let targets =
+            config
+                .target_modules
+                .as_ref()
+                .ok_or_else(|| AdapterError::InvalidConfig {
+                    file: "LoRA config".into(),
+                    key: "target_modules".into(),
+                    message: "missing".into(),
+                })?;
         Ok(TargetSelector {
             targets: Spec::new(targets)?,
             exclude: config.exclude_modules.as_ref().map(Spec::new).transpose()?,
@@ -138,10 +141,7 @@ impl TargetSelector {
             candidates.filter(|(i, _)| *i >= 2).map(|(_, n)| n).next()
         } else {
             for pat in &self.layers_pattern {
-                if let Some((_, n)) = candidates
-                    .clone()
-                    .find(|(i, _)| parts[i - 1] == pat)
-                {
+                if let Some((_, n)) = candidates.clone().find(|(i, _)| parts[i - 1] == pat) {
                     return Some(n);
                 }
             }
@@ -220,7 +220,10 @@ mod tests {
 
     #[test]
     fn regex_must_match_whole_path() {
-        let s = sel(ModuleSpec::Regex(r".*\.1\.self_attn\.(q|v)_proj".into()), |_| {});
+        let s = sel(
+            ModuleSpec::Regex(r".*\.1\.self_attn\.(q|v)_proj".into()),
+            |_| {},
+        );
         assert!(s.matches("model.layers.1.self_attn.q_proj"));
         assert!(!s.matches("model.layers.11.self_attn.q_proj"));
         assert!(!s.matches("model.layers.1.self_attn.q_proj.extra"));
@@ -255,7 +258,9 @@ mod tests {
         assert!(!s.matches("model.layers.12.self_attn.q_proj"));
         assert!(!s.matches("model.blocks.2.self_attn.q_proj"));
         // with no layers_pattern the first numbered component counts (MoE expert indices don't)
-        let s = sel(list(&["w1"]), |c| c.layers_to_transform = Some(LayerIndices::One(1)));
+        let s = sel(list(&["w1"]), |c| {
+            c.layers_to_transform = Some(LayerIndices::One(1))
+        });
         assert!(s.matches("model.layers.1.experts.0.w1"));
         assert!(!s.matches("model.layers.0.experts.1.w1"));
     }

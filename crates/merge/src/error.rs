@@ -19,8 +19,9 @@ pub enum MergeError {
     #[error("merged tensor `{name}` would hold NaN or infinite values; refusing to write it (check the adapter for overflow, or merge in f32)")]
     NonFinite { name: String },
 
+    /// Boxed: adapter errors carry file and tensor names and would bloat every `Result`.
     #[error(transparent)]
-    Adapter(#[from] lorakit_adapter::AdapterError),
+    Adapter(Box<lorakit_adapter::AdapterError>),
 
     #[error("{0}")]
     Candle(#[from] candle_core::Error),
@@ -36,3 +37,9 @@ impl MergeError {
 }
 
 pub type Result<T> = std::result::Result<T, MergeError>;
+
+impl From<lorakit_adapter::AdapterError> for MergeError {
+    fn from(e: lorakit_adapter::AdapterError) -> Self {
+        MergeError::Adapter(Box::new(e))
+    }
+}

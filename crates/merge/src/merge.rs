@@ -41,9 +41,19 @@ pub struct MergeSummary {
 
 /// Files never copied from the base directory: weights in any format (we write our own).
 fn is_weight_file(name: &str) -> bool {
-    [".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".onnx"]
-        .iter()
-        .any(|ext| name.ends_with(ext))
+    [
+        ".safetensors",
+        ".bin",
+        ".pt",
+        ".pth",
+        ".gguf",
+        ".h5",
+        ".msgpack",
+        ".ckpt",
+        ".onnx",
+    ]
+    .iter()
+    .any(|ext| name.ends_with(ext))
         || name == INDEX_FILE
         || name.ends_with(".index.json")
 }
@@ -57,11 +67,17 @@ enum Source {
 }
 
 /// Merges `adapter` into the model at `base_dir`, writing a complete model directory at `out`.
-pub fn merge(base_dir: &Path, adapter: &PeftAdapter, out: &Path, opts: &MergeOptions) -> Result<MergeSummary> {
+pub fn merge(
+    base_dir: &Path,
+    adapter: &PeftAdapter,
+    out: &Path,
+    opts: &MergeOptions,
+) -> Result<MergeSummary> {
     let base = Checkpoint::open_dir(base_dir)?;
     let config_path = base_dir.join("config.json");
     let mut config: serde_json::Value = {
-        let text = std::fs::read_to_string(&config_path).map_err(|e| MergeError::io(&config_path, e))?;
+        let text =
+            std::fs::read_to_string(&config_path).map_err(|e| MergeError::io(&config_path, e))?;
         serde_json::from_str(&text).map_err(|e| MergeError::Json {
             path: config_path.clone(),
             message: e.to_string(),
@@ -129,7 +145,9 @@ pub fn merge(base_dir: &Path, adapter: &PeftAdapter, out: &Path, opts: &MergeOpt
     let n_files = files.len();
     for (i, (path, names)) in files.iter().enumerate() {
         let file_name = if sharded {
-            path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
         } else {
             SINGLE_FILE.to_string()
         };
@@ -148,7 +166,11 @@ pub fn merge(base_dir: &Path, adapter: &PeftAdapter, out: &Path, opts: &MergeOpt
             };
             let dtype = out_dtype(meta.dtype);
             total += meta.shape.iter().product::<usize>() * dtype.size_in_bytes();
-            plan.push(Planned { name: n.clone(), dtype, shape: meta.shape });
+            plan.push(Planned {
+                name: n.clone(),
+                dtype,
+                shape: meta.shape,
+            });
         }
         let mut w = StreamWriter::create(&dir.path().join(&file_name), plan)?;
         for n in &names {
@@ -189,7 +211,8 @@ pub fn merge(base_dir: &Path, adapter: &PeftAdapter, out: &Path, opts: &MergeOpt
         w.finish()?;
     }
     if sharded {
-        let index = serde_json::to_vec_pretty(&index_json(&weight_map, total)).map_err(|e| MergeError::io(INDEX_FILE, e))?;
+        let index = serde_json::to_vec_pretty(&index_json(&weight_map, total))
+            .map_err(|e| MergeError::io(INDEX_FILE, e))?;
         atomic_write(&dir.path().join(INDEX_FILE), &index)?;
     }
 
@@ -201,7 +224,11 @@ pub fn merge(base_dir: &Path, adapter: &PeftAdapter, out: &Path, opts: &MergeOpt
                 DType::F16 => "float16",
                 _ => "float32",
             };
-            let key = if obj.contains_key("dtype") || !obj.contains_key("torch_dtype") { "dtype" } else { "torch_dtype" };
+            let key = if obj.contains_key("dtype") || !obj.contains_key("torch_dtype") {
+                "dtype"
+            } else {
+                "torch_dtype"
+            };
             obj.insert(key.into(), name.into());
         }
         if untied.is_some() {
@@ -225,7 +252,12 @@ pub fn merge(base_dir: &Path, adapter: &PeftAdapter, out: &Path, opts: &MergeOpt
 
 /// For an adapted module with no weight of its own (a tied output head), the embedding tensor it
 /// shares: the only 2-D float tensor with "embed" or "wte" in its name whose shape fits.
-fn tied_embedding(base: &Checkpoint, config: &serde_json::Value, module: &str, adapter: &PeftAdapter) -> Result<Option<String>> {
+fn tied_embedding(
+    base: &Checkpoint,
+    config: &serde_json::Value,
+    module: &str,
+    adapter: &PeftAdapter,
+) -> Result<Option<String>> {
     if config.get("tie_word_embeddings").and_then(|v| v.as_bool()) == Some(false) {
         return Ok(None);
     }
@@ -241,15 +273,29 @@ fn tied_embedding(base: &Checkpoint, config: &serde_json::Value, module: &str, a
         .into_iter()
         .filter(|n| {
             base.meta(n)
-                .map(|m| m.shape.len() == 2 && adapter.low_rank(module, m.shape[1], m.shape[0], &Device::Cpu).is_ok())
+                .map(|m| {
+                    m.shape.len() == 2
+                        && adapter
+                            .low_rank(module, m.shape[1], m.shape[0], &Device::Cpu)
+                            .is_ok()
+                })
                 .unwrap_or(false)
         })
         .collect();
-    Ok(if fits.len() == 1 { fits.into_iter().next() } else { None })
+    Ok(if fits.len() == 1 {
+        fits.into_iter().next()
+    } else {
+        None
+    })
 }
 
 fn check_finite(name: &str, t: &Tensor) -> Result<()> {
-    let m = t.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    let m = t
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_dtype(DType::F32)?
+        .to_scalar::<f32>()?;
     if !m.is_finite() {
         return Err(MergeError::NonFinite { name: name.into() });
     }
@@ -262,7 +308,11 @@ fn copy_side_files(from: &Path, to: &Path) -> Result<()> {
     for entry in entries {
         let entry = entry.map_err(|e| MergeError::io(from, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if !entry.path().is_file() || is_weight_file(&name) || name == "config.json" || name.starts_with('.') {
+        if !entry.path().is_file()
+            || is_weight_file(&name)
+            || name == "config.json"
+            || name.starts_with('.')
+        {
             continue;
         }
         std::fs::copy(entry.path(), to.join(&name)).map_err(|e| MergeError::io(entry.path(), e))?;

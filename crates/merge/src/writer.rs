@@ -48,8 +48,14 @@ impl StreamWriter {
             let len = p.shape.iter().product::<usize>() * p.dtype.size_in_bytes();
             let mut e = serde_json::Map::new();
             e.insert("dtype".into(), st_dtype(p.dtype).into());
-            e.insert("shape".into(), serde_json::to_value(&p.shape).unwrap_or_default());
-            e.insert("data_offsets".into(), serde_json::json!([offset, offset + len]));
+            e.insert(
+                "shape".into(),
+                serde_json::to_value(&p.shape).unwrap_or_default(),
+            );
+            e.insert(
+                "data_offsets".into(),
+                serde_json::json!([offset, offset + len]),
+            );
             header.insert(p.name.clone(), serde_json::Value::Object(e));
             offset += len;
         }
@@ -81,7 +87,11 @@ impl StreamWriter {
         if p.name != name || bytes.len() != len {
             return Err(MergeError::io(
                 &self.path,
-                format!("tensor {name}: {} bytes, planned {} ({len} bytes)", bytes.len(), p.name),
+                format!(
+                    "tensor {name}: {} bytes, planned {} ({len} bytes)",
+                    bytes.len(),
+                    p.name
+                ),
             ));
         }
         self.out
@@ -93,7 +103,11 @@ impl StreamWriter {
 
     /// Writes the next tensor, converting it to the planned dtype.
     pub fn write_tensor(&mut self, name: &str, t: &Tensor) -> Result<()> {
-        let dtype = self.plan.get(self.next).map(|p| p.dtype).unwrap_or(t.dtype());
+        let dtype = self
+            .plan
+            .get(self.next)
+            .map(|p| p.dtype)
+            .unwrap_or(t.dtype());
         let bytes = tensor_bytes(&t.to_dtype(dtype)?)?;
         self.write_raw(name, &bytes)
     }
@@ -101,9 +115,14 @@ impl StreamWriter {
     /// Flushes and syncs; fails if a planned tensor was not written.
     pub fn finish(mut self) -> Result<()> {
         if self.next != self.plan.len() {
-            return Err(MergeError::io(&self.path, "not every planned tensor was written"));
+            return Err(MergeError::io(
+                &self.path,
+                "not every planned tensor was written",
+            ));
         }
-        self.out.flush().map_err(|e| MergeError::io(&self.path, e))?;
+        self.out
+            .flush()
+            .map_err(|e| MergeError::io(&self.path, e))?;
         self.out
             .get_ref()
             .sync_all()
@@ -115,8 +134,16 @@ impl StreamWriter {
 pub fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
     let t = t.flatten_all()?;
     Ok(match t.dtype() {
-        DType::F32 => t.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        DType::F64 => t.to_vec1::<f64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::F32 => t
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::F64 => t
+            .to_vec1::<f64>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
         DType::BF16 => t
             .to_vec1::<half::bf16>()?
             .iter()
@@ -127,8 +154,16 @@ pub fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
             .iter()
             .flat_map(|v| v.to_bits().to_le_bytes())
             .collect(),
-        DType::I64 => t.to_vec1::<i64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        DType::U32 => t.to_vec1::<u32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::I64 => t
+            .to_vec1::<i64>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::U32 => t
+            .to_vec1::<u32>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
         DType::U8 => t.to_vec1::<u8>()?,
         other => {
             return Err(MergeError::io(

@@ -29,7 +29,9 @@ impl Arch {
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.x frequency-band scaling.
     Llama3 {
         factor: f64,
@@ -135,32 +137,57 @@ impl LlamaConfig {
         debug_assert_eq!(raw.model_type.as_deref().unwrap_or("llama"), model_type);
         if let Some(act) = &raw.hidden_act {
             if act != "silu" {
-                return Err(err("hidden_act", format!("{act:?} is not supported (expected \"silu\")")));
+                return Err(err(
+                    "hidden_act",
+                    format!("{act:?} is not supported (expected \"silu\")"),
+                ));
             }
         }
         if raw.num_attention_heads == 0 || raw.hidden_size == 0 || raw.num_hidden_layers == 0 {
-            return Err(err("num_attention_heads", "hidden_size, num_hidden_layers and num_attention_heads must be positive".into()));
-        }
-        let kv = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
-        if kv == 0 || raw.num_attention_heads % kv != 0 {
             return Err(err(
-                "num_key_value_heads",
-                format!("{kv} does not divide num_attention_heads = {}", raw.num_attention_heads),
+                "num_attention_heads",
+                "hidden_size, num_hidden_layers and num_attention_heads must be positive".into(),
             ));
         }
-        let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / raw.num_attention_heads);
-        if head_dim % 2 != 0 || head_dim == 0 {
-            return Err(err("head_dim", format!("{head_dim} must be even and positive for rotary embeddings")));
+        let kv = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
+        if kv == 0 || !raw.num_attention_heads.is_multiple_of(kv) {
+            return Err(err(
+                "num_key_value_heads",
+                format!(
+                    "{kv} does not divide num_attention_heads = {}",
+                    raw.num_attention_heads
+                ),
+            ));
+        }
+        let head_dim = raw
+            .head_dim
+            .unwrap_or(raw.hidden_size / raw.num_attention_heads);
+        if !head_dim.is_multiple_of(2) || head_dim == 0 {
+            return Err(err(
+                "head_dim",
+                format!("{head_dim} must be even and positive for rotary embeddings"),
+            ));
         }
         let params = raw.rope_parameters.as_ref().and_then(Value::as_object);
         let rope_theta = raw
             .rope_theta
-            .or_else(|| params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64))
+            .or_else(|| {
+                params
+                    .and_then(|p| p.get("rope_theta"))
+                    .and_then(Value::as_f64)
+            })
             .unwrap_or(10_000.0);
-        let scaling = raw.rope_scaling.as_ref().filter(|v| !v.is_null()).or(raw.rope_parameters.as_ref());
+        let scaling = raw
+            .rope_scaling
+            .as_ref()
+            .filter(|v| !v.is_null())
+            .or(raw.rope_parameters.as_ref());
         let rope_scaling = parse_rope_scaling(scaling, file)?;
         if arch == Arch::Qwen2 && raw.use_sliding_window == Some(true) {
-            return Err(err("use_sliding_window", "sliding-window attention for qwen2 is not supported".into()));
+            return Err(err(
+                "use_sliding_window",
+                "sliding-window attention for qwen2 is not supported".into(),
+            ));
         }
         let dtype_name = raw.dtype.or(raw.torch_dtype);
         let dtype = match dtype_name.as_deref() {
@@ -168,7 +195,12 @@ impl LlamaConfig {
             Some("float32") => Some(DType::F32),
             Some("bfloat16") => Some(DType::BF16),
             Some("float16") => Some(DType::F16),
-            Some(other) => return Err(err("torch_dtype", format!("{other:?} is not supported (float32, bfloat16 or float16)"))),
+            Some(other) => {
+                return Err(err(
+                    "torch_dtype",
+                    format!("{other:?} is not supported (float32, bfloat16 or float16)"),
+                ))
+            }
         };
         let attention_bias = raw.attention_bias.unwrap_or(false);
         Ok(LlamaConfig {
@@ -188,7 +220,11 @@ impl LlamaConfig {
             qkv_bias: arch == Arch::Qwen2 || (arch == Arch::Llama && attention_bias),
             o_bias: arch == Arch::Llama && attention_bias,
             mlp_bias: arch == Arch::Llama && raw.mlp_bias.unwrap_or(false),
-            sliding_window: if arch == Arch::Mistral { raw.sliding_window } else { None },
+            sliding_window: if arch == Arch::Mistral {
+                raw.sliding_window
+            } else {
+                None
+            },
             dtype,
         })
     }
@@ -217,7 +253,8 @@ impl LlamaConfig {
                         } else if wavelen > low_wavelen {
                             f / factor
                         } else {
-                            let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
                             (1.0 - smooth) * f / factor + smooth * f
                         }
                     })
@@ -256,14 +293,20 @@ fn parse_rope_scaling(v: Option<&Value>, file: &Path) -> Result<RopeScaling> {
     };
     Ok(match kind {
         "default" => RopeScaling::None,
-        "linear" => RopeScaling::Linear { factor: num("factor")? },
+        "linear" => RopeScaling::Linear {
+            factor: num("factor")?,
+        },
         "llama3" => RopeScaling::Llama3 {
             factor: num("factor")?,
             low_freq_factor: num("low_freq_factor")?,
             high_freq_factor: num("high_freq_factor")?,
             original_max_position_embeddings: num("original_max_position_embeddings")?,
         },
-        other => return Err(err(format!("rope_type {other:?} is not supported (default, linear, llama3)"))),
+        other => {
+            return Err(err(format!(
+                "rope_type {other:?} is not supported (default, linear, llama3)"
+            )))
+        }
     })
 }
 
@@ -321,15 +364,24 @@ mod tests {
     fn bad_configs_name_the_key() {
         let mut v = base();
         v["model_type"] = json!("gpt2");
-        let e = LlamaConfig::from_json(v, Path::new("m/config.json")).unwrap_err().to_string();
-        assert!(e.contains("m/config.json") && e.contains("model_type") && e.contains("gpt2"), "{e}");
+        let e = LlamaConfig::from_json(v, Path::new("m/config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("m/config.json") && e.contains("model_type") && e.contains("gpt2"),
+            "{e}"
+        );
         let mut v = base();
         v["num_key_value_heads"] = json!(3);
-        let e = LlamaConfig::from_json(v, Path::new("c")).unwrap_err().to_string();
+        let e = LlamaConfig::from_json(v, Path::new("c"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("num_key_value_heads"), "{e}");
         let mut v = base();
         v.as_object_mut().unwrap().remove("hidden_size");
-        let e = LlamaConfig::from_json(v, Path::new("c")).unwrap_err().to_string();
+        let e = LlamaConfig::from_json(v, Path::new("c"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("hidden_size"), "{e}");
     }
 

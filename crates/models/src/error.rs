@@ -23,11 +23,18 @@ pub enum ModelError {
     #[error("input: {0}")]
     Input(String),
 
+    /// Boxed: adapter errors carry file and tensor names and would bloat every `Result`.
     #[error(transparent)]
-    Adapter(#[from] lorakit_adapter::AdapterError),
+    Adapter(Box<lorakit_adapter::AdapterError>),
 
     #[error("{0}")]
     Candle(#[from] candle_core::Error),
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;
+
+impl From<lorakit_adapter::AdapterError> for ModelError {
+    fn from(e: lorakit_adapter::AdapterError) -> Self {
+        ModelError::Adapter(Box::new(e))
+    }
+}

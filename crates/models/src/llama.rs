@@ -32,10 +32,19 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, bias: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let split = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
-            t.reshape((b, s, n, self.head_dim))?.transpose(1, 2)?.contiguous()
+            t.reshape((b, s, n, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
         };
         let q = split(self.q_proj.forward_t(x, train)?, self.heads)?;
         let k = split(self.k_proj.forward_t(x, train)?, self.kv_heads)?;
@@ -50,11 +59,11 @@ impl Attention {
             .to_dtype(DType::F32)?
             .broadcast_add(bias)?;
         let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(v.dtype())?;
-        let out = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, s, self.heads * self.head_dim))?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((
+            b,
+            s,
+            self.heads * self.head_dim,
+        ))?;
         Ok(self.o_proj.forward_t(&out, train)?)
     }
 }
@@ -104,7 +113,9 @@ impl CausalLm {
     /// (`model.layers.N.self_attn.q_proj.weight`, ...).
     pub fn new(cfg: &LlamaConfig, lb: &LayerBuilder) -> Result<Self> {
         let m = lb.pp("model");
-        let embed_tokens = m.pp("embed_tokens").embedding(cfg.vocab_size, cfg.hidden_size)?;
+        let embed_tokens = m
+            .pp("embed_tokens")
+            .embedding(cfg.vocab_size, cfg.hidden_size)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let l = m.pp("layers").pp(i);
@@ -140,13 +151,26 @@ impl CausalLm {
 
     /// Logits `[batch, seq, vocab]` (f32) for every position. `attention_mask` `[batch, seq]`
     /// is 1 for real tokens and 0 for padding; `train` switches LoRA dropout on.
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
         let hidden = self.hidden_states(input_ids, attention_mask, train)?;
-        Ok(self.lm_head.forward_t(&hidden, train)?.to_dtype(DType::F32)?)
+        Ok(self
+            .lm_head
+            .forward_t(&hidden, train)?
+            .to_dtype(DType::F32)?)
     }
 
     /// The final normalised hidden states `[batch, seq, hidden]`, before the output head.
-    pub fn hidden_states(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+    pub fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
         if s == 0 {
             return Err(ModelError::Input("empty input sequence".into()));
@@ -188,6 +212,7 @@ impl CausalLm {
 
 impl Module for CausalLm {
     fn forward(&self, input_ids: &Tensor) -> candle_core::Result<Tensor> {
-        CausalLm::forward(self, input_ids, None, false).map_err(|e| candle_core::Error::Msg(e.to_string()))
+        CausalLm::forward(self, input_ids, None, false)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
     }
 }

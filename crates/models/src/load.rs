@@ -48,10 +48,19 @@ impl ModelDir {
     }
 
     /// Loads the model with `adapters` in `dtype` on `device`.
-    pub fn load(self, adapters: Adapters, dtype: DType, device: &Device) -> Result<(CausalLm, BuildReport)> {
+    pub fn load(
+        self,
+        adapters: Adapters,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(CausalLm, BuildReport)> {
         let config = self.config.clone();
         let backend: Box<dyn SimpleBackend> = Box::new(self.checkpoint);
-        build(&config, VarBuilder::from_backend(backend, dtype, device.clone()), adapters)
+        build(
+            &config,
+            VarBuilder::from_backend(backend, dtype, device.clone()),
+            adapters,
+        )
     }
 
     /// Walks the model's structure against the checkpoint headers without reading weights:
@@ -67,7 +76,11 @@ impl ModelDir {
 }
 
 /// Builds a model from any `VarBuilder` (a checkpoint, a merged backend, a test's tensors).
-pub fn build(config: &LlamaConfig, vb: VarBuilder<'static>, adapters: Adapters) -> Result<(CausalLm, BuildReport)> {
+pub fn build(
+    config: &LlamaConfig,
+    vb: VarBuilder<'static>,
+    adapters: Adapters,
+) -> Result<(CausalLm, BuildReport)> {
     let lb = LayerBuilder::new(vb, adapters)?;
     let model = CausalLm::new(config, &lb)?;
     let report = lb.finish()?;

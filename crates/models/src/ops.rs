@@ -91,7 +91,9 @@ mod tests {
     fn mask_combines_causal_padding_and_window() -> Result<()> {
         let dev = Device::Cpu;
         let m = Tensor::new(&[[1u32, 1, 1, 0]], &dev)?;
-        let b = attention_bias(1, 4, Some(&m), Some(2), &dev)?.squeeze(0)?.squeeze(0)?;
+        let b = attention_bias(1, 4, Some(&m), Some(2), &dev)?
+            .squeeze(0)?
+            .squeeze(0)?;
         let allowed: Vec<Vec<bool>> = b
             .to_vec2::<f32>()?
             .into_iter()

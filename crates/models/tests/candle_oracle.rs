@@ -24,7 +24,8 @@ fn weights(cfg: &LlamaConfig, seed: u64) -> HashMap<String, Tensor> {
                 state ^= state >> 12;
                 state ^= state << 25;
                 state ^= state >> 27;
-                let u = (state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64;
+                let u =
+                    (state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64;
                 ((2.0 * u - 1.0) * scale * 1.7) as f32
             })
             .collect();
@@ -32,14 +33,23 @@ fn weights(cfg: &LlamaConfig, seed: u64) -> HashMap<String, Tensor> {
     };
     let (h, i, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
     let (q, kv) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
-    put("model.embed_tokens.weight".into(), &[cfg.vocab_size, h], 0.5);
+    put(
+        "model.embed_tokens.weight".into(),
+        &[cfg.vocab_size, h],
+        0.5,
+    );
     put("model.norm.weight".into(), &[h], 1.0);
     if !cfg.tie_word_embeddings {
         put("lm_head.weight".into(), &[cfg.vocab_size, h], 0.2);
     }
     for l in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{l}");
-        for (n, out, inp) in [("q_proj", q, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, q)] {
+        for (n, out, inp) in [
+            ("q_proj", q, h),
+            ("k_proj", kv, h),
+            ("v_proj", kv, h),
+            ("o_proj", h, q),
+        ] {
             put(format!("{p}.self_attn.{n}.weight"), &[out, inp], 0.2);
             if cfg.qkv_bias && n != "o_proj" {
                 put(format!("{p}.self_attn.{n}.bias"), &[out], 0.2);
@@ -63,15 +73,30 @@ fn weights(cfg: &LlamaConfig, seed: u64) -> HashMap<String, Tensor> {
 fn ours_last_logits(cfg: &LlamaConfig, w: &HashMap<String, Tensor>, ids: &Tensor) -> Tensor {
     let vb = VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu);
     let (model, _) = build(cfg, vb, Adapters::None).unwrap();
-    model.forward(ids, None, false).unwrap().narrow(1, SEQ - 1, 1).unwrap().flatten_all().unwrap()
+    model
+        .forward(ids, None, false)
+        .unwrap()
+        .narrow(1, SEQ - 1, 1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().max(D::Minus1).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(D::Minus1)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn ids(vocab: usize) -> Tensor {
-    let v: Vec<u32> = (0..SEQ as u32).map(|i| (i * 7 + 3) % vocab as u32).collect();
+    let v: Vec<u32> = (0..SEQ as u32)
+        .map(|i| (i * 7 + 3) % vocab as u32)
+        .collect();
     Tensor::from_vec(v, (1, SEQ), &Device::Cpu).unwrap()
 }
 
@@ -115,7 +140,11 @@ fn llama_with_gqa_and_llama3_rope_matches_candle_transformers() {
     let theirs_model = llama::Llama::load(vb, &ccfg).unwrap();
     let mut cache = llama::Cache::new(false, DType::F32, &ccfg, &Device::Cpu).unwrap();
     let x = ids(50);
-    let theirs = theirs_model.forward(&x, 0, &mut cache).unwrap().flatten_all().unwrap();
+    let theirs = theirs_model
+        .forward(&x, 0, &mut cache)
+        .unwrap()
+        .flatten_all()
+        .unwrap();
     let ours = ours_last_logits(&cfg, &w, &x);
     let d = max_diff(&ours, &theirs);
     assert!(d <= 1e-5, "llama: max abs diff {d}");
@@ -220,18 +249,32 @@ fn merged_backend_runs_a_peft_adapter_in_candle_transformers() {
     let theirs_model = llama::Llama::load(vb, &ccfg).unwrap();
     let mut cache = llama::Cache::new(false, DType::F32, &ccfg, &Device::Cpu).unwrap();
     let x = ids(96);
-    let theirs = theirs_model.forward(&x, 0, &mut cache).unwrap().flatten_all().unwrap();
+    let theirs = theirs_model
+        .forward(&x, 0, &mut cache)
+        .unwrap()
+        .flatten_all()
+        .unwrap();
 
     let adapter = lorakit_adapter::PeftAdapter::load(&root.join("adapters/all_f32")).unwrap();
     let (ours_model, _) = lorakit_models::ModelDir::open(&root.join("base"))
         .unwrap()
         .load(Adapters::Loaded(adapter), DType::F32, &Device::Cpu)
         .unwrap();
-    let ours = ours_model.forward(&x, None, false).unwrap().narrow(1, SEQ - 1, 1).unwrap().flatten_all().unwrap();
+    let ours = ours_model
+        .forward(&x, None, false)
+        .unwrap()
+        .narrow(1, SEQ - 1, 1)
+        .unwrap()
+        .flatten_all()
+        .unwrap();
     let d = max_diff(&ours, &theirs);
     assert!(d <= 1e-5, "merged backend: max abs diff {d}");
     // the Module impl is the same forward pass
     let via_module = <lorakit_models::CausalLm as Module>::forward(&ours_model, &x).unwrap();
-    let via_module = via_module.narrow(1, SEQ - 1, 1).unwrap().flatten_all().unwrap();
+    let via_module = via_module
+        .narrow(1, SEQ - 1, 1)
+        .unwrap()
+        .flatten_all()
+        .unwrap();
     assert_eq!(max_diff(&via_module, &ours), 0.0);
 }

@@ -7,7 +7,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 fn case(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/peft").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/peft")
+        .join(name)
 }
 
 fn expected(name: &str) -> HashMap<String, Tensor> {
@@ -60,7 +62,10 @@ fn check(case_name: &str, adapter: Option<&str>) {
     // the adapter must actually change the output
     if adapter.is_some() {
         let base_diff = masked_max_diff(&exp["logits_base"], &exp[&key], &exp["attention_mask"]);
-        assert!(base_diff > 1e-3, "{case_name}/{key}: adapter changes nothing ({base_diff})");
+        assert!(
+            base_diff > 1e-3,
+            "{case_name}/{key}: adapter changes nothing ({base_diff})"
+        );
     }
 }
 

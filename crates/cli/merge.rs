@@ -1,0 +1,114 @@
+//! `lorakit merge`: fold a PEFT adapter into its base model (see lorakit-merge), optionally
+//! verifying that the merged model computes what base + adapter computes.
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+use lorakit_adapter::{Adapters, PeftAdapter};
+use lorakit_merge::{merge, MergeOptions, OutDType};
+use lorakit_models::ModelDir;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum DTypeArg {
+    Auto,
+    F32,
+    Bf16,
+    F16,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Base model directory (Hugging Face layout).
+    #[arg(long)]
+    pub base: PathBuf,
+    /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Output directory for the merged model.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// dtype of the merged weights; `auto` keeps the base's.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub dtype: DTypeArg,
+    /// Run base + adapter and the merged model on a fixed input and report the largest logit difference.
+    #[arg(long)]
+    pub verify: bool,
+    /// Replace OUT if it exists and is not empty.
+    #[arg(long)]
+    pub force: bool,
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    let start = Instant::now();
+    let adapter = PeftAdapter::load(&args.adapter)?;
+    for w in &adapter.warnings {
+        eprintln!("warning: {w}");
+    }
+    let dtype = match args.dtype {
+        DTypeArg::Auto => OutDType::Auto,
+        DTypeArg::F32 => OutDType::Fixed(DType::F32),
+        DTypeArg::Bf16 => OutDType::Fixed(DType::BF16),
+        DTypeArg::F16 => OutDType::Fixed(DType::F16),
+    };
+    let summary = merge(
+        &args.base,
+        &adapter,
+        &args.out,
+        &MergeOptions {
+            dtype,
+            force: args.force,
+        },
+    )?;
+    println!(
+        "merged {} LoRA module{} ({} replaced whole) into {} tensors; wrote {} ({} shard{}, {:.1} MB) in {:.2} s",
+        summary.merged.len(),
+        if summary.merged.len() == 1 { "" } else { "s" },
+        summary.replaced.len(),
+        summary.tensors,
+        summary.out.display(),
+        summary.shards,
+        if summary.shards == 1 { "" } else { "s" },
+        summary.bytes as f64 / 1e6,
+        start.elapsed().as_secs_f64()
+    );
+    if let Some(head) = &summary.untied {
+        println!("note: the adapter changes the output head, so `{head}` is now stored apart from the embeddings (tie_word_embeddings: false)");
+    }
+    if args.verify {
+        let (diff, positions) = verify(&args.base, &args.adapter, &args.out)
+            .context("--verify (running both models)")?;
+        println!("verify: max |logit difference| between base + adapter and the merged model = {diff:.3e} over {positions} positions");
+        let tolerance = match args.dtype {
+            DTypeArg::F32 => 1e-3,
+            _ => f32::INFINITY, // rounding to 16 bits moves logits; report, don't judge
+        };
+        if diff > tolerance || !diff.is_finite() {
+            bail!("verification failed: the merged model differs from base + adapter by {diff:.3e} (> {tolerance:.0e})");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Largest absolute logit difference on a fixed input, and the number of positions compared.
+fn verify(base: &Path, adapter: &Path, merged: &Path) -> Result<(f32, usize)> {
+    let dev = Device::Cpu;
+    let (with_adapter, _) = ModelDir::open(base)?.load(
+        Adapters::Loaded(PeftAdapter::load(adapter)?),
+        DType::F32,
+        &dev,
+    )?;
+    let (merged_model, _) = ModelDir::open(merged)?.load(Adapters::None, DType::F32, &dev)?;
+    let vocab = with_adapter.config().vocab_size as u32;
+    let len = 16usize;
+    let ids: Vec<u32> = (0..len as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let ids = Tensor::from_vec(ids, (1, len), &dev)?;
+    let a = with_adapter.forward(&ids, None, false)?;
+    let b = merged_model.forward(&ids, None, false)?;
+    let diff = (a - b)?
+        .abs()?
+        .flatten_all()?
+        .max(D::Minus1)?
+        .to_scalar::<f32>()?;
+    Ok((diff, len))
+}
