@@ -61,7 +61,7 @@ fn main() -> Result<()> {
             a: a.as_tensor().clone(),
             b: b.as_tensor().clone(),
             scaling: 2.0,
-            dropout: 0.0,
+            dropout: None,
         }),
     );
     let check = (layer.forward(&x)? - composed(&x, &w, a.as_tensor(), b.as_tensor(), 2.0)?)?

@@ -1,6 +1,8 @@
 //! `lorakit`: parameter-efficient fine-tuning on candle. One file per subcommand.
+mod eval;
 mod inspect;
 mod merge;
+mod train;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -9,7 +11,7 @@ use std::process::ExitCode;
 #[command(
     name = "lorakit",
     version,
-    about = "LoRA fine-tuning toolkit: inspect models, merge PEFT adapters"
+    about = "LoRA fine-tuning toolkit: train, evaluate, inspect and merge PEFT adapters"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -18,6 +20,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train a LoRA adapter from a YAML recipe.
+    Train(train::Args),
+    /// Loss and perplexity of a model (optionally with an adapter) on a JSONL data set.
+    Eval(eval::Args),
     /// Show a model's architecture, size and linear modules, and which ones LoRA targets would wrap.
     Inspect(inspect::Args),
     /// Fold a PEFT LoRA adapter into its base model and write an ordinary Hugging Face model directory.
@@ -27,6 +33,8 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Train(a) => train::run(a),
+        Command::Eval(a) => eval::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Merge(a) => merge::run(a),
     };

@@ -3,6 +3,7 @@
 //! layer gets an adapter — fresh trainable tensors, or tensors loaded from a PEFT file — and
 //! records every linear module so targets that match nothing can be reported.
 use crate::config::{LoraConfig, ModuleLora};
+use crate::dropout::{Dropout, StepSeed};
 use crate::error::{AdapterError, Result};
 use crate::lora_linear::{LoraLinear, LowRank};
 use crate::peft_format::{lora_key, PeftAdapter};
@@ -22,6 +23,8 @@ pub enum Adapters {
         config: LoraConfig,
         varmap: VarMap,
         seed: u64,
+        /// Drives LoRA dropout masks; the trainer sets it before each forward pass.
+        dropout_seed: StepSeed,
     },
     /// Adapters read from a PEFT directory.
     Loaded(PeftAdapter),
@@ -98,7 +101,7 @@ impl BuildReport {
                         a: get("A")?,
                         b: get("B")?,
                         scaling: info.scaling,
-                        dropout: 0.0,
+                        dropout: None,
                     },
                 ))
             })
@@ -262,6 +265,7 @@ impl<'a> LayerBuilder<'a> {
                 config,
                 varmap,
                 seed,
+                dropout_seed,
             } => {
                 let info = config.for_module(&self.path);
                 let mut vars = varmap.data().lock().unwrap_or_else(|p| p.into_inner());
@@ -304,7 +308,9 @@ impl<'a> LayerBuilder<'a> {
                         a,
                         b,
                         scaling: info.scaling,
-                        dropout: config.lora_dropout as f32,
+                        dropout: (config.lora_dropout > 0.0).then(|| {
+                            Dropout::new(config.lora_dropout as f32, &self.path, dropout_seed.clone())
+                        }),
                     },
                     info,
                 ))

@@ -4,6 +4,7 @@
 pub mod builder;
 pub mod checkpoint;
 pub mod config;
+pub mod dropout;
 pub mod error;
 pub mod frozen;
 pub mod fsutil;
@@ -14,6 +15,7 @@ pub mod target;
 
 pub use builder::{Adapters, BuildReport, LayerBuilder, LinearInfo};
 pub use checkpoint::{Checkpoint, ShapeOnly};
+pub use dropout::StepSeed;
 pub use config::{LoraConfig, ModuleLora, ModuleSpec};
 pub use error::{AdapterError, Result};
 pub use lora_linear::{LoraLinear, LowRank};

@@ -1,5 +1,6 @@
 //! `LoraLinear`: a frozen linear layer plus an optional low-rank update,
 //! `y = x·Wᵀ + b + scaling · dropout(x)·Aᵀ·Bᵀ` with `A: [r, in]`, `B: [out, r]`.
+use crate::dropout::Dropout;
 use crate::frozen::{frozen_add, frozen_matmul};
 use candle_core::{Module, Result, Tensor};
 
@@ -9,7 +10,8 @@ pub struct LowRank {
     pub a: Tensor,
     pub b: Tensor,
     pub scaling: f64,
-    pub dropout: f32,
+    /// Applied to the input in training mode only.
+    pub dropout: Option<Dropout>,
 }
 
 impl LowRank {
@@ -20,10 +22,9 @@ impl LowRank {
         if r != r2 {
             candle_core::bail!("LoRA A has rank {r} but B has rank {r2}");
         }
-        let x = if train && self.dropout > 0.0 {
-            candle_nn::ops::dropout(x, self.dropout)?
-        } else {
-            x.clone()
+        let x = match (&self.dropout, train) {
+            (Some(d), true) => d.apply(x)?,
+            _ => x.clone(),
         };
         let rows = x.elem_count() / inner.max(1);
         // Folding leading dims into rows keeps the left operand 2-D and contiguous (DESIGN §3.6).
@@ -113,7 +114,7 @@ mod tests {
                     a: a.clone(),
                     b: b.clone(),
                     scaling: 1.7,
-                    dropout: 0.0,
+                    dropout: None,
                 }),
             );
             // a non-quadratic loss so second-order terms show up if the gradient is wrong
@@ -165,7 +166,7 @@ mod tests {
                 a: Tensor::randn(0f32, 1., (2, 3), &dev)?,
                 b: Tensor::zeros((4, 2), DType::F32, &dev)?,
                 scaling: 2.0,
-                dropout: 0.0,
+                dropout: None,
             }),
         )
         .forward(&x)?;

@@ -226,7 +226,7 @@ impl PeftAdapter {
             a: a.to_device(device)?,
             b: b.to_device(device)?,
             scaling: self.config.for_module(module).scaling,
-            dropout: 0.0,
+            dropout: None,
         }))
     }
 }
@@ -288,7 +288,7 @@ mod tests {
             a: Tensor::randn(0f32, 1., (r, inp), &dev).unwrap(),
             b: Tensor::randn(0f32, 1., (out, r), &dev).unwrap(),
             scaling: 2.0,
-            dropout: 0.0,
+            dropout: None,
         }
     }
 

@@ -1,0 +1,111 @@
+//! `lorakit train RECIPE.yaml [--set key=value ...] [--resume]`.
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use lorakit_train::eval::EvalResult;
+use lorakit_train::{train, Recipe, Reporter, StepReport, TrainOptions};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The YAML recipe (see README: Recipes).
+    pub recipe: PathBuf,
+    /// Override a recipe key, e.g. --set train.learning_rate=1e-4 (repeatable; values are YAML).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Continue from the newest checkpoint in output.dir.
+    #[arg(long)]
+    pub resume: bool,
+}
+
+/// A progress bar on a terminal, plain lines otherwise.
+struct Progress {
+    bar: Option<ProgressBar>,
+}
+
+impl Reporter for Progress {
+    fn start(&mut self, total: usize, resumed_at: usize) {
+        if std::io::stdout().is_terminal() {
+            let bar = ProgressBar::new(total as u64);
+            bar.set_style(
+                ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            bar.set_position(resumed_at as u64);
+            self.bar = Some(bar);
+        }
+    }
+    fn message(&mut self, text: &str) {
+        match &self.bar {
+            Some(b) => b.println(text),
+            None => println!("{text}"),
+        }
+    }
+    fn step(&mut self, r: &StepReport) {
+        let line = format!("loss {:.4}  lr {:.2e}  {:.0} tok/s", r.loss, r.lr, r.tokens_per_s);
+        match &self.bar {
+            Some(b) => {
+                b.set_position(r.step as u64);
+                b.set_message(line);
+            }
+            None => println!("step {}/{}  epoch {:.2}  {line}  grad-norm {:.3}", r.step, r.total, r.epoch, r.grad_norm),
+        }
+    }
+    fn eval(&mut self, step: usize, r: &EvalResult, best: bool) {
+        self.message(&format!(
+            "eval at step {step}: loss {:.4}  perplexity {:.2}  ({} tokens){}",
+            r.loss,
+            r.perplexity,
+            r.tokens,
+            if best { "  new best, saved to adapter/" } else { "" }
+        ));
+    }
+    fn finish(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+    }
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    let recipe = Recipe::load(&args.recipe, &args.set)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    // First Ctrl-C: finish the step, checkpoint, exit. A second one ends at once.
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: finishing the current step and saving a checkpoint (Ctrl-C again to quit now)");
+    });
+    let mut progress = Progress { bar: None };
+    let s = train(&recipe, &TrainOptions { resume: args.resume, stop }, &mut progress)
+        .with_context(|| format!("training with {}", args.recipe.display()))?;
+    let out = &recipe.output.dir;
+    if s.interrupted {
+        println!(
+            "stopped at step {}/{}; checkpoint saved in {}/checkpoints/step-{}. Resume with:\n  lorakit train {} --resume{}",
+            s.steps,
+            s.total_steps,
+            out.display(),
+            s.steps,
+            args.recipe.display(),
+            args.set.iter().map(|k| format!(" --set {k}")).collect::<String>()
+        );
+        return Ok(ExitCode::from(130));
+    }
+    println!("done: {} steps in {:.1} s{}", s.steps, s.seconds, if s.stopped_early { " (early stopping)" } else { "" });
+    if let (Some(a), Some(b)) = (s.first_loss, s.last_loss) {
+        println!("  train loss {a:.4} -> {b:.4}");
+    }
+    match s.best_eval {
+        Some((step, loss)) => println!("  best eval loss {loss:.4} (perplexity {:.2}) at step {step}", loss.exp()),
+        None => println!("  no eval data: adapter/ holds the final weights"),
+    }
+    println!("  adapter: {} ({:.1} KB, PEFT format); final weights in {}/last", s.adapter_dir.display(), s.adapter_bytes as f64 / 1024.0, out.display());
+    println!("  metrics: {}/metrics.jsonl, plot: {}/loss.svg", out.display(), out.display());
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,223 @@
+//! Data sets: JSON Lines in three formats, tokenised into ids plus a per-token loss mask.
+//!
+//! - `completion` `{"text"}`: tokenizer's own special tokens (e.g. BOS) + text + EOS; loss on
+//!   every token.
+//! - `instruction` `{"instruction", "input"?, "output"}`: the prompt template below, then
+//!   output + EOS; loss on the output and EOS unless `train_on_inputs`.
+//! - `chat` `{"messages": [{"role", "content"}]}`: rendered with the model's chat template; loss
+//!   on every assistant turn including its end-of-turn token unless `train_on_inputs`.
+use crate::error::{Result, TrainError};
+use crate::recipe::DataFormat;
+use crate::tokenizer::TextTokenizer;
+use serde_json::Value;
+use std::path::Path;
+
+/// The prompt of the `instruction` format (Alpaca's layout). `{input}` lines are left out when
+/// the example has no input.
+pub const INSTRUCTION_TEMPLATE: &str =
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n";
+
+/// One tokenised example: `targets[i]` says whether token i is predicted in the loss.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Example {
+    pub ids: Vec<u32>,
+    pub targets: Vec<bool>,
+}
+
+/// A tokenised data set and what happened on the way.
+#[derive(Clone, Debug, Default)]
+pub struct Dataset {
+    pub examples: Vec<Example>,
+    pub truncated: usize,
+    /// Examples left with no target token after truncation, dropped.
+    pub dropped: usize,
+}
+
+impl Dataset {
+    pub fn target_tokens(&self) -> usize {
+        self.examples.iter().map(|e| e.targets.iter().skip(1).filter(|t| **t).count()).sum()
+    }
+}
+
+/// Longest JSON line accepted (guards memory before parsing).
+const MAX_LINE_BYTES: usize = 16 << 20;
+
+/// Reads and tokenises `path`.
+pub fn load(path: &Path, format: DataFormat, tok: &TextTokenizer, max_seq_len: usize, train_on_inputs: bool) -> Result<Dataset> {
+    let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()].iter().filter(|b| **b == b'\n').count();
+        TrainError::Data { file: path.into(), line, message: "not valid UTF-8".into() }
+    })?;
+    let mut ds = Dataset::default();
+    let template = match format {
+        DataFormat::Chat => Some(ChatTemplate::new(tok)?),
+        _ => None,
+    };
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        let err = |message: String| TrainError::Data { file: path.into(), line: n, message };
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if line.len() > MAX_LINE_BYTES {
+            return Err(err(format!("line is longer than {MAX_LINE_BYTES} bytes")));
+        }
+        let v: Value = serde_json::from_str(line).map_err(|e| err(format!("invalid JSON: {e}")))?;
+        let mut ex = match format {
+            DataFormat::Completion => completion(&v, tok).map_err(err)?,
+            DataFormat::Instruction => instruction(&v, tok, train_on_inputs).map_err(err)?,
+            DataFormat::Chat => template.as_ref().map(|t| t.example(&v, tok, train_on_inputs)).unwrap_or(Err(String::new())).map_err(err)?,
+        };
+        if ex.ids.len() > max_seq_len {
+            ex.ids.truncate(max_seq_len);
+            ex.targets.truncate(max_seq_len);
+            ds.truncated += 1;
+        }
+        if ex.targets.iter().skip(1).any(|t| *t) {
+            ds.examples.push(ex);
+        } else {
+            ds.dropped += 1;
+        }
+    }
+    if ds.examples.is_empty() {
+        return Err(TrainError::DataFile {
+            file: path.into(),
+            message: if ds.dropped > 0 {
+                format!("all {} examples have no tokens to learn after truncation to {max_seq_len} tokens", ds.dropped)
+            } else {
+                "no examples (the file is empty)".into()
+            },
+        });
+    }
+    Ok(ds)
+}
+
+fn field<'a>(v: &'a Value, name: &str) -> std::result::Result<&'a str, String> {
+    match v.get(name) {
+        Some(Value::String(s)) => Ok(s),
+        Some(other) => Err(format!("\"{name}\" must be a string, got {other}")),
+        None => Err(format!("missing field \"{name}\"")),
+    }
+}
+
+fn with_eos(mut ids: Vec<u32>, tok: &TextTokenizer) -> Vec<u32> {
+    if let Some(e) = tok.eos_id {
+        if ids.last() != Some(&e) {
+            ids.push(e);
+        }
+    }
+    ids
+}
+
+fn completion(v: &Value, tok: &TextTokenizer) -> std::result::Result<Example, String> {
+    let text = field(v, "text")?;
+    if text.trim().is_empty() {
+        return Err("\"text\" is empty".into());
+    }
+    let ids = with_eos(tok.encode(text, true).map_err(|e| e.to_string())?, tok);
+    let targets = vec![true; ids.len()];
+    Ok(Example { ids, targets })
+}
+
+/// The prompt for one instruction example.
+pub fn instruction_prompt(instruction: &str, input: &str) -> String {
+    if input.is_empty() {
+        INSTRUCTION_TEMPLATE.replace("### Input:\n{input}\n\n", "").replace("{instruction}", instruction)
+    } else {
+        INSTRUCTION_TEMPLATE.replace("{instruction}", instruction).replace("{input}", input)
+    }
+}
+
+fn instruction(v: &Value, tok: &TextTokenizer, train_on_inputs: bool) -> std::result::Result<Example, String> {
+    let ins = field(v, "instruction")?;
+    let input = match v.get("input") {
+        None | Some(Value::Null) => "",
+        Some(_) => field(v, "input")?,
+    };
+    let output = field(v, "output")?;
+    if output.trim().is_empty() {
+        return Err("\"output\" is empty".into());
+    }
+    let prompt = tok.encode(&instruction_prompt(ins, input), true).map_err(|e| e.to_string())?;
+    let response = with_eos(tok.encode(output, false).map_err(|e| e.to_string())?, tok);
+    let mut targets = vec![train_on_inputs; prompt.len()];
+    targets.extend(std::iter::repeat_n(true, response.len()));
+    let mut ids = prompt;
+    ids.extend(response);
+    Ok(Example { ids, targets })
+}
+
+/// A compiled chat template.
+pub struct ChatTemplate {
+    env: minijinja::Environment<'static>,
+}
+
+impl ChatTemplate {
+    pub fn new(tok: &TextTokenizer) -> Result<Self> {
+        let source = tok.chat_template.clone().ok_or_else(|| TrainError::Template {
+            file: tok.config_file.clone(),
+            message: "the model has no `chat_template` (needed by data.format: chat); use format: instruction or completion".into(),
+        })?;
+        let mut env = minijinja::Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template_owned("chat", source).map_err(|e| TrainError::Template {
+            file: tok.config_file.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(ChatTemplate { env })
+    }
+
+    /// Renders `messages` (with a generation prompt if asked).
+    pub fn render(&self, messages: &[Value], tok: &TextTokenizer, generation_prompt: bool) -> std::result::Result<String, String> {
+        let t = self.env.get_template("chat").map_err(|e| e.to_string())?;
+        t.render(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => generation_prompt,
+            bos_token => tok.bos.clone().unwrap_or_default(),
+            eos_token => tok.eos.clone().unwrap_or_default(),
+        })
+        .map_err(|e| format!("chat template failed: {e}"))
+    }
+
+    fn example(&self, v: &Value, tok: &TextTokenizer, train_on_inputs: bool) -> std::result::Result<Example, String> {
+        let messages = v.get("messages").and_then(Value::as_array).ok_or("missing array \"messages\"")?;
+        if messages.is_empty() {
+            return Err("\"messages\" is empty".into());
+        }
+        for (i, m) in messages.iter().enumerate() {
+            let role = m.get("role").and_then(Value::as_str).ok_or(format!("messages[{i}] has no string \"role\""))?;
+            if !matches!(role, "system" | "user" | "assistant") {
+                return Err(format!("messages[{i}].role is {role:?}, expected system, user or assistant"));
+            }
+            m.get("content").and_then(Value::as_str).ok_or(format!("messages[{i}] has no string \"content\""))?;
+        }
+        if !messages.iter().any(|m| m["role"] == "assistant") {
+            return Err("no assistant message to learn from".into());
+        }
+        let full = self.render(messages, tok, false)?;
+        // Assistant spans: from the end of the prompt that asks for turn i to the end of turn i.
+        let mut spans = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            if m["role"] == "assistant" {
+                let start = self.render(&messages[..i], tok, true)?.len();
+                let end = self.render(&messages[..=i], tok, false)?.len();
+                if !full.is_char_boundary(start) || start > end || end > full.len() {
+                    return Err("the chat template does not render conversations prefix by prefix; cannot locate assistant turns".into());
+                }
+                spans.push((start, end));
+            }
+        }
+        let (ids, offsets) = tok.encode_with_offsets(&full).map_err(|e| e.to_string())?;
+        let targets = offsets
+            .iter()
+            .map(|(s, e)| train_on_inputs || spans.iter().any(|(a, b)| *s >= *a && *s < *b && *e <= *b))
+            .collect();
+        Ok(Example { ids, targets })
+    }
+}

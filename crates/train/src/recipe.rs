@@ -1,0 +1,506 @@
+//! The YAML recipe: the user-facing contract of `lorakit train`. Unknown keys are errors with a
+//! suggestion, wrong types and impossible values name the field (and line where there is one).
+use crate::error::{Result, TrainError};
+use lorakit_adapter::{LoraConfig, ModuleSpec};
+use serde::{Deserialize, Serialize};
+use serde_yaml::Value;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub model: ModelSection,
+    pub data: DataSection,
+    #[serde(default = "default_lora")]
+    pub lora: LoraConfig,
+    #[serde(default)]
+    pub train: TrainSection,
+    pub output: OutputSection,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A Hugging Face model directory.
+    pub path: PathBuf,
+    /// auto | f32 | bf16 | f16 (auto: bf16 on GPU, f32 on CPU).
+    #[serde(default = "auto")]
+    pub dtype: String,
+    /// auto | cpu | cuda | cuda:N.
+    #[serde(default = "auto")]
+    pub device: String,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DataFormat {
+    Completion,
+    Instruction,
+    Chat,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    pub train: PathBuf,
+    #[serde(default)]
+    pub eval: Option<PathBuf>,
+    /// Fraction of `train` held out (seeded) for evaluation when `eval` is not given.
+    #[serde(default)]
+    pub eval_split: Option<f64>,
+    pub format: DataFormat,
+    #[serde(default = "default_max_seq_len")]
+    pub max_seq_len: usize,
+    /// instruction/chat: also compute the loss on prompt tokens.
+    #[serde(default)]
+    pub train_on_inputs: bool,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Scheduler {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    /// Passes over the training data (ignored when `max_steps` is set).
+    #[serde(default = "default_epochs")]
+    pub epochs: usize,
+    /// Stop after this many optimizer steps.
+    #[serde(default)]
+    pub max_steps: Option<usize>,
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    #[serde(default = "one")]
+    pub grad_accum_steps: usize,
+    #[serde(default = "default_lr")]
+    pub learning_rate: f64,
+    #[serde(default = "default_scheduler")]
+    pub lr_scheduler: Scheduler,
+    #[serde(default)]
+    pub warmup_steps: Option<usize>,
+    #[serde(default)]
+    pub warmup_ratio: Option<f64>,
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Global gradient-norm clip; 0 disables clipping.
+    #[serde(default = "one_f")]
+    pub max_grad_norm: f64,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Evaluate every N optimizer steps (and always at the end of each epoch).
+    #[serde(default)]
+    pub eval_every: Option<usize>,
+    /// Write a checkpoint every N optimizer steps (and always at the end).
+    #[serde(default)]
+    pub save_every: Option<usize>,
+    /// Stop after this many evaluations without a new best eval loss.
+    #[serde(default)]
+    pub early_stopping_patience: Option<usize>,
+    /// Log the training loss every N steps.
+    #[serde(default = "one")]
+    pub log_every: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSection {
+    pub dir: PathBuf,
+}
+
+fn auto() -> String {
+    "auto".into()
+}
+fn default_max_seq_len() -> usize {
+    512
+}
+fn default_epochs() -> usize {
+    3
+}
+fn default_batch_size() -> usize {
+    8
+}
+fn one() -> usize {
+    1
+}
+fn one_f() -> f64 {
+    1.0
+}
+fn default_lr() -> f64 {
+    2e-4
+}
+fn default_scheduler() -> Scheduler {
+    Scheduler::Cosine
+}
+fn default_seed() -> u64 {
+    42
+}
+fn default_lora() -> LoraConfig {
+    LoraConfig {
+        lora_alpha: 16.0,
+        ..LoraConfig::default()
+    }
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        serde_yaml::from_str("{}").unwrap_or_else(|_| unreachable_default())
+    }
+}
+
+fn unreachable_default() -> TrainSection {
+    TrainSection {
+        epochs: 3,
+        max_steps: None,
+        batch_size: 8,
+        grad_accum_steps: 1,
+        learning_rate: 2e-4,
+        lr_scheduler: Scheduler::Cosine,
+        warmup_steps: None,
+        warmup_ratio: None,
+        weight_decay: 0.0,
+        max_grad_norm: 1.0,
+        seed: 42,
+        eval_every: None,
+        save_every: None,
+        early_stopping_patience: None,
+        log_every: 1,
+    }
+}
+
+/// Valid keys per section, for unknown-key messages.
+const SECTIONS: &[(&str, &[&str])] = &[
+    ("", &["model", "data", "lora", "train", "output"]),
+    ("model", &["path", "dtype", "device"]),
+    ("data", &["train", "eval", "eval_split", "format", "max_seq_len", "train_on_inputs"]),
+    (
+        "lora",
+        &[
+            "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_rslora",
+            "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "bias",
+            "modules_to_save", "task_type", "base_model_name_or_path",
+        ],
+    ),
+    (
+        "train",
+        &[
+            "epochs", "max_steps", "batch_size", "grad_accum_steps", "learning_rate", "lr_scheduler",
+            "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "seed", "eval_every",
+            "save_every", "early_stopping_patience", "log_every",
+        ],
+    ),
+    ("output", &["dir"]),
+];
+
+impl Recipe {
+    /// Reads a recipe file and applies `--set key.path=value` overrides.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+        Self::parse(&text, &path.display().to_string(), overrides)
+    }
+
+    /// Parses recipe text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str, overrides: &[String]) -> Result<Self> {
+        let bad = |field: &str, message: String| TrainError::InvalidRecipe {
+            file: file.into(),
+            field: field.into(),
+            message,
+        };
+        let mut value: Value = serde_yaml::from_str(text).map_err(|e| bad("(syntax)", yaml_error(&e)))?;
+        if value.is_null() {
+            return Err(bad("(top level)", "the recipe is empty".into()));
+        }
+        if !value.is_mapping() {
+            return Err(bad("(top level)", "expected a mapping with model:, data:, lora:, train:, output:".into()));
+        }
+        for o in overrides {
+            apply_override(&mut value, o).map_err(|m| bad(&format!("--set {o}"), m))?;
+        }
+        check_keys(&value, "", text).map_err(|(field, m)| bad(&field, m))?;
+        let recipe: Recipe = if overrides.is_empty() {
+            serde_yaml::from_str(text).map_err(|e| bad(&serde_field(&e), yaml_error(&e)))?
+        } else {
+            serde_yaml::from_value(value).map_err(|e| bad(&serde_field(&e), yaml_error(&e)))?
+        };
+        let mut recipe = recipe;
+        if recipe.lora.target_modules.is_none() {
+            recipe.lora.target_modules = Some(ModuleSpec::List(vec!["q_proj".into(), "v_proj".into()]));
+        }
+        if recipe.lora.base_model_name_or_path.is_none() {
+            recipe.lora.base_model_name_or_path = Some(recipe.model.path.display().to_string());
+        }
+        if recipe.lora.task_type.is_none() {
+            recipe.lora.task_type = Some("CAUSAL_LM".into());
+        }
+        recipe.validate(file, text)?;
+        Ok(recipe)
+    }
+
+    fn validate(&self, file: &str, text: &str) -> Result<()> {
+        let bad = |field: &str, message: String| {
+            let key = field.rsplit('.').next().unwrap_or(field);
+            let message = match line_of_key(text, key) {
+                Some(l) => format!("{message} (line {l})"),
+                None => message,
+            };
+            TrainError::InvalidRecipe {
+                file: file.into(),
+                field: field.into(),
+                message,
+            }
+        };
+        let t = &self.train;
+        if !matches!(self.model.dtype.as_str(), "auto" | "f32" | "bf16" | "f16") {
+            return Err(bad("model.dtype", format!("{:?} is not one of auto, f32, bf16, f16", self.model.dtype)));
+        }
+        let dev = self.model.device.as_str();
+        let cuda_n = dev.strip_prefix("cuda:").map(|n| n.parse::<usize>().is_ok()).unwrap_or(false);
+        if !(matches!(dev, "auto" | "cpu" | "cuda") || cuda_n) {
+            return Err(bad("model.device", format!("{dev:?} is not one of auto, cpu, cuda, cuda:N")));
+        }
+        if !self.data.train.is_file() {
+            return Err(bad("data.train", format!("{} does not exist", self.data.train.display())));
+        }
+        if let Some(e) = &self.data.eval {
+            if !e.is_file() {
+                return Err(bad("data.eval", format!("{} does not exist", e.display())));
+            }
+            if self.data.eval_split.is_some() {
+                return Err(bad("data.eval_split", "give either data.eval or data.eval_split, not both".into()));
+            }
+        }
+        if let Some(s) = self.data.eval_split {
+            if !(s > 0.0 && s < 1.0) {
+                return Err(bad("data.eval_split", format!("must be between 0 and 1 (exclusive), got {s}")));
+            }
+        }
+        if self.data.max_seq_len < 2 {
+            return Err(bad("data.max_seq_len", format!("must be at least 2, got {}", self.data.max_seq_len)));
+        }
+        self.lora.validate(file).map_err(|e| match e {
+            lorakit_adapter::AdapterError::InvalidConfig { key, message, .. } => bad(&format!("lora.{key}"), message),
+            other => bad("lora", other.to_string()),
+        })?;
+        if t.epochs == 0 && t.max_steps.is_none() {
+            return Err(bad("train.epochs", "must be at least 1".into()));
+        }
+        if t.max_steps == Some(0) {
+            return Err(bad("train.max_steps", "must be at least 1".into()));
+        }
+        for (name, v) in [("train.batch_size", t.batch_size), ("train.grad_accum_steps", t.grad_accum_steps), ("train.log_every", t.log_every)] {
+            if v == 0 {
+                return Err(bad(name, "must be at least 1".into()));
+            }
+        }
+        for (name, v) in [("train.eval_every", t.eval_every), ("train.save_every", t.save_every)] {
+            if v == Some(0) {
+                return Err(bad(name, "must be at least 1 (or leave it out)".into()));
+            }
+        }
+        if !(t.learning_rate > 0.0 && t.learning_rate.is_finite()) {
+            return Err(bad("train.learning_rate", format!("must be a positive number, got {}", t.learning_rate)));
+        }
+        if !(t.weight_decay >= 0.0) {
+            return Err(bad("train.weight_decay", format!("must be ≥ 0, got {}", t.weight_decay)));
+        }
+        if !(t.max_grad_norm >= 0.0) {
+            return Err(bad("train.max_grad_norm", format!("must be ≥ 0 (0 disables clipping), got {}", t.max_grad_norm)));
+        }
+        if let Some(r) = t.warmup_ratio {
+            if !(0.0..1.0).contains(&r) {
+                return Err(bad("train.warmup_ratio", format!("must be in [0, 1), got {r}")));
+            }
+            if t.warmup_steps.is_some() {
+                return Err(bad("train.warmup_ratio", "give either warmup_steps or warmup_ratio, not both".into()));
+            }
+        }
+        if t.early_stopping_patience.is_some() && self.data.eval.is_none() && self.data.eval_split.is_none() {
+            return Err(bad("train.early_stopping_patience", "needs evaluation data (data.eval or data.eval_split)".into()));
+        }
+        Ok(())
+    }
+
+    /// The resolved recipe as YAML (every default spelled out).
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).unwrap_or_default()
+    }
+}
+
+/// `a.b.c=value`: sets a nested key, creating mappings on the way; the value is parsed as YAML.
+fn apply_override(root: &mut Value, o: &str) -> std::result::Result<(), String> {
+    let (path, raw) = o.split_once('=').ok_or("expected KEY.PATH=VALUE")?;
+    let value: Value = serde_yaml::from_str(raw).map_err(|e| format!("value {raw:?}: {e}"))?;
+    let mut node = root;
+    let parts: Vec<&str> = path.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        if part.is_empty() {
+            return Err(format!("empty component in {path:?}"));
+        }
+        let map = node.as_mapping_mut().ok_or_else(|| format!("{} is not a mapping", parts[..i].join(".")))?;
+        let key = Value::String(part.to_string());
+        if i + 1 == parts.len() {
+            map.insert(key, value);
+            return Ok(());
+        }
+        if !map.contains_key(&key) {
+            map.insert(key.clone(), Value::Mapping(Default::default()));
+        }
+        node = map.get_mut(&key).ok_or("unreachable")?;
+    }
+    Ok(())
+}
+
+/// Rejects keys the schema does not know, suggesting the closest valid one.
+fn check_keys(v: &Value, section: &str, text: &str) -> std::result::Result<(), (String, String)> {
+    let Some(map) = v.as_mapping() else { return Ok(()) };
+    let Some((_, valid)) = SECTIONS.iter().find(|(s, _)| *s == section) else { return Ok(()) };
+    for (k, child) in map {
+        let key = match k.as_str() {
+            Some(k) => k,
+            None => return Err((section.to_string(), format!("keys must be strings, found {k:?}"))),
+        };
+        let field = if section.is_empty() { key.to_string() } else { format!("{section}.{key}") };
+        if !valid.contains(&key) {
+            let hint = closest(key, valid).map(|c| format!("; did you mean {c}?")).unwrap_or_else(|| format!("; valid keys: {}", valid.join(", ")));
+            let at = line_of_key(text, key).map(|l| format!(" (line {l})")).unwrap_or_default();
+            return Err((field, format!("unknown key{hint}{at}")));
+        }
+        if section.is_empty() {
+            if !child.is_mapping() && !child.is_null() {
+                return Err((field, "expected a mapping of keys".into()));
+            }
+            check_keys(child, key, text)?;
+        }
+    }
+    Ok(())
+}
+
+/// The valid key nearest to `key` by edit distance, if it is near enough to be a typo.
+fn closest<'a>(key: &str, valid: &[&'a str]) -> Option<&'a str> {
+    valid
+        .iter()
+        .map(|v| (levenshtein(key, v), *v))
+        .filter(|(d, v)| *d <= (v.len().max(key.len()) / 3).max(2))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, v)| v)
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur.push((prev[j] + (ca != *cb) as usize).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// 1-based line where `key:` first appears in the text.
+fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    text.lines().position(|l| {
+        let t = l.trim_start();
+        t.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with(':'))
+    })
+    .map(|i| i + 1)
+}
+
+fn yaml_error(e: &serde_yaml::Error) -> String {
+    let msg = e.to_string();
+    match e.location() {
+        Some(loc) if !msg.contains("line") => format!("{msg} (line {}, column {})", loc.line(), loc.column()),
+        _ => msg,
+    }
+}
+
+/// serde_yaml prefixes type errors with the key path (`train.learning_rate: invalid type ...`).
+fn serde_field(e: &serde_yaml::Error) -> String {
+    let msg = e.to_string();
+    match msg.split_once(": ") {
+        Some((path, _)) if !path.contains(' ') => path.to_string(),
+        _ => "(recipe)".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_data(dir: &Path) -> String {
+        let p = dir.join("train.jsonl");
+        std::fs::write(&p, "{\"text\": \"hello\"}\n").unwrap();
+        p.display().to_string()
+    }
+
+    fn minimal(dir: &Path) -> String {
+        format!("model:\n  path: m\ndata:\n  train: {}\n  format: completion\noutput:\n  dir: out\n", write_data(dir))
+    }
+
+    #[test]
+    fn minimal_recipe_gets_documented_defaults() {
+        let d = tempfile::tempdir().unwrap();
+        let r = Recipe::parse(&minimal(d.path()), "r.yaml", &[]).unwrap();
+        assert_eq!(r.train.batch_size, 8);
+        assert_eq!(r.train.learning_rate, 2e-4);
+        assert_eq!(r.train.lr_scheduler, Scheduler::Cosine);
+        assert_eq!(r.data.max_seq_len, 512);
+        assert_eq!(r.lora.r, 8);
+        assert_eq!(r.lora.lora_alpha, 16.0);
+        assert_eq!(r.lora.target_modules, Some(ModuleSpec::List(vec!["q_proj".into(), "v_proj".into()])));
+        assert_eq!(r.model.dtype, "auto");
+        // the resolved recipe parses back to itself
+        let again = Recipe::parse(&r.to_yaml(), "resolved.yaml", &[]).unwrap();
+        assert_eq!(again, r);
+    }
+
+    #[test]
+    fn misspelt_keys_get_a_suggestion_and_line() {
+        let d = tempfile::tempdir().unwrap();
+        let text = minimal(d.path()) + "train:\n  learnig_rate: 0.1\n";
+        let e = Recipe::parse(&text, "r.yaml", &[]).unwrap_err().to_string();
+        assert!(e.contains("r.yaml") && e.contains("train.learnig_rate") && e.contains("did you mean learning_rate?") && e.contains("line 9"), "{e}");
+        let text = minimal(d.path()).replace("model:", "modle:");
+        let e = Recipe::parse(&text, "r.yaml", &[]).unwrap_err().to_string();
+        assert!(e.contains("did you mean model?"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_and_impossible_values_name_the_field() {
+        let d = tempfile::tempdir().unwrap();
+        let e = Recipe::parse(&(minimal(d.path()) + "train:\n  batch_size: many\n"), "r.yaml", &[]).unwrap_err().to_string();
+        assert!(e.contains("train.batch_size") && e.contains("line"), "{e}");
+        let e = Recipe::parse(&(minimal(d.path()) + "train:\n  learning_rate: -1\n"), "r.yaml", &[]).unwrap_err().to_string();
+        assert!(e.contains("train.learning_rate") && e.contains("positive") && e.contains("line 9"), "{e}");
+        let e = Recipe::parse(&(minimal(d.path()) + "lora:\n  r: 0\n"), "r.yaml", &[]).unwrap_err().to_string();
+        assert!(e.contains("lora.r") && e.contains("at least 1"), "{e}");
+        let e = Recipe::parse(&(minimal(d.path()).replace("completion", "poetry")), "r.yaml", &[]).unwrap_err().to_string();
+        assert!(e.contains("data.format") && e.contains("poetry"), "{e}");
+        let e = Recipe::parse(&(minimal(d.path()).replace("  format: completion\n", "  format: completion\n  eval: nowhere.jsonl\n")), "r.yaml", &[]).unwrap_err().to_string();
+        assert!(e.contains("data.eval") && e.contains("nowhere.jsonl"), "{e}");
+        let e = Recipe::parse("model: [\n", "r.yaml", &[]).unwrap_err().to_string();
+        assert!(e.contains("r.yaml") && e.contains("line"), "{e}");
+        let e = Recipe::parse(&minimal(d.path()).replace("output:\n  dir: out\n", ""), "r.yaml", &[]).unwrap_err().to_string();
+        assert!(e.contains("output"), "{e}");
+    }
+
+    #[test]
+    fn set_overrides_keys_with_yaml_values() {
+        let d = tempfile::tempdir().unwrap();
+        let r = Recipe::parse(&minimal(d.path()), "r.yaml", &["train.learning_rate=1e-3".into(), "lora.target_modules=[q_proj, k_proj]".into(), "train.max_steps=5".into()]).unwrap();
+        assert_eq!(r.train.learning_rate, 1e-3);
+        assert_eq!(r.train.max_steps, Some(5));
+        assert_eq!(r.lora.target_modules, Some(ModuleSpec::List(vec!["q_proj".into(), "k_proj".into()])));
+        let e = Recipe::parse(&minimal(d.path()), "r.yaml", &["train.learnig_rate=1".into()]).unwrap_err().to_string();
+        assert!(e.contains("did you mean learning_rate"), "{e}");
+        let e = Recipe::parse(&minimal(d.path()), "r.yaml", &["train.learning_rate".into()]).unwrap_err().to_string();
+        assert!(e.contains("KEY.PATH=VALUE"), "{e}");
+        let e = Recipe::parse(&minimal(d.path()), "r.yaml", &["train.learning_rate=abc".into()]).unwrap_err().to_string();
+        assert!(e.contains("train.learning_rate"), "{e}");
+    }
+}

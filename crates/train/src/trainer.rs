@@ -1,0 +1,358 @@
+//! The training loop: seeded shuffling, gradient accumulation, global-norm clipping, AdamW with
+//! a warmup schedule, periodic eval with best-adapter keeping and early stopping, checkpoints
+//! and exact resume.
+use crate::checkpoint::{self, TrainState};
+use crate::data::{self, Dataset};
+use crate::error::{Result, TrainError};
+use crate::eval::{evaluate, EvalResult};
+use crate::loss::{summed_loss, Batch};
+use crate::metrics::{self, MetricsRow};
+use crate::optim::{clip_grad_norm, AdamW};
+use crate::recipe::Recipe;
+use crate::runtime;
+use crate::schedule::lr_at;
+use crate::tokenizer::TextTokenizer;
+use candle_core::{Tensor, Var};
+use candle_nn::VarMap;
+use lorakit_adapter::fsutil::AtomicDir;
+use lorakit_adapter::{save_adapter, Adapters, AdapterError, StepSeed};
+use lorakit_models::ModelDir;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// One logged optimizer step.
+#[derive(Clone, Debug)]
+pub struct StepReport {
+    pub step: usize,
+    pub total: usize,
+    pub epoch: f64,
+    pub loss: f64,
+    pub lr: f64,
+    pub tokens_per_s: f64,
+    pub grad_norm: f64,
+}
+
+/// Receives progress; the CLI draws a bar or prints lines.
+pub trait Reporter {
+    fn start(&mut self, _total_steps: usize, _resumed_at: usize) {}
+    fn message(&mut self, _text: &str) {}
+    fn step(&mut self, _r: &StepReport) {}
+    fn eval(&mut self, _step: usize, _r: &EvalResult, _best: bool) {}
+    fn finish(&mut self) {}
+}
+
+pub struct TrainOptions {
+    pub resume: bool,
+    /// Set (e.g. by Ctrl-C) to stop after the current step with a checkpoint.
+    pub stop: Arc<AtomicBool>,
+}
+
+#[derive(Clone, Debug)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub total_steps: usize,
+    pub seconds: f64,
+    pub first_loss: Option<f64>,
+    pub last_loss: Option<f64>,
+    pub best_eval: Option<(usize, f64)>,
+    pub adapter_dir: PathBuf,
+    pub adapter_bytes: u64,
+    pub interrupted: bool,
+    pub stopped_early: bool,
+    pub train_examples: usize,
+    pub eval_examples: usize,
+    pub truncated: usize,
+}
+
+/// Seeded Fisher–Yates permutation of `0..n` (SplitMix64 stream).
+pub fn permutation(n: usize, seed: u64) -> Vec<usize> {
+    let mut state = seed;
+    let mut next = || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let mut v: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = (next() % (i as u64 + 1)) as usize;
+        v.swap(i, j);
+    }
+    v
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|it| it.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum())
+        .unwrap_or(0)
+}
+
+/// Loads data, returning (train, eval).
+fn datasets(recipe: &Recipe, tok: &TextTokenizer) -> Result<(Dataset, Option<Dataset>)> {
+    let d = &recipe.data;
+    let mut train = data::load(&d.train, d.format, tok, d.max_seq_len, d.train_on_inputs)?;
+    let eval = match (&d.eval, d.eval_split) {
+        (Some(p), _) => Some(data::load(p, d.format, tok, d.max_seq_len, d.train_on_inputs)?),
+        (None, Some(frac)) => {
+            let n = train.examples.len();
+            let k = ((n as f64 * frac).round() as usize).clamp(1, n.saturating_sub(1));
+            if n < 2 {
+                return Err(TrainError::InvalidRecipe { file: d.train.display().to_string(), field: "data.eval_split".into(), message: "needs at least 2 examples".into() });
+            }
+            let order = permutation(n, recipe.train.seed ^ 0xe7a1);
+            let mut all: Vec<Option<data::Example>> = train.examples.drain(..).map(Some).collect();
+            let eval_ex: Vec<_> = order[..k].iter().filter_map(|i| all[*i].take()).collect();
+            train.examples = all.into_iter().flatten().collect();
+            Some(Dataset { examples: eval_ex, truncated: 0, dropped: 0 })
+        }
+        _ => None,
+    };
+    Ok((train, eval))
+}
+
+/// Runs a recipe to the end (or to an interruption). `recipe_text` is the resolved recipe.
+pub fn train(recipe: &Recipe, opts: &TrainOptions, reporter: &mut dyn Reporter) -> Result<TrainSummary> {
+    let started = Instant::now();
+    let t = &recipe.train;
+    let out = recipe.output.dir.clone();
+    let device = runtime::device(&recipe.model.device)?;
+    let dtype = runtime::dtype(&recipe.model.dtype, &device);
+    let tok = TextTokenizer::from_model_dir(&recipe.model.path)?;
+    let (train_ds, eval_ds) = datasets(recipe, &tok)?;
+
+    // Output directory and resume point.
+    let latest = if opts.resume { checkpoint::latest(&out)? } else { None };
+    if opts.resume && latest.is_none() {
+        return Err(TrainError::Resume(format!("--resume: no checkpoint in {}/checkpoints to resume from", out.display())));
+    }
+    if !opts.resume && lorakit_adapter::fsutil::is_non_empty_dir(&out) {
+        return Err(TrainError::io(&out, "output.dir already exists and is not empty: pass --resume to continue that run, or choose another output.dir"));
+    }
+    std::fs::create_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
+    let lora_json = serde_json::to_value(&recipe.lora).unwrap_or_default();
+    let varmap = VarMap::new();
+    let mut state = TrainState { step: 0, epoch: 0, step_in_epoch: 0, best_eval_loss: None, best_step: None, evals_since_best: 0, stopped_early: false, lora: lora_json.clone(), seed: t.seed };
+    let mut optimizer_state = None;
+    if let Some(ck) = &latest {
+        let (adapter, optim, st) = checkpoint::load(ck)?;
+        if st.lora != lora_json || st.seed != t.seed {
+            return Err(TrainError::Resume(format!("{}: the checkpoint was made with a different lora: block or seed than this recipe; resume with the recipe that started the run (saved as {}/recipe.yaml)", ck.display(), out.display())));
+        }
+        let mut vars = varmap.data().lock().unwrap_or_else(|p| p.into_inner());
+        for (k, v) in adapter {
+            vars.insert(k, Var::from_tensor(&v.to_device(&device)?)?);
+        }
+        drop(vars);
+        optimizer_state = Some(optim);
+        state = st;
+        reporter.message(&format!("resuming from {} (step {})", ck.display(), state.step));
+    }
+    let recipe_yaml = recipe.to_yaml();
+    lorakit_adapter::fsutil::atomic_write(&out.join("recipe.yaml"), recipe_yaml.as_bytes())?;
+    let metrics_path = out.join("metrics.jsonl");
+    if opts.resume {
+        metrics::truncate_after(&metrics_path, state.step)?;
+    } else {
+        let _ = std::fs::remove_file(&metrics_path);
+    }
+
+    let dropout_seed = StepSeed::default();
+    let (model, report) = ModelDir::open(&recipe.model.path)?.load(
+        Adapters::Train { config: recipe.lora.clone(), varmap: varmap.clone(), seed: t.seed, dropout_seed: dropout_seed.clone() },
+        dtype,
+        &device,
+    )?;
+    if tok.vocab_size() > model.config().vocab_size {
+        reporter.message(&format!("note: the tokenizer has {} tokens, the model {}", tok.vocab_size(), model.config().vocab_size));
+    }
+    let vars: BTreeMap<String, Var> = varmap.data().lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let trainable: usize = vars.values().map(|v| v.elem_count()).sum();
+    let mut opt = AdamW::new(vars, t.weight_decay)?;
+    if let Some(o) = &optimizer_state {
+        opt.load_state(o, state.step).map_err(TrainError::Resume)?;
+    }
+
+    // Step plan.
+    let n = train_ds.examples.len();
+    let micro_per_epoch = n.div_ceil(t.batch_size);
+    let steps_per_epoch = micro_per_epoch.div_ceil(t.grad_accum_steps);
+    let total = t.max_steps.unwrap_or(t.epochs * steps_per_epoch);
+    let warmup = t.warmup_steps.unwrap_or_else(|| (t.warmup_ratio.unwrap_or(0.0) * total as f64).round() as usize);
+    reporter.message(&format!(
+        "model {} ({}, {:?} on {}), {} adapted modules, {} trainable parameters; {} train / {} eval examples ({} truncated to {} tokens); {} steps ({} per epoch)",
+        recipe.model.path.display(),
+        model.config().arch.name(),
+        dtype,
+        if device.is_cuda() { "cuda" } else { "cpu" },
+        report.wrapped().count(),
+        trainable,
+        n,
+        eval_ds.as_ref().map(|d| d.examples.len()).unwrap_or(0),
+        train_ds.truncated + eval_ds.as_ref().map(|d| d.truncated).unwrap_or(0),
+        recipe.data.max_seq_len,
+        total,
+        steps_per_epoch
+    ));
+    reporter.start(total, state.step);
+
+    let metadata: HashMap<String, String> = HashMap::from([("lorakit_version".into(), env!("CARGO_PKG_VERSION").into())]);
+    let save_to = |dir: &Path| -> Result<()> {
+        let modules = report.trained_modules(&varmap)?;
+        let tmp = AtomicDir::create(dir, true)?;
+        save_adapter(tmp.path(), &recipe.lora, &modules, &metadata)?;
+        tmp.commit()?;
+        Ok(())
+    };
+    let save_checkpoint = |state: &TrainState, opt: &AdamW| -> Result<()> {
+        let modules = report.trained_modules(&varmap)?;
+        let dir = out.join("checkpoints").join(format!("step-{}", state.step));
+        checkpoint::save(&dir, &recipe.lora, &modules, &opt.state(), state, &metadata)
+    };
+    let run_eval = |state: &mut TrainState, reporter: &mut dyn Reporter| -> Result<()> {
+        let Some(ds) = &eval_ds else { return Ok(()) };
+        let r = evaluate(&model, ds, tok.pad_id, t.batch_size, &device)?;
+        let best = state.best_eval_loss.is_none_or(|b| r.loss < b);
+        if best {
+            state.best_eval_loss = Some(r.loss);
+            state.best_step = Some(state.step);
+            state.evals_since_best = 0;
+            save_to(&out.join("adapter"))?;
+        } else {
+            state.evals_since_best += 1;
+        }
+        metrics::append(&metrics_path, &MetricsRow { step: state.step, epoch: state.epoch as f64 + state.step_in_epoch as f64 / steps_per_epoch as f64, loss: None, lr: None, tokens_per_s: None, eval_loss: Some(r.loss), eval_perplexity: Some(r.perplexity) })?;
+        reporter.eval(state.step, &r, best);
+        if let Some(p) = t.early_stopping_patience {
+            if state.evals_since_best >= p {
+                state.stopped_early = true;
+            }
+        }
+        Ok(())
+    };
+
+    let mut first_loss = None;
+    let mut last_loss = None;
+    let mut interrupted = false;
+    let mut checked_grads = false;
+    let mut last_eval_step = None;
+    'epochs: while state.step < total && !state.stopped_early {
+        let order = permutation(n, t.seed.wrapping_add(state.epoch as u64));
+        let micro: Vec<Vec<usize>> = order.chunks(t.batch_size).map(|c| c.to_vec()).collect();
+        let groups: Vec<&[Vec<usize>]> = micro.chunks(t.grad_accum_steps).collect();
+        while state.step_in_epoch < groups.len() {
+            let group = groups[state.step_in_epoch];
+            let step_start = Instant::now();
+            let batches: Vec<Batch> = group
+                .iter()
+                .map(|idx| Batch::new(&idx.iter().map(|i| &train_ds.examples[*i]).collect::<Vec<_>>(), tok.pad_id, &device))
+                .collect::<candle_core::Result<_>>()?;
+            let targets: usize = batches.iter().map(|b| b.targets).sum::<usize>().max(1);
+            let tokens: usize = batches.iter().map(|b| b.tokens).sum();
+            let mut acc: Vec<Option<Tensor>> = vec![None; opt.vars().len()];
+            let mut loss_sum = 0f64;
+            for (mi, batch) in batches.iter().enumerate() {
+                dropout_seed.set(t.seed, state.step as u64, mi as u64);
+                let logits = model.forward(&batch.ids, Some(&batch.attention), true)?;
+                let loss = (summed_loss(&logits, batch)? / targets as f64)?;
+                loss_sum += loss.to_scalar::<f32>()? as f64;
+                let grads = loss.backward()?;
+                if !checked_grads {
+                    let missing = opt.missing_grads(&grads);
+                    if !missing.is_empty() {
+                        return Err(AdapterError::DeadAdapters { names: missing }.into());
+                    }
+                    checked_grads = true;
+                }
+                for (i, (_, var)) in opt.vars().iter().enumerate() {
+                    if let Some(g) = grads.get(var.as_tensor()) {
+                        acc[i] = Some(match acc[i].take() {
+                            Some(a) => (a + g)?,
+                            None => g.clone(),
+                        });
+                    }
+                }
+            }
+            if !loss_sum.is_finite() {
+                return Err(TrainError::NonFinite { step: state.step + 1, loss: loss_sum as f32 });
+            }
+            let mut grads: Vec<Tensor> = acc
+                .into_iter()
+                .zip(opt.vars())
+                .map(|(g, (_, v))| g.map(Ok).unwrap_or_else(|| v.zeros_like()))
+                .collect::<candle_core::Result<_>>()?;
+            let grad_norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
+            if !grad_norm.is_finite() {
+                return Err(TrainError::NonFinite { step: state.step + 1, loss: grad_norm as f32 });
+            }
+            let lr = lr_at(t.lr_scheduler, t.learning_rate, state.step, warmup, total);
+            opt.step(&grads, lr)?;
+            state.step += 1;
+            state.step_in_epoch += 1;
+            first_loss.get_or_insert(loss_sum);
+            last_loss = Some(loss_sum);
+            let tps = tokens as f64 / step_start.elapsed().as_secs_f64().max(1e-9);
+            let epoch_f = state.epoch as f64 + state.step_in_epoch as f64 / groups.len() as f64;
+            if state.step % t.log_every == 0 || state.step == total {
+                metrics::append(&metrics_path, &MetricsRow { step: state.step, epoch: epoch_f, loss: Some(loss_sum), lr: Some(lr), tokens_per_s: Some(tps), eval_loss: None, eval_perplexity: None })?;
+            }
+            reporter.step(&StepReport { step: state.step, total, epoch: epoch_f, loss: loss_sum, lr, tokens_per_s: tps, grad_norm });
+            let epoch_done = state.step_in_epoch == groups.len();
+            if epoch_done {
+                state.epoch += 1;
+                state.step_in_epoch = 0;
+            }
+            if t.eval_every.is_some_and(|e| state.step % e == 0) || epoch_done || state.step == total {
+                if last_eval_step != Some(state.step) {
+                    run_eval(&mut state, reporter)?;
+                    last_eval_step = Some(state.step);
+                }
+            }
+            if t.save_every.is_some_and(|s| state.step % s == 0) {
+                save_checkpoint(&state, &opt)?;
+            }
+            if opts.stop.load(Ordering::SeqCst) {
+                save_checkpoint(&state, &opt)?;
+                interrupted = true;
+                break 'epochs;
+            }
+            if state.step >= total || state.stopped_early {
+                break 'epochs;
+            }
+            if epoch_done {
+                break;
+            }
+        }
+    }
+    if !interrupted {
+        save_checkpoint(&state, &opt)?;
+        save_to(&out.join("last"))?;
+        if eval_ds.is_none() {
+            save_to(&out.join("adapter"))?;
+        }
+    }
+    let rows = metrics::read(&metrics_path);
+    lorakit_adapter::fsutil::atomic_write(&out.join("loss.svg"), metrics::loss_svg(&rows).as_bytes())?;
+    // A resumed run reports the losses of the whole run, not only of its own steps.
+    let first_loss = rows.iter().find_map(|r| r.loss).or(first_loss);
+    reporter.finish();
+    let adapter_dir = out.join("adapter");
+    Ok(TrainSummary {
+        steps: state.step,
+        total_steps: total,
+        seconds: started.elapsed().as_secs_f64(),
+        first_loss,
+        last_loss,
+        best_eval: state.best_step.zip(state.best_eval_loss),
+        adapter_bytes: dir_bytes(&adapter_dir),
+        adapter_dir,
+        interrupted,
+        stopped_early: state.stopped_early,
+        train_examples: n,
+        eval_examples: eval_ds.as_ref().map(|d| d.examples.len()).unwrap_or(0),
+        truncated: train_ds.truncated,
+    })
+}
