@@ -47,7 +47,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
         FormatArg::Chat => DataFormat::Chat,
     };
     let tok = TextTokenizer::from_model_dir(&args.model)?;
-    let ds = data::load(&args.data, format, &tok, args.max_seq_len.max(2), args.train_on_inputs)?;
+    let ds = data::load(
+        &args.data,
+        format,
+        &tok,
+        args.max_seq_len.max(2),
+        args.train_on_inputs,
+    )?;
     let adapters = match &args.adapter {
         Some(d) => {
             let a = PeftAdapter::load(d)?;
@@ -62,9 +68,19 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let (model, _) = ModelDir::open(&args.model)?.load(adapters, DType::F32, &device)?;
     let r = evaluate(&model, &ds, tok.pad_id, args.batch_size, &device)?;
     if args.json {
-        println!("{}", serde_json::json!({"loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens}));
+        println!(
+            "{}",
+            serde_json::json!({"loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens})
+        );
     } else {
-        println!("loss {:.6}  perplexity {:.4}  tokens {}  ({} examples, {} truncated)", r.loss, r.perplexity, r.tokens, ds.examples.len(), ds.truncated);
+        println!(
+            "loss {:.6}  perplexity {:.4}  tokens {}  ({} examples, {} truncated)",
+            r.loss,
+            r.perplexity,
+            r.tokens,
+            ds.examples.len(),
+            ds.truncated
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

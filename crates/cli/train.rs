@@ -31,8 +31,10 @@ impl Reporter for Progress {
         if std::io::stdout().is_terminal() {
             let bar = ProgressBar::new(total as u64);
             bar.set_style(
-                ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
             bar.set_position(resumed_at as u64);
             self.bar = Some(bar);
@@ -45,13 +47,19 @@ impl Reporter for Progress {
         }
     }
     fn step(&mut self, r: &StepReport) {
-        let line = format!("loss {:.4}  lr {:.2e}  {:.0} tok/s", r.loss, r.lr, r.tokens_per_s);
+        let line = format!(
+            "loss {:.4}  lr {:.2e}  {:.0} tok/s",
+            r.loss, r.lr, r.tokens_per_s
+        );
         match &self.bar {
             Some(b) => {
                 b.set_position(r.step as u64);
                 b.set_message(line);
             }
-            None => println!("step {}/{}  epoch {:.2}  {line}  grad-norm {:.3}", r.step, r.total, r.epoch, r.grad_norm),
+            None => println!(
+                "step {}/{}  epoch {:.2}  {line}  grad-norm {:.3}",
+                r.step, r.total, r.epoch, r.grad_norm
+            ),
         }
     }
     fn eval(&mut self, step: usize, r: &EvalResult, best: bool) {
@@ -60,7 +68,11 @@ impl Reporter for Progress {
             r.loss,
             r.perplexity,
             r.tokens,
-            if best { "  new best, saved to adapter/" } else { "" }
+            if best {
+                "  new best, saved to adapter/"
+            } else {
+                ""
+            }
         ));
     }
     fn finish(&mut self) {
@@ -82,8 +94,15 @@ pub fn run(args: Args) -> Result<ExitCode> {
         eprintln!("\ninterrupt: finishing the current step and saving a checkpoint (Ctrl-C again to quit now)");
     });
     let mut progress = Progress { bar: None };
-    let s = train(&recipe, &TrainOptions { resume: args.resume, stop }, &mut progress)
-        .with_context(|| format!("training with {}", args.recipe.display()))?;
+    let s = train(
+        &recipe,
+        &TrainOptions {
+            resume: args.resume,
+            stop,
+        },
+        &mut progress,
+    )
+    .with_context(|| format!("training with {}", args.recipe.display()))?;
     let out = &recipe.output.dir;
     if s.interrupted {
         println!(
@@ -97,15 +116,36 @@ pub fn run(args: Args) -> Result<ExitCode> {
         );
         return Ok(ExitCode::from(130));
     }
-    println!("done: {} steps in {:.1} s{}", s.steps, s.seconds, if s.stopped_early { " (early stopping)" } else { "" });
+    println!(
+        "done: {} steps in {:.1} s{}",
+        s.steps,
+        s.seconds,
+        if s.stopped_early {
+            " (early stopping)"
+        } else {
+            ""
+        }
+    );
     if let (Some(a), Some(b)) = (s.first_loss, s.last_loss) {
         println!("  train loss {a:.4} -> {b:.4}");
     }
     match s.best_eval {
-        Some((step, loss)) => println!("  best eval loss {loss:.4} (perplexity {:.2}) at step {step}", loss.exp()),
+        Some((step, loss)) => println!(
+            "  best eval loss {loss:.4} (perplexity {:.2}) at step {step}",
+            loss.exp()
+        ),
         None => println!("  no eval data: adapter/ holds the final weights"),
     }
-    println!("  adapter: {} ({:.1} KB, PEFT format); final weights in {}/last", s.adapter_dir.display(), s.adapter_bytes as f64 / 1024.0, out.display());
-    println!("  metrics: {}/metrics.jsonl, plot: {}/loss.svg", out.display(), out.display());
+    println!(
+        "  adapter: {} ({:.1} KB, PEFT format); final weights in {}/last",
+        s.adapter_dir.display(),
+        s.adapter_bytes as f64 / 1024.0,
+        out.display()
+    );
+    println!(
+        "  metrics: {}/metrics.jsonl, plot: {}/loss.svg",
+        out.display(),
+        out.display()
+    );
     Ok(ExitCode::SUCCESS)
 }

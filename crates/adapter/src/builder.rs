@@ -309,7 +309,11 @@ impl<'a> LayerBuilder<'a> {
                         b,
                         scaling: info.scaling,
                         dropout: (config.lora_dropout > 0.0).then(|| {
-                            Dropout::new(config.lora_dropout as f32, &self.path, dropout_seed.clone())
+                            Dropout::new(
+                                config.lora_dropout as f32,
+                                &self.path,
+                                dropout_seed.clone(),
+                            )
                         }),
                     },
                     info,

@@ -12,7 +12,8 @@ pub struct StepSeed(Arc<AtomicU64>);
 impl StepSeed {
     /// Sets the seed for the next forward pass from the run seed, step and micro-batch.
     pub fn set(&self, run_seed: u64, step: u64, micro_batch: u64) {
-        let s = splitmix(splitmix(run_seed ^ 0x5eed) ^ splitmix(step) ^ micro_batch.rotate_left(32));
+        let s =
+            splitmix(splitmix(run_seed ^ 0x5eed) ^ splitmix(step) ^ micro_batch.rotate_left(32));
         self.0.store(s, Ordering::SeqCst);
     }
 
@@ -59,7 +60,11 @@ impl Dropout {
             .collect();
         let mask = Tensor::from_vec(mask, x.shape(), &candle_core::Device::Cpu)?
             .to_device(x.device())?
-            .to_dtype(if x.dtype() == DType::F64 { DType::F64 } else { x.dtype() })?;
+            .to_dtype(if x.dtype() == DType::F64 {
+                DType::F64
+            } else {
+                x.dtype()
+            })?;
         x * mask
     }
 }

@@ -11,12 +11,13 @@ pub mod fsutil;
 pub mod lora_linear;
 pub mod merged_backend;
 pub mod peft_format;
+pub mod safetensors_writer;
 pub mod target;
 
 pub use builder::{Adapters, BuildReport, LayerBuilder, LinearInfo};
 pub use checkpoint::{Checkpoint, ShapeOnly};
-pub use dropout::StepSeed;
 pub use config::{LoraConfig, ModuleLora, ModuleSpec};
+pub use dropout::StepSeed;
 pub use error::{AdapterError, Result};
 pub use lora_linear::{LoraLinear, LowRank};
 pub use merged_backend::MergedBackend;

@@ -252,14 +252,12 @@ pub fn save_adapter(
         }
     }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut meta = metadata.clone();
-    meta.insert("format".into(), "pt".into());
-    let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
-        .map_err(|e| AdapterError::Safetensors {
-            file: dir.join(WEIGHTS_FILE).display().to_string(),
-            message: e.to_string(),
-        })?;
-    atomic_write(&dir.join(WEIGHTS_FILE), &bytes)?;
+    let mut meta: Vec<(String, String)> = metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    meta.sort();
+    crate::safetensors_writer::write_atomic(&dir.join(WEIGHTS_FILE), &tensors, &meta)?;
     let json =
         serde_json::to_string_pretty(&config.to_peft_json()).map_err(|e| AdapterError::Json {
             path: dir.join(CONFIG_FILE),

@@ -3,7 +3,6 @@
 //! a single rounding, architecture-agnostic (tensor names only), all-or-nothing output.
 pub mod error;
 pub mod merge;
-pub mod writer;
 
 pub use error::{MergeError, Result};
 pub use merge::{merge, MergeOptions, MergeSummary, OutDType};

@@ -1,10 +1,10 @@
 //! The streaming merge: `W' = W + s·B·A` computed in f32 and rounded once to the output dtype,
 //! one tensor at a time, over the base's own shard layout. Works on tensor names only.
 use crate::error::{MergeError, Result};
-use crate::writer::{index_json, Planned, StreamWriter};
 use candle_core::{DType, Device, Tensor};
 use lorakit_adapter::checkpoint::{INDEX_FILE, SINGLE_FILE};
 use lorakit_adapter::fsutil::{atomic_write, AtomicDir};
+use lorakit_adapter::safetensors_writer::{index_json, Planned, StreamWriter};
 use lorakit_adapter::{Checkpoint, PeftAdapter};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -172,7 +172,7 @@ pub fn merge(
                 shape: meta.shape,
             });
         }
-        let mut w = StreamWriter::create(&dir.path().join(&file_name), plan)?;
+        let mut w = StreamWriter::create(&dir.path().join(&file_name), plan, &[])?;
         for n in &names {
             let update = updates.get(n);
             let replacement = adapter.replacements().get(n);

@@ -179,7 +179,8 @@ fn lm_head_adapter_on_tied_model_unties_the_head() {
             lorakit_adapter::Adapters::Train {
                 config: config.clone(),
                 varmap: varmap.clone(),
-                seed: 3, dropout_seed: Default::default(),
+                seed: 3,
+                dropout_seed: Default::default(),
             },
             DType::F32,
             &dev,

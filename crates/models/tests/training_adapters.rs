@@ -46,7 +46,8 @@ fn backward_reaches_every_adapter_tensor_and_no_frozen_tensor() {
             Adapters::Train {
                 config,
                 varmap: varmap.clone(),
-                seed: 7, dropout_seed: Default::default(),
+                seed: 7,
+                dropout_seed: Default::default(),
             },
             DType::F32,
             &Device::Cpu,
@@ -123,7 +124,8 @@ fn step_zero_equals_the_base_model() {
             Adapters::Train {
                 config,
                 varmap: VarMap::new(),
-                seed: 1, dropout_seed: Default::default(),
+                seed: 1,
+                dropout_seed: Default::default(),
             },
             DType::F32,
             &Device::Cpu,
@@ -183,7 +185,8 @@ fn saved_adapters_have_peft_key_names_shapes_and_config_values() {
                 Adapters::Train {
                     config: config.clone(),
                     varmap: varmap.clone(),
-                    seed: 0, dropout_seed: Default::default(),
+                    seed: 0,
+                    dropout_seed: Default::default(),
                 },
                 DType::F32,
                 &Device::Cpu,

@@ -35,7 +35,10 @@ pub struct Dataset {
 
 impl Dataset {
     pub fn target_tokens(&self) -> usize {
-        self.examples.iter().map(|e| e.targets.iter().skip(1).filter(|t| **t).count()).sum()
+        self.examples
+            .iter()
+            .map(|e| e.targets.iter().skip(1).filter(|t| **t).count())
+            .sum()
     }
 }
 
@@ -43,11 +46,24 @@ impl Dataset {
 const MAX_LINE_BYTES: usize = 16 << 20;
 
 /// Reads and tokenises `path`.
-pub fn load(path: &Path, format: DataFormat, tok: &TextTokenizer, max_seq_len: usize, train_on_inputs: bool) -> Result<Dataset> {
+pub fn load(
+    path: &Path,
+    format: DataFormat,
+    tok: &TextTokenizer,
+    max_seq_len: usize,
+    train_on_inputs: bool,
+) -> Result<Dataset> {
     let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
     let text = String::from_utf8(bytes).map_err(|e| {
-        let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()].iter().filter(|b| **b == b'\n').count();
-        TrainError::Data { file: path.into(), line, message: "not valid UTF-8".into() }
+        let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count();
+        TrainError::Data {
+            file: path.into(),
+            line,
+            message: "not valid UTF-8".into(),
+        }
     })?;
     let mut ds = Dataset::default();
     let template = match format {
@@ -56,7 +72,11 @@ pub fn load(path: &Path, format: DataFormat, tok: &TextTokenizer, max_seq_len: u
     };
     for (i, line) in text.lines().enumerate() {
         let n = i + 1;
-        let err = |message: String| TrainError::Data { file: path.into(), line: n, message };
+        let err = |message: String| TrainError::Data {
+            file: path.into(),
+            line: n,
+            message,
+        };
         let line = line.trim();
         if line.is_empty() {
             continue;
@@ -68,7 +88,11 @@ pub fn load(path: &Path, format: DataFormat, tok: &TextTokenizer, max_seq_len: u
         let mut ex = match format {
             DataFormat::Completion => completion(&v, tok).map_err(err)?,
             DataFormat::Instruction => instruction(&v, tok, train_on_inputs).map_err(err)?,
-            DataFormat::Chat => template.as_ref().map(|t| t.example(&v, tok, train_on_inputs)).unwrap_or(Err(String::new())).map_err(err)?,
+            DataFormat::Chat => template
+                .as_ref()
+                .map(|t| t.example(&v, tok, train_on_inputs))
+                .unwrap_or(Err(String::new()))
+                .map_err(err)?,
         };
         if ex.ids.len() > max_seq_len {
             ex.ids.truncate(max_seq_len);
@@ -124,13 +148,21 @@ fn completion(v: &Value, tok: &TextTokenizer) -> std::result::Result<Example, St
 /// The prompt for one instruction example.
 pub fn instruction_prompt(instruction: &str, input: &str) -> String {
     if input.is_empty() {
-        INSTRUCTION_TEMPLATE.replace("### Input:\n{input}\n\n", "").replace("{instruction}", instruction)
+        INSTRUCTION_TEMPLATE
+            .replace("### Input:\n{input}\n\n", "")
+            .replace("{instruction}", instruction)
     } else {
-        INSTRUCTION_TEMPLATE.replace("{instruction}", instruction).replace("{input}", input)
+        INSTRUCTION_TEMPLATE
+            .replace("{instruction}", instruction)
+            .replace("{input}", input)
     }
 }
 
-fn instruction(v: &Value, tok: &TextTokenizer, train_on_inputs: bool) -> std::result::Result<Example, String> {
+fn instruction(
+    v: &Value,
+    tok: &TextTokenizer,
+    train_on_inputs: bool,
+) -> std::result::Result<Example, String> {
     let ins = field(v, "instruction")?;
     let input = match v.get("input") {
         None | Some(Value::Null) => "",
@@ -140,7 +172,9 @@ fn instruction(v: &Value, tok: &TextTokenizer, train_on_inputs: bool) -> std::re
     if output.trim().is_empty() {
         return Err("\"output\" is empty".into());
     }
-    let prompt = tok.encode(&instruction_prompt(ins, input), true).map_err(|e| e.to_string())?;
+    let prompt = tok
+        .encode(&instruction_prompt(ins, input), true)
+        .map_err(|e| e.to_string())?;
     let response = with_eos(tok.encode(output, false).map_err(|e| e.to_string())?, tok);
     let mut targets = vec![train_on_inputs; prompt.len()];
     targets.extend(std::iter::repeat_n(true, response.len()));
@@ -163,18 +197,30 @@ impl ChatTemplate {
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        env.add_template_owned("chat", source).map_err(|e| TrainError::Template {
-            file: tok.config_file.clone(),
-            message: e.to_string(),
-        })?;
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template_owned("chat", source)
+            .map_err(|e| TrainError::Template {
+                file: tok.config_file.clone(),
+                message: e.to_string(),
+            })?;
         Ok(ChatTemplate { env })
     }
 
     /// Renders `messages` (with a generation prompt if asked).
-    pub fn render(&self, messages: &[Value], tok: &TextTokenizer, generation_prompt: bool) -> std::result::Result<String, String> {
+    pub fn render(
+        &self,
+        messages: &[Value],
+        tok: &TextTokenizer,
+        generation_prompt: bool,
+    ) -> std::result::Result<String, String> {
         let t = self.env.get_template("chat").map_err(|e| e.to_string())?;
         t.render(minijinja::context! {
             messages => messages,
@@ -185,17 +231,32 @@ impl ChatTemplate {
         .map_err(|e| format!("chat template failed: {e}"))
     }
 
-    fn example(&self, v: &Value, tok: &TextTokenizer, train_on_inputs: bool) -> std::result::Result<Example, String> {
-        let messages = v.get("messages").and_then(Value::as_array).ok_or("missing array \"messages\"")?;
+    fn example(
+        &self,
+        v: &Value,
+        tok: &TextTokenizer,
+        train_on_inputs: bool,
+    ) -> std::result::Result<Example, String> {
+        let messages = v
+            .get("messages")
+            .and_then(Value::as_array)
+            .ok_or("missing array \"messages\"")?;
         if messages.is_empty() {
             return Err("\"messages\" is empty".into());
         }
         for (i, m) in messages.iter().enumerate() {
-            let role = m.get("role").and_then(Value::as_str).ok_or(format!("messages[{i}] has no string \"role\""))?;
+            let role = m
+                .get("role")
+                .and_then(Value::as_str)
+                .ok_or(format!("messages[{i}] has no string \"role\""))?;
             if !matches!(role, "system" | "user" | "assistant") {
-                return Err(format!("messages[{i}].role is {role:?}, expected system, user or assistant"));
+                return Err(format!(
+                    "messages[{i}].role is {role:?}, expected system, user or assistant"
+                ));
             }
-            m.get("content").and_then(Value::as_str).ok_or(format!("messages[{i}] has no string \"content\""))?;
+            m.get("content")
+                .and_then(Value::as_str)
+                .ok_or(format!("messages[{i}] has no string \"content\""))?;
         }
         if !messages.iter().any(|m| m["role"] == "assistant") {
             return Err("no assistant message to learn from".into());
@@ -216,7 +277,9 @@ impl ChatTemplate {
         let (ids, offsets) = tok.encode_with_offsets(&full).map_err(|e| e.to_string())?;
         let targets = offsets
             .iter()
-            .map(|(s, e)| train_on_inputs || spans.iter().any(|(a, b)| *s >= *a && *s < *b && *e <= *b))
+            .map(|(s, e)| {
+                train_on_inputs || spans.iter().any(|(a, b)| *s >= *a && *s < *b && *e <= *b)
+            })
             .collect();
         Ok(Example { ids, targets })
     }

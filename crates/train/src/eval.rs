@@ -13,7 +13,13 @@ pub struct EvalResult {
     pub tokens: usize,
 }
 
-pub fn evaluate(model: &CausalLm, ds: &Dataset, pad_id: u32, batch_size: usize, device: &Device) -> Result<EvalResult> {
+pub fn evaluate(
+    model: &CausalLm,
+    ds: &Dataset,
+    pad_id: u32,
+    batch_size: usize,
+    device: &Device,
+) -> Result<EvalResult> {
     let mut total = 0f64;
     let mut tokens = 0usize;
     let refs: Vec<_> = ds.examples.iter().collect();
@@ -24,5 +30,9 @@ pub fn evaluate(model: &CausalLm, ds: &Dataset, pad_id: u32, batch_size: usize, 
         tokens += batch.targets;
     }
     let loss = total / tokens.max(1) as f64;
-    Ok(EvalResult { loss, perplexity: loss.exp(), tokens })
+    Ok(EvalResult {
+        loss,
+        perplexity: loss.exp(),
+        tokens,
+    })
 }

@@ -17,7 +17,12 @@ pub struct Batch {
 impl Batch {
     pub fn new(examples: &[&Example], pad_id: u32, device: &Device) -> Result<Self> {
         let b = examples.len();
-        let s = examples.iter().map(|e| e.ids.len()).max().unwrap_or(1).max(2);
+        let s = examples
+            .iter()
+            .map(|e| e.ids.len())
+            .max()
+            .unwrap_or(1)
+            .max(2);
         let mut ids = vec![pad_id; b * s];
         let mut att = vec![0u8; b * s];
         let mut w = vec![0f32; b * (s - 1)];
@@ -46,8 +51,15 @@ impl Batch {
 /// Sum of token cross-entropies over weighted positions (divide by `batch.targets` for the mean).
 pub fn summed_loss(logits: &Tensor, batch: &Batch) -> Result<Tensor> {
     let (b, s, v) = logits.dims3()?;
-    let pred = logits.narrow(1, 0, s - 1)?.reshape((b * (s - 1), v))?.to_dtype(DType::F32)?;
-    let target = batch.ids.narrow(1, 1, s - 1)?.flatten_all()?.to_dtype(DType::U32)?;
+    let pred = logits
+        .narrow(1, 0, s - 1)?
+        .reshape((b * (s - 1), v))?
+        .to_dtype(DType::F32)?;
+    let target = batch
+        .ids
+        .narrow(1, 1, s - 1)?
+        .flatten_all()?
+        .to_dtype(DType::U32)?;
     let logp = candle_nn::ops::log_softmax(&pred, D::Minus1)?;
     let picked = logp.gather(&target.unsqueeze(1)?, 1)?.squeeze(1)?;
     (picked.neg()? * batch.weights.flatten_all()?)?.sum_all()
@@ -60,11 +72,20 @@ mod tests {
     #[test]
     fn loss_counts_only_target_tokens() -> Result<()> {
         let dev = Device::Cpu;
-        let a = Example { ids: vec![1, 2, 3], targets: vec![false, false, true] };
-        let b = Example { ids: vec![4, 5], targets: vec![true, true] };
+        let a = Example {
+            ids: vec![1, 2, 3],
+            targets: vec![false, false, true],
+        };
+        let b = Example {
+            ids: vec![4, 5],
+            targets: vec![true, true],
+        };
         let batch = Batch::new(&[&a, &b], 0, &dev)?;
         assert_eq!(batch.targets, 2);
-        assert_eq!(batch.weights.to_vec2::<f32>()?, vec![vec![0., 1.], vec![1., 0.]]);
+        assert_eq!(
+            batch.weights.to_vec2::<f32>()?,
+            vec![vec![0., 1.], vec![1., 0.]]
+        );
         // uniform logits: each target costs ln(vocab)
         let logits = Tensor::zeros((2, 3, 7), DType::F32, &dev)?;
         let l = summed_loss(&logits, &batch)?.to_scalar::<f32>()?;

@@ -42,7 +42,11 @@ pub fn truncate_after(path: &Path, step: usize) -> Result<()> {
 }
 
 pub fn append(path: &Path, row: &MetricsRow) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| TrainError::io(path, e))?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| TrainError::io(path, e))?;
     let line = serde_json::to_string(row).map_err(|e| TrainError::io(path, e))?;
     writeln!(f, "{line}").map_err(|e| TrainError::io(path, e))
 }
@@ -50,8 +54,14 @@ pub fn append(path: &Path, row: &MetricsRow) -> Result<()> {
 /// A small self-contained SVG of train and eval loss against step.
 pub fn loss_svg(rows: &[MetricsRow]) -> String {
     let (w, h, pad) = (640.0, 360.0, 48.0);
-    let train: Vec<(f64, f64)> = rows.iter().filter_map(|r| Some((r.step as f64, r.loss?))).collect();
-    let eval: Vec<(f64, f64)> = rows.iter().filter_map(|r| Some((r.step as f64, r.eval_loss?))).collect();
+    let train: Vec<(f64, f64)> = rows
+        .iter()
+        .filter_map(|r| Some((r.step as f64, r.loss?)))
+        .collect();
+    let eval: Vec<(f64, f64)> = rows
+        .iter()
+        .filter_map(|r| Some((r.step as f64, r.eval_loss?)))
+        .collect();
     let all: Vec<&(f64, f64)> = train.iter().chain(&eval).collect();
     let max_x = all.iter().map(|p| p.0).fold(1.0, f64::max);
     let max_y = all.iter().map(|p| p.1).fold(f64::MIN, f64::max).max(1e-9);
@@ -60,10 +70,25 @@ pub fn loss_svg(rows: &[MetricsRow]) -> String {
     let x = |s: f64| pad + (w - 2.0 * pad) * s / max_x;
     let y = |l: f64| h - pad - (h - 2.0 * pad) * (l - min_y) / span;
     let line = |pts: &[(f64, f64)], color: &str| {
-        let p: Vec<String> = pts.iter().map(|(s, l)| format!("{:.1},{:.1}", x(*s), y(*l))).collect();
-        format!("<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>", p.join(" "))
+        let p: Vec<String> = pts
+            .iter()
+            .map(|(s, l)| format!("{:.1},{:.1}", x(*s), y(*l)))
+            .collect();
+        format!(
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>",
+            p.join(" ")
+        )
     };
-    let dots: String = eval.iter().map(|(s, l)| format!("<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"#d62728\"/>", x(*s), y(*l))).collect();
+    let dots: String = eval
+        .iter()
+        .map(|(s, l)| {
+            format!(
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"#d62728\"/>",
+                x(*s),
+                y(*l)
+            )
+        })
+        .collect();
     format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\
 <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\
@@ -87,13 +112,27 @@ mod tests {
     #[test]
     fn svg_has_one_point_per_logged_value() {
         let rows: Vec<MetricsRow> = (1..=4)
-            .map(|s| MetricsRow { step: s, epoch: 0.0, loss: Some(5.0 - s as f64), lr: None, tokens_per_s: None, eval_loss: (s % 2 == 0).then_some(4.0), eval_perplexity: None })
+            .map(|s| MetricsRow {
+                step: s,
+                epoch: 0.0,
+                loss: Some(5.0 - s as f64),
+                lr: None,
+                tokens_per_s: None,
+                eval_loss: (s % 2 == 0).then_some(4.0),
+                eval_perplexity: None,
+            })
             .collect();
         let svg = loss_svg(&rows);
         assert!(svg.starts_with("<svg"));
         assert_eq!(svg.matches("<polyline").count(), 2);
         assert_eq!(svg.matches("<circle").count(), 2);
-        let train_points = svg.split("points=\"").nth(1).unwrap().split('"').next().unwrap();
+        let train_points = svg
+            .split("points=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap();
         assert_eq!(train_points.split(' ').count(), 4);
     }
 
@@ -102,10 +141,30 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("m.jsonl");
         for s in 1..=5 {
-            append(&p, &MetricsRow { step: s, epoch: 0.0, loss: Some(1.0), lr: None, tokens_per_s: None, eval_loss: None, eval_perplexity: None }).unwrap();
+            append(
+                &p,
+                &MetricsRow {
+                    step: s,
+                    epoch: 0.0,
+                    loss: Some(1.0),
+                    lr: None,
+                    tokens_per_s: None,
+                    eval_loss: None,
+                    eval_perplexity: None,
+                },
+            )
+            .unwrap();
         }
-        std::fs::OpenOptions::new().append(true).open(&p).unwrap().write_all(b"{\"step\": 6, \"ep").unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&p)
+            .unwrap()
+            .write_all(b"{\"step\": 6, \"ep")
+            .unwrap();
         truncate_after(&p, 3).unwrap();
-        assert_eq!(read(&p).iter().map(|r| r.step).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(
+            read(&p).iter().map(|r| r.step).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
     }
 }

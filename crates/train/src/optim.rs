@@ -19,9 +19,24 @@ impl AdamW {
     pub fn new(vars: BTreeMap<String, Var>, weight_decay: f64) -> Result<Self> {
         let vars: Vec<(String, Var)> = vars.into_iter().collect();
         let zeros = |v: &Var| v.zeros_like();
-        let m = vars.iter().map(|(_, v)| zeros(v)).collect::<Result<Vec<_>>>()?;
-        let v = vars.iter().map(|(_, v)| zeros(v)).collect::<Result<Vec<_>>>()?;
-        Ok(AdamW { vars, m, v, step: 0, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay })
+        let m = vars
+            .iter()
+            .map(|(_, v)| zeros(v))
+            .collect::<Result<Vec<_>>>()?;
+        let v = vars
+            .iter()
+            .map(|(_, v)| zeros(v))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(AdamW {
+            vars,
+            m,
+            v,
+            step: 0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+        })
     }
 
     pub fn vars(&self) -> &[(String, Var)] {
@@ -30,7 +45,11 @@ impl AdamW {
 
     /// Names of variables with no gradient in `grads`.
     pub fn missing_grads(&self, grads: &GradStore) -> Vec<String> {
-        self.vars.iter().filter(|(_, v)| grads.get(v.as_tensor()).is_none()).map(|(n, _)| n.clone()).collect()
+        self.vars
+            .iter()
+            .filter(|(_, v)| grads.get(v.as_tensor()).is_none())
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
     /// One update with learning rate `lr` from averaged gradients `grads` (one per var).
@@ -45,7 +64,11 @@ impl AdamW {
             let m = ((&self.m[i] * b1)? + (g * (1.0 - b1))?)?;
             let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let theta = var.as_tensor();
-            let decayed = if self.weight_decay > 0.0 { (theta * (1.0 - lr * self.weight_decay))? } else { theta.clone() };
+            let decayed = if self.weight_decay > 0.0 {
+                (theta * (1.0 - lr * self.weight_decay))?
+            } else {
+                theta.clone()
+            };
             let update = ((&m / c1)? / ((&v / c2)?.sqrt()? + self.eps)?)?;
             var.set(&(decayed - (update * lr)?)?)?;
             self.m[i] = m;
@@ -65,14 +88,27 @@ impl AdamW {
     }
 
     /// Restores moments saved by [`state`](Self::state); every variable must be present.
-    pub fn load_state(&mut self, state: &BTreeMap<String, Tensor>, step: usize) -> std::result::Result<(), String> {
+    pub fn load_state(
+        &mut self,
+        state: &BTreeMap<String, Tensor>,
+        step: usize,
+    ) -> std::result::Result<(), String> {
         for (i, (name, var)) in self.vars.iter().enumerate() {
             for (prefix, slot) in [("exp_avg", &mut self.m[i]), ("exp_avg_sq", &mut self.v[i])] {
-                let t = state.get(&format!("{prefix}.{name}")).ok_or(format!("optimizer state has no {prefix}.{name}"))?;
+                let t = state
+                    .get(&format!("{prefix}.{name}"))
+                    .ok_or(format!("optimizer state has no {prefix}.{name}"))?;
                 if t.dims() != var.dims() {
-                    return Err(format!("optimizer state {prefix}.{name} has shape {:?}, expected {:?}", t.dims(), var.dims()));
+                    return Err(format!(
+                        "optimizer state {prefix}.{name} has shape {:?}, expected {:?}",
+                        t.dims(),
+                        var.dims()
+                    ));
                 }
-                *slot = t.to_dtype(DType::F32).and_then(|t| t.to_device(var.device())).map_err(|e| e.to_string())?;
+                *slot = t
+                    .to_dtype(DType::F32)
+                    .and_then(|t| t.to_device(var.device()))
+                    .map_err(|e| e.to_string())?;
             }
         }
         self.step = step;
@@ -85,7 +121,11 @@ impl AdamW {
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
     let mut total = 0f64;
     for g in grads.iter() {
-        total += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        total += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
     }
     let norm = total.sqrt();
     if max_norm > 0.0 && norm > max_norm {
@@ -127,7 +167,10 @@ mod tests {
         }
         let got = p.as_tensor().to_vec1::<f32>()?;
         for i in 0..2 {
-            assert!((got[i] as f64 - theta[i]).abs() < 1e-6, "{got:?} vs {theta:?}");
+            assert!(
+                (got[i] as f64 - theta[i]).abs() < 1e-6,
+                "{got:?} vs {theta:?}"
+            );
         }
         Ok(())
     }

@@ -176,21 +176,54 @@ fn unreachable_default() -> TrainSection {
 const SECTIONS: &[(&str, &[&str])] = &[
     ("", &["model", "data", "lora", "train", "output"]),
     ("model", &["path", "dtype", "device"]),
-    ("data", &["train", "eval", "eval_split", "format", "max_seq_len", "train_on_inputs"]),
+    (
+        "data",
+        &[
+            "train",
+            "eval",
+            "eval_split",
+            "format",
+            "max_seq_len",
+            "train_on_inputs",
+        ],
+    ),
     (
         "lora",
         &[
-            "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_rslora",
-            "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "bias",
-            "modules_to_save", "task_type", "base_model_name_or_path",
+            "r",
+            "lora_alpha",
+            "lora_dropout",
+            "target_modules",
+            "exclude_modules",
+            "use_rslora",
+            "rank_pattern",
+            "alpha_pattern",
+            "layers_to_transform",
+            "layers_pattern",
+            "bias",
+            "modules_to_save",
+            "task_type",
+            "base_model_name_or_path",
         ],
     ),
     (
         "train",
         &[
-            "epochs", "max_steps", "batch_size", "grad_accum_steps", "learning_rate", "lr_scheduler",
-            "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "seed", "eval_every",
-            "save_every", "early_stopping_patience", "log_every",
+            "epochs",
+            "max_steps",
+            "batch_size",
+            "grad_accum_steps",
+            "learning_rate",
+            "lr_scheduler",
+            "warmup_steps",
+            "warmup_ratio",
+            "weight_decay",
+            "max_grad_norm",
+            "seed",
+            "eval_every",
+            "save_every",
+            "early_stopping_patience",
+            "log_every",
         ],
     ),
     ("output", &["dir"]),
@@ -210,12 +243,16 @@ impl Recipe {
             field: field.into(),
             message,
         };
-        let mut value: Value = serde_yaml::from_str(text).map_err(|e| bad("(syntax)", yaml_error(&e)))?;
+        let mut value: Value =
+            serde_yaml::from_str(text).map_err(|e| bad("(syntax)", yaml_error(&e)))?;
         if value.is_null() {
             return Err(bad("(top level)", "the recipe is empty".into()));
         }
         if !value.is_mapping() {
-            return Err(bad("(top level)", "expected a mapping with model:, data:, lora:, train:, output:".into()));
+            return Err(bad(
+                "(top level)",
+                "expected a mapping with model:, data:, lora:, train:, output:".into(),
+            ));
         }
         for o in overrides {
             apply_override(&mut value, o).map_err(|m| bad(&format!("--set {o}"), m))?;
@@ -224,11 +261,19 @@ impl Recipe {
         let recipe: Recipe = if overrides.is_empty() {
             serde_yaml::from_str(text).map_err(|e| bad(&serde_field(&e), yaml_error(&e)))?
         } else {
-            serde_yaml::from_value(value).map_err(|e| bad(&serde_field(&e), yaml_error(&e)))?
+            // Round-trip through text so type errors carry the key path; their line numbers would
+            // point into the generated text, so they are dropped.
+            let merged = serde_yaml::to_string(&value).map_err(|e| bad("--set", e.to_string()))?;
+            serde_yaml::from_str(&merged).map_err(|e| {
+                let msg = e.to_string();
+                let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+                bad(&serde_field(&e), format!("{msg} (after --set)"))
+            })?
         };
         let mut recipe = recipe;
         if recipe.lora.target_modules.is_none() {
-            recipe.lora.target_modules = Some(ModuleSpec::List(vec!["q_proj".into(), "v_proj".into()]));
+            recipe.lora.target_modules =
+                Some(ModuleSpec::List(vec!["q_proj".into(), "v_proj".into()]));
         }
         if recipe.lora.base_model_name_or_path.is_none() {
             recipe.lora.base_model_name_or_path = Some(recipe.model.path.display().to_string());
@@ -255,34 +300,57 @@ impl Recipe {
         };
         let t = &self.train;
         if !matches!(self.model.dtype.as_str(), "auto" | "f32" | "bf16" | "f16") {
-            return Err(bad("model.dtype", format!("{:?} is not one of auto, f32, bf16, f16", self.model.dtype)));
+            return Err(bad(
+                "model.dtype",
+                format!("{:?} is not one of auto, f32, bf16, f16", self.model.dtype),
+            ));
         }
         let dev = self.model.device.as_str();
-        let cuda_n = dev.strip_prefix("cuda:").map(|n| n.parse::<usize>().is_ok()).unwrap_or(false);
+        let cuda_n = dev
+            .strip_prefix("cuda:")
+            .map(|n| n.parse::<usize>().is_ok())
+            .unwrap_or(false);
         if !(matches!(dev, "auto" | "cpu" | "cuda") || cuda_n) {
-            return Err(bad("model.device", format!("{dev:?} is not one of auto, cpu, cuda, cuda:N")));
+            return Err(bad(
+                "model.device",
+                format!("{dev:?} is not one of auto, cpu, cuda, cuda:N"),
+            ));
         }
         if !self.data.train.is_file() {
-            return Err(bad("data.train", format!("{} does not exist", self.data.train.display())));
+            return Err(bad(
+                "data.train",
+                format!("{} does not exist", self.data.train.display()),
+            ));
         }
         if let Some(e) = &self.data.eval {
             if !e.is_file() {
                 return Err(bad("data.eval", format!("{} does not exist", e.display())));
             }
             if self.data.eval_split.is_some() {
-                return Err(bad("data.eval_split", "give either data.eval or data.eval_split, not both".into()));
+                return Err(bad(
+                    "data.eval_split",
+                    "give either data.eval or data.eval_split, not both".into(),
+                ));
             }
         }
         if let Some(s) = self.data.eval_split {
             if !(s > 0.0 && s < 1.0) {
-                return Err(bad("data.eval_split", format!("must be between 0 and 1 (exclusive), got {s}")));
+                return Err(bad(
+                    "data.eval_split",
+                    format!("must be between 0 and 1 (exclusive), got {s}"),
+                ));
             }
         }
         if self.data.max_seq_len < 2 {
-            return Err(bad("data.max_seq_len", format!("must be at least 2, got {}", self.data.max_seq_len)));
+            return Err(bad(
+                "data.max_seq_len",
+                format!("must be at least 2, got {}", self.data.max_seq_len),
+            ));
         }
         self.lora.validate(file).map_err(|e| match e {
-            lorakit_adapter::AdapterError::InvalidConfig { key, message, .. } => bad(&format!("lora.{key}"), message),
+            lorakit_adapter::AdapterError::InvalidConfig { key, message, .. } => {
+                bad(&format!("lora.{key}"), message)
+            }
             other => bad("lora", other.to_string()),
         })?;
         if t.epochs == 0 && t.max_steps.is_none() {
@@ -291,35 +359,63 @@ impl Recipe {
         if t.max_steps == Some(0) {
             return Err(bad("train.max_steps", "must be at least 1".into()));
         }
-        for (name, v) in [("train.batch_size", t.batch_size), ("train.grad_accum_steps", t.grad_accum_steps), ("train.log_every", t.log_every)] {
+        for (name, v) in [
+            ("train.batch_size", t.batch_size),
+            ("train.grad_accum_steps", t.grad_accum_steps),
+            ("train.log_every", t.log_every),
+        ] {
             if v == 0 {
                 return Err(bad(name, "must be at least 1".into()));
             }
         }
-        for (name, v) in [("train.eval_every", t.eval_every), ("train.save_every", t.save_every)] {
+        for (name, v) in [
+            ("train.eval_every", t.eval_every),
+            ("train.save_every", t.save_every),
+        ] {
             if v == Some(0) {
                 return Err(bad(name, "must be at least 1 (or leave it out)".into()));
             }
         }
         if !(t.learning_rate > 0.0 && t.learning_rate.is_finite()) {
-            return Err(bad("train.learning_rate", format!("must be a positive number, got {}", t.learning_rate)));
+            return Err(bad(
+                "train.learning_rate",
+                format!("must be a positive number, got {}", t.learning_rate),
+            ));
         }
-        if !(t.weight_decay >= 0.0) {
-            return Err(bad("train.weight_decay", format!("must be ≥ 0, got {}", t.weight_decay)));
+        if t.weight_decay.is_nan() || t.weight_decay < 0.0 {
+            return Err(bad(
+                "train.weight_decay",
+                format!("must be ≥ 0, got {}", t.weight_decay),
+            ));
         }
-        if !(t.max_grad_norm >= 0.0) {
-            return Err(bad("train.max_grad_norm", format!("must be ≥ 0 (0 disables clipping), got {}", t.max_grad_norm)));
+        if t.max_grad_norm.is_nan() || t.max_grad_norm < 0.0 {
+            return Err(bad(
+                "train.max_grad_norm",
+                format!("must be ≥ 0 (0 disables clipping), got {}", t.max_grad_norm),
+            ));
         }
         if let Some(r) = t.warmup_ratio {
             if !(0.0..1.0).contains(&r) {
-                return Err(bad("train.warmup_ratio", format!("must be in [0, 1), got {r}")));
+                return Err(bad(
+                    "train.warmup_ratio",
+                    format!("must be in [0, 1), got {r}"),
+                ));
             }
             if t.warmup_steps.is_some() {
-                return Err(bad("train.warmup_ratio", "give either warmup_steps or warmup_ratio, not both".into()));
+                return Err(bad(
+                    "train.warmup_ratio",
+                    "give either warmup_steps or warmup_ratio, not both".into(),
+                ));
             }
         }
-        if t.early_stopping_patience.is_some() && self.data.eval.is_none() && self.data.eval_split.is_none() {
-            return Err(bad("train.early_stopping_patience", "needs evaluation data (data.eval or data.eval_split)".into()));
+        if t.early_stopping_patience.is_some()
+            && self.data.eval.is_none()
+            && self.data.eval_split.is_none()
+        {
+            return Err(bad(
+                "train.early_stopping_patience",
+                "needs evaluation data (data.eval or data.eval_split)".into(),
+            ));
         }
         Ok(())
     }
@@ -340,7 +436,9 @@ fn apply_override(root: &mut Value, o: &str) -> std::result::Result<(), String> 
         if part.is_empty() {
             return Err(format!("empty component in {path:?}"));
         }
-        let map = node.as_mapping_mut().ok_or_else(|| format!("{} is not a mapping", parts[..i].join(".")))?;
+        let map = node
+            .as_mapping_mut()
+            .ok_or_else(|| format!("{} is not a mapping", parts[..i].join(".")))?;
         let key = Value::String(part.to_string());
         if i + 1 == parts.len() {
             map.insert(key, value);
@@ -356,17 +454,34 @@ fn apply_override(root: &mut Value, o: &str) -> std::result::Result<(), String> 
 
 /// Rejects keys the schema does not know, suggesting the closest valid one.
 fn check_keys(v: &Value, section: &str, text: &str) -> std::result::Result<(), (String, String)> {
-    let Some(map) = v.as_mapping() else { return Ok(()) };
-    let Some((_, valid)) = SECTIONS.iter().find(|(s, _)| *s == section) else { return Ok(()) };
+    let Some(map) = v.as_mapping() else {
+        return Ok(());
+    };
+    let Some((_, valid)) = SECTIONS.iter().find(|(s, _)| *s == section) else {
+        return Ok(());
+    };
     for (k, child) in map {
         let key = match k.as_str() {
             Some(k) => k,
-            None => return Err((section.to_string(), format!("keys must be strings, found {k:?}"))),
+            None => {
+                return Err((
+                    section.to_string(),
+                    format!("keys must be strings, found {k:?}"),
+                ))
+            }
         };
-        let field = if section.is_empty() { key.to_string() } else { format!("{section}.{key}") };
+        let field = if section.is_empty() {
+            key.to_string()
+        } else {
+            format!("{section}.{key}")
+        };
         if !valid.contains(&key) {
-            let hint = closest(key, valid).map(|c| format!("; did you mean {c}?")).unwrap_or_else(|| format!("; valid keys: {}", valid.join(", ")));
-            let at = line_of_key(text, key).map(|l| format!(" (line {l})")).unwrap_or_default();
+            let hint = closest(key, valid)
+                .map(|c| format!("; did you mean {c}?"))
+                .unwrap_or_else(|| format!("; valid keys: {}", valid.join(", ")));
+            let at = line_of_key(text, key)
+                .map(|l| format!(" (line {l})"))
+                .unwrap_or_default();
             return Err((field, format!("unknown key{hint}{at}")));
         }
         if section.is_empty() {
@@ -395,7 +510,11 @@ fn levenshtein(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur.push((prev[j] + (ca != *cb) as usize).min(prev[j + 1] + 1).min(cur[j] + 1));
+            cur.push(
+                (prev[j] + (ca != *cb) as usize)
+                    .min(prev[j + 1] + 1)
+                    .min(cur[j] + 1),
+            );
         }
         prev = cur;
     }
@@ -404,17 +523,21 @@ fn levenshtein(a: &str, b: &str) -> usize {
 
 /// 1-based line where `key:` first appears in the text.
 fn line_of_key(text: &str, key: &str) -> Option<usize> {
-    text.lines().position(|l| {
-        let t = l.trim_start();
-        t.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with(':'))
-    })
-    .map(|i| i + 1)
+    text.lines()
+        .position(|l| {
+            let t = l.trim_start();
+            t.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with(':'))
+        })
+        .map(|i| i + 1)
 }
 
 fn yaml_error(e: &serde_yaml::Error) -> String {
     let msg = e.to_string();
     match e.location() {
-        Some(loc) if !msg.contains("line") => format!("{msg} (line {}, column {})", loc.line(), loc.column()),
+        Some(loc) if !msg.contains("line") => {
+            format!("{msg} (line {}, column {})", loc.line(), loc.column())
+        }
         _ => msg,
     }
 }
@@ -439,7 +562,10 @@ mod tests {
     }
 
     fn minimal(dir: &Path) -> String {
-        format!("model:\n  path: m\ndata:\n  train: {}\n  format: completion\noutput:\n  dir: out\n", write_data(dir))
+        format!(
+            "model:\n  path: m\ndata:\n  train: {}\n  format: completion\noutput:\n  dir: out\n",
+            write_data(dir)
+        )
     }
 
     #[test]
@@ -452,7 +578,10 @@ mod tests {
         assert_eq!(r.data.max_seq_len, 512);
         assert_eq!(r.lora.r, 8);
         assert_eq!(r.lora.lora_alpha, 16.0);
-        assert_eq!(r.lora.target_modules, Some(ModuleSpec::List(vec!["q_proj".into(), "v_proj".into()])));
+        assert_eq!(
+            r.lora.target_modules,
+            Some(ModuleSpec::List(vec!["q_proj".into(), "v_proj".into()]))
+        );
         assert_eq!(r.model.dtype, "auto");
         // the resolved recipe parses back to itself
         let again = Recipe::parse(&r.to_yaml(), "resolved.yaml", &[]).unwrap();
@@ -464,7 +593,13 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let text = minimal(d.path()) + "train:\n  learnig_rate: 0.1\n";
         let e = Recipe::parse(&text, "r.yaml", &[]).unwrap_err().to_string();
-        assert!(e.contains("r.yaml") && e.contains("train.learnig_rate") && e.contains("did you mean learning_rate?") && e.contains("line 9"), "{e}");
+        assert!(
+            e.contains("r.yaml")
+                && e.contains("train.learnig_rate")
+                && e.contains("did you mean learning_rate?")
+                && e.contains("line 9"),
+            "{e}"
+        );
         let text = minimal(d.path()).replace("model:", "modle:");
         let e = Recipe::parse(&text, "r.yaml", &[]).unwrap_err().to_string();
         assert!(e.contains("did you mean model?"), "{e}");
@@ -473,34 +608,107 @@ mod tests {
     #[test]
     fn wrong_types_and_impossible_values_name_the_field() {
         let d = tempfile::tempdir().unwrap();
-        let e = Recipe::parse(&(minimal(d.path()) + "train:\n  batch_size: many\n"), "r.yaml", &[]).unwrap_err().to_string();
+        let e = Recipe::parse(
+            &(minimal(d.path()) + "train:\n  batch_size: many\n"),
+            "r.yaml",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("train.batch_size") && e.contains("line"), "{e}");
-        let e = Recipe::parse(&(minimal(d.path()) + "train:\n  learning_rate: -1\n"), "r.yaml", &[]).unwrap_err().to_string();
-        assert!(e.contains("train.learning_rate") && e.contains("positive") && e.contains("line 9"), "{e}");
-        let e = Recipe::parse(&(minimal(d.path()) + "lora:\n  r: 0\n"), "r.yaml", &[]).unwrap_err().to_string();
+        let e = Recipe::parse(
+            &(minimal(d.path()) + "train:\n  learning_rate: -1\n"),
+            "r.yaml",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("train.learning_rate") && e.contains("positive") && e.contains("line 9"),
+            "{e}"
+        );
+        let e = Recipe::parse(&(minimal(d.path()) + "lora:\n  r: 0\n"), "r.yaml", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("lora.r") && e.contains("at least 1"), "{e}");
-        let e = Recipe::parse(&(minimal(d.path()).replace("completion", "poetry")), "r.yaml", &[]).unwrap_err().to_string();
+        let e = Recipe::parse(
+            &(minimal(d.path()).replace("completion", "poetry")),
+            "r.yaml",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("data.format") && e.contains("poetry"), "{e}");
-        let e = Recipe::parse(&(minimal(d.path()).replace("  format: completion\n", "  format: completion\n  eval: nowhere.jsonl\n")), "r.yaml", &[]).unwrap_err().to_string();
-        assert!(e.contains("data.eval") && e.contains("nowhere.jsonl"), "{e}");
-        let e = Recipe::parse("model: [\n", "r.yaml", &[]).unwrap_err().to_string();
+        let e = Recipe::parse(
+            &(minimal(d.path()).replace(
+                "  format: completion\n",
+                "  format: completion\n  eval: nowhere.jsonl\n",
+            )),
+            "r.yaml",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("data.eval") && e.contains("nowhere.jsonl"),
+            "{e}"
+        );
+        let e = Recipe::parse("model: [\n", "r.yaml", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("r.yaml") && e.contains("line"), "{e}");
-        let e = Recipe::parse(&minimal(d.path()).replace("output:\n  dir: out\n", ""), "r.yaml", &[]).unwrap_err().to_string();
+        let e = Recipe::parse(
+            &minimal(d.path()).replace("output:\n  dir: out\n", ""),
+            "r.yaml",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("output"), "{e}");
     }
 
     #[test]
     fn set_overrides_keys_with_yaml_values() {
         let d = tempfile::tempdir().unwrap();
-        let r = Recipe::parse(&minimal(d.path()), "r.yaml", &["train.learning_rate=1e-3".into(), "lora.target_modules=[q_proj, k_proj]".into(), "train.max_steps=5".into()]).unwrap();
+        let r = Recipe::parse(
+            &minimal(d.path()),
+            "r.yaml",
+            &[
+                "train.learning_rate=1e-3".into(),
+                "lora.target_modules=[q_proj, k_proj]".into(),
+                "train.max_steps=5".into(),
+            ],
+        )
+        .unwrap();
         assert_eq!(r.train.learning_rate, 1e-3);
         assert_eq!(r.train.max_steps, Some(5));
-        assert_eq!(r.lora.target_modules, Some(ModuleSpec::List(vec!["q_proj".into(), "k_proj".into()])));
-        let e = Recipe::parse(&minimal(d.path()), "r.yaml", &["train.learnig_rate=1".into()]).unwrap_err().to_string();
+        assert_eq!(
+            r.lora.target_modules,
+            Some(ModuleSpec::List(vec!["q_proj".into(), "k_proj".into()]))
+        );
+        let e = Recipe::parse(
+            &minimal(d.path()),
+            "r.yaml",
+            &["train.learnig_rate=1".into()],
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("did you mean learning_rate"), "{e}");
-        let e = Recipe::parse(&minimal(d.path()), "r.yaml", &["train.learning_rate".into()]).unwrap_err().to_string();
+        let e = Recipe::parse(
+            &minimal(d.path()),
+            "r.yaml",
+            &["train.learning_rate".into()],
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("KEY.PATH=VALUE"), "{e}");
-        let e = Recipe::parse(&minimal(d.path()), "r.yaml", &["train.learning_rate=abc".into()]).unwrap_err().to_string();
+        let e = Recipe::parse(
+            &minimal(d.path()),
+            "r.yaml",
+            &["train.learning_rate=abc".into()],
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("train.learning_rate"), "{e}");
     }
 }

@@ -17,7 +17,11 @@ pub fn device(spec: &str) -> Result<Device> {
         "cuda" => cuda(0),
         s => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
             Some(n) => cuda(n),
-            None => Err(TrainError::InvalidRecipe { file: "recipe".into(), field: "model.device".into(), message: format!("{s:?} is not one of auto, cpu, cuda, cuda:N") }),
+            None => Err(TrainError::InvalidRecipe {
+                file: "recipe".into(),
+                field: "model.device".into(),
+                message: format!("{s:?} is not one of auto, cpu, cuda, cuda:N"),
+            }),
         },
     }
 }

@@ -3,6 +3,9 @@
 use crate::error::{Result, TrainError};
 use std::path::{Path, PathBuf};
 
+/// Token ids and the byte span of each in the encoded text.
+pub type IdsWithOffsets = (Vec<u32>, Vec<(usize, usize)>);
+
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
     pub bos: Option<String>,
@@ -27,9 +30,13 @@ impl TextTokenizer {
     pub fn from_model_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.is_file() {
-            return Err(TrainError::io(&path, "not found: training and eval need the model's tokenizer.json"));
+            return Err(TrainError::io(
+                &path,
+                "not found: training and eval need the model's tokenizer.json",
+            ));
         }
-        let mut inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| TrainError::io(&path, e))?;
+        let mut inner =
+            tokenizers::Tokenizer::from_file(&path).map_err(|e| TrainError::io(&path, e))?;
         // Padding and truncation are ours to do (some tokenizer.json files pad to a fixed length).
         inner.with_padding(None);
         inner
@@ -37,7 +44,8 @@ impl TextTokenizer {
             .map_err(|e| TrainError::io(&path, e))?;
         let config_file = dir.join("tokenizer_config.json");
         let cfg: serde_json::Value = match std::fs::read_to_string(&config_file) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| TrainError::io(&config_file, format!("invalid JSON: {e}")))?,
+            Ok(text) => serde_json::from_str(&text)
+                .map_err(|e| TrainError::io(&config_file, format!("invalid JSON: {e}")))?,
             Err(_) => serde_json::Value::Null,
         };
         let bos = token_string(cfg.get("bos_token"));
@@ -47,7 +55,9 @@ impl TextTokenizer {
             // fall back to config.json's eos_token_id
             if let Ok(text) = std::fs::read_to_string(dir.join("config.json")) {
                 let c: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-                let id = c.get("eos_token_id").and_then(|v| v.as_u64().or_else(|| v.as_array()?.first()?.as_u64()));
+                let id = c
+                    .get("eos_token_id")
+                    .and_then(|v| v.as_u64().or_else(|| v.as_array()?.first()?.as_u64()));
                 if let Some(id) = id {
                     eos_id = Some(id as u32);
                     eos = inner.id_to_token(id as u32);
@@ -85,7 +95,7 @@ impl TextTokenizer {
 
     /// Token ids with the byte span each covers in `text` (special tokens added by the
     /// tokenizer are not added here: chat templates spell them out).
-    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_with_offsets(&self, text: &str) -> Result<IdsWithOffsets> {
         let enc = self
             .inner
             .encode(text, false)

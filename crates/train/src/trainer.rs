@@ -15,7 +15,7 @@ use crate::tokenizer::TextTokenizer;
 use candle_core::{Tensor, Var};
 use candle_nn::VarMap;
 use lorakit_adapter::fsutil::AtomicDir;
-use lorakit_adapter::{save_adapter, Adapters, AdapterError, StepSeed};
+use lorakit_adapter::{save_adapter, AdapterError, Adapters, StepSeed};
 use lorakit_models::ModelDir;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -87,7 +87,11 @@ pub fn permutation(n: usize, seed: u64) -> Vec<usize> {
 
 fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
-        .map(|it| it.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum())
+        .map(|it| {
+            it.filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
         .unwrap_or(0)
 }
 
@@ -96,18 +100,32 @@ fn datasets(recipe: &Recipe, tok: &TextTokenizer) -> Result<(Dataset, Option<Dat
     let d = &recipe.data;
     let mut train = data::load(&d.train, d.format, tok, d.max_seq_len, d.train_on_inputs)?;
     let eval = match (&d.eval, d.eval_split) {
-        (Some(p), _) => Some(data::load(p, d.format, tok, d.max_seq_len, d.train_on_inputs)?),
+        (Some(p), _) => Some(data::load(
+            p,
+            d.format,
+            tok,
+            d.max_seq_len,
+            d.train_on_inputs,
+        )?),
         (None, Some(frac)) => {
             let n = train.examples.len();
             let k = ((n as f64 * frac).round() as usize).clamp(1, n.saturating_sub(1));
             if n < 2 {
-                return Err(TrainError::InvalidRecipe { file: d.train.display().to_string(), field: "data.eval_split".into(), message: "needs at least 2 examples".into() });
+                return Err(TrainError::InvalidRecipe {
+                    file: d.train.display().to_string(),
+                    field: "data.eval_split".into(),
+                    message: "needs at least 2 examples".into(),
+                });
             }
             let order = permutation(n, recipe.train.seed ^ 0xe7a1);
             let mut all: Vec<Option<data::Example>> = train.examples.drain(..).map(Some).collect();
             let eval_ex: Vec<_> = order[..k].iter().filter_map(|i| all[*i].take()).collect();
             train.examples = all.into_iter().flatten().collect();
-            Some(Dataset { examples: eval_ex, truncated: 0, dropped: 0 })
+            Some(Dataset {
+                examples: eval_ex,
+                truncated: 0,
+                dropped: 0,
+            })
         }
         _ => None,
     };
@@ -115,7 +133,11 @@ fn datasets(recipe: &Recipe, tok: &TextTokenizer) -> Result<(Dataset, Option<Dat
 }
 
 /// Runs a recipe to the end (or to an interruption). `recipe_text` is the resolved recipe.
-pub fn train(recipe: &Recipe, opts: &TrainOptions, reporter: &mut dyn Reporter) -> Result<TrainSummary> {
+pub fn train(
+    recipe: &Recipe,
+    opts: &TrainOptions,
+    reporter: &mut dyn Reporter,
+) -> Result<TrainSummary> {
     let started = Instant::now();
     let t = &recipe.train;
     let out = recipe.output.dir.clone();
@@ -125,9 +147,16 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, reporter: &mut dyn Reporter) 
     let (train_ds, eval_ds) = datasets(recipe, &tok)?;
 
     // Output directory and resume point.
-    let latest = if opts.resume { checkpoint::latest(&out)? } else { None };
+    let latest = if opts.resume {
+        checkpoint::latest(&out)?
+    } else {
+        None
+    };
     if opts.resume && latest.is_none() {
-        return Err(TrainError::Resume(format!("--resume: no checkpoint in {}/checkpoints to resume from", out.display())));
+        return Err(TrainError::Resume(format!(
+            "--resume: no checkpoint in {}/checkpoints to resume from",
+            out.display()
+        )));
     }
     if !opts.resume && lorakit_adapter::fsutil::is_non_empty_dir(&out) {
         return Err(TrainError::io(&out, "output.dir already exists and is not empty: pass --resume to continue that run, or choose another output.dir"));
@@ -135,7 +164,17 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, reporter: &mut dyn Reporter) 
     std::fs::create_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
     let lora_json = serde_json::to_value(&recipe.lora).unwrap_or_default();
     let varmap = VarMap::new();
-    let mut state = TrainState { step: 0, epoch: 0, step_in_epoch: 0, best_eval_loss: None, best_step: None, evals_since_best: 0, stopped_early: false, lora: lora_json.clone(), seed: t.seed };
+    let mut state = TrainState {
+        step: 0,
+        epoch: 0,
+        step_in_epoch: 0,
+        best_eval_loss: None,
+        best_step: None,
+        evals_since_best: 0,
+        stopped_early: false,
+        lora: lora_json.clone(),
+        seed: t.seed,
+    };
     let mut optimizer_state = None;
     if let Some(ck) = &latest {
         let (adapter, optim, st) = checkpoint::load(ck)?;
@@ -149,7 +188,11 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, reporter: &mut dyn Reporter) 
         drop(vars);
         optimizer_state = Some(optim);
         state = st;
-        reporter.message(&format!("resuming from {} (step {})", ck.display(), state.step));
+        reporter.message(&format!(
+            "resuming from {} (step {})",
+            ck.display(),
+            state.step
+        ));
     }
     let recipe_yaml = recipe.to_yaml();
     lorakit_adapter::fsutil::atomic_write(&out.join("recipe.yaml"), recipe_yaml.as_bytes())?;
@@ -162,14 +205,29 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, reporter: &mut dyn Reporter) 
 
     let dropout_seed = StepSeed::default();
     let (model, report) = ModelDir::open(&recipe.model.path)?.load(
-        Adapters::Train { config: recipe.lora.clone(), varmap: varmap.clone(), seed: t.seed, dropout_seed: dropout_seed.clone() },
+        Adapters::Train {
+            config: recipe.lora.clone(),
+            varmap: varmap.clone(),
+            seed: t.seed,
+            dropout_seed: dropout_seed.clone(),
+        },
         dtype,
         &device,
     )?;
     if tok.vocab_size() > model.config().vocab_size {
-        reporter.message(&format!("note: the tokenizer has {} tokens, the model {}", tok.vocab_size(), model.config().vocab_size));
+        reporter.message(&format!(
+            "note: the tokenizer has {} tokens, the model {}",
+            tok.vocab_size(),
+            model.config().vocab_size
+        ));
     }
-    let vars: BTreeMap<String, Var> = varmap.data().lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let vars: BTreeMap<String, Var> = varmap
+        .data()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     let trainable: usize = vars.values().map(|v| v.elem_count()).sum();
     let mut opt = AdamW::new(vars, t.weight_decay)?;
     if let Some(o) = &optimizer_state {
@@ -181,7 +239,9 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, reporter: &mut dyn Reporter) 
     let micro_per_epoch = n.div_ceil(t.batch_size);
     let steps_per_epoch = micro_per_epoch.div_ceil(t.grad_accum_steps);
     let total = t.max_steps.unwrap_or(t.epochs * steps_per_epoch);
-    let warmup = t.warmup_steps.unwrap_or_else(|| (t.warmup_ratio.unwrap_or(0.0) * total as f64).round() as usize);
+    let warmup = t
+        .warmup_steps
+        .unwrap_or_else(|| (t.warmup_ratio.unwrap_or(0.0) * total as f64).round() as usize);
     reporter.message(&format!(
         "model {} ({}, {:?} on {}), {} adapted modules, {} trainable parameters; {} train / {} eval examples ({} truncated to {} tokens); {} steps ({} per epoch)",
         recipe.model.path.display(),
@@ -199,7 +259,8 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, reporter: &mut dyn Reporter) 
     ));
     reporter.start(total, state.step);
 
-    let metadata: HashMap<String, String> = HashMap::from([("lorakit_version".into(), env!("CARGO_PKG_VERSION").into())]);
+    let metadata: HashMap<String, String> =
+        HashMap::from([("lorakit_version".into(), env!("CARGO_PKG_VERSION").into())]);
     let save_to = |dir: &Path| -> Result<()> {
         let modules = report.trained_modules(&varmap)?;
         let tmp = AtomicDir::create(dir, true)?;
@@ -212,33 +273,49 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, reporter: &mut dyn Reporter) 
         let dir = out.join("checkpoints").join(format!("step-{}", state.step));
         checkpoint::save(&dir, &recipe.lora, &modules, &opt.state(), state, &metadata)
     };
-    let run_eval = |state: &mut TrainState, reporter: &mut dyn Reporter| -> Result<()> {
-        let Some(ds) = &eval_ds else { return Ok(()) };
-        let r = evaluate(&model, ds, tok.pad_id, t.batch_size, &device)?;
-        let best = state.best_eval_loss.is_none_or(|b| r.loss < b);
-        if best {
-            state.best_eval_loss = Some(r.loss);
-            state.best_step = Some(state.step);
-            state.evals_since_best = 0;
-            save_to(&out.join("adapter"))?;
-        } else {
-            state.evals_since_best += 1;
-        }
-        metrics::append(&metrics_path, &MetricsRow { step: state.step, epoch: state.epoch as f64 + state.step_in_epoch as f64 / steps_per_epoch as f64, loss: None, lr: None, tokens_per_s: None, eval_loss: Some(r.loss), eval_perplexity: Some(r.perplexity) })?;
-        reporter.eval(state.step, &r, best);
-        if let Some(p) = t.early_stopping_patience {
-            if state.evals_since_best >= p {
-                state.stopped_early = true;
+    let run_eval =
+        |state: &mut TrainState, reporter: &mut dyn Reporter| -> Result<Option<EvalResult>> {
+            let Some(ds) = &eval_ds else { return Ok(None) };
+            let r = evaluate(&model, ds, tok.pad_id, t.batch_size, &device)?;
+            let best = state.best_eval_loss.is_none_or(|b| r.loss < b);
+            if best {
+                state.best_eval_loss = Some(r.loss);
+                state.best_step = Some(state.step);
+                state.evals_since_best = 0;
+                save_to(&out.join("adapter"))?;
+            } else {
+                state.evals_since_best += 1;
             }
-        }
-        Ok(())
-    };
+            reporter.eval(state.step, &r, best);
+            if let Some(p) = t.early_stopping_patience {
+                if state.evals_since_best >= p {
+                    state.stopped_early = true;
+                }
+            }
+            Ok(Some(r))
+        };
 
+    if state.step == 0 && latest.is_none() {
+        // the base model's eval loss, the yardstick for everything after
+        if let Some(r) = run_eval(&mut state, reporter)? {
+            metrics::append(
+                &metrics_path,
+                &MetricsRow {
+                    step: 0,
+                    epoch: 0.0,
+                    loss: None,
+                    lr: None,
+                    tokens_per_s: None,
+                    eval_loss: Some(r.loss),
+                    eval_perplexity: Some(r.perplexity),
+                },
+            )?;
+        }
+    }
     let mut first_loss = None;
     let mut last_loss = None;
     let mut interrupted = false;
     let mut checked_grads = false;
-    let mut last_eval_step = None;
     'epochs: while state.step < total && !state.stopped_early {
         let order = permutation(n, t.seed.wrapping_add(state.epoch as u64));
         let micro: Vec<Vec<usize>> = order.chunks(t.batch_size).map(|c| c.to_vec()).collect();
@@ -248,7 +325,15 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, reporter: &mut dyn Reporter) 
             let step_start = Instant::now();
             let batches: Vec<Batch> = group
                 .iter()
-                .map(|idx| Batch::new(&idx.iter().map(|i| &train_ds.examples[*i]).collect::<Vec<_>>(), tok.pad_id, &device))
+                .map(|idx| {
+                    Batch::new(
+                        &idx.iter()
+                            .map(|i| &train_ds.examples[*i])
+                            .collect::<Vec<_>>(),
+                        tok.pad_id,
+                        &device,
+                    )
+                })
                 .collect::<candle_core::Result<_>>()?;
             let targets: usize = batches.iter().map(|b| b.targets).sum::<usize>().max(1);
             let tokens: usize = batches.iter().map(|b| b.tokens).sum();
@@ -277,7 +362,10 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, reporter: &mut dyn Reporter) 
                 }
             }
             if !loss_sum.is_finite() {
-                return Err(TrainError::NonFinite { step: state.step + 1, loss: loss_sum as f32 });
+                return Err(TrainError::NonFinite {
+                    step: state.step + 1,
+                    loss: loss_sum as f32,
+                });
             }
             let mut grads: Vec<Tensor> = acc
                 .into_iter()
@@ -286,7 +374,10 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, reporter: &mut dyn Reporter) 
                 .collect::<candle_core::Result<_>>()?;
             let grad_norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
             if !grad_norm.is_finite() {
-                return Err(TrainError::NonFinite { step: state.step + 1, loss: grad_norm as f32 });
+                return Err(TrainError::NonFinite {
+                    step: state.step + 1,
+                    loss: grad_norm as f32,
+                });
             }
             let lr = lr_at(t.lr_scheduler, t.learning_rate, state.step, warmup, total);
             opt.step(&grads, lr)?;
@@ -296,22 +387,45 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, reporter: &mut dyn Reporter) 
             last_loss = Some(loss_sum);
             let tps = tokens as f64 / step_start.elapsed().as_secs_f64().max(1e-9);
             let epoch_f = state.epoch as f64 + state.step_in_epoch as f64 / groups.len() as f64;
-            if state.step % t.log_every == 0 || state.step == total {
-                metrics::append(&metrics_path, &MetricsRow { step: state.step, epoch: epoch_f, loss: Some(loss_sum), lr: Some(lr), tokens_per_s: Some(tps), eval_loss: None, eval_perplexity: None })?;
-            }
-            reporter.step(&StepReport { step: state.step, total, epoch: epoch_f, loss: loss_sum, lr, tokens_per_s: tps, grad_norm });
+            reporter.step(&StepReport {
+                step: state.step,
+                total,
+                epoch: epoch_f,
+                loss: loss_sum,
+                lr,
+                tokens_per_s: tps,
+                grad_norm,
+            });
             let epoch_done = state.step_in_epoch == groups.len();
             if epoch_done {
                 state.epoch += 1;
                 state.step_in_epoch = 0;
             }
-            if t.eval_every.is_some_and(|e| state.step % e == 0) || epoch_done || state.step == total {
-                if last_eval_step != Some(state.step) {
-                    run_eval(&mut state, reporter)?;
-                    last_eval_step = Some(state.step);
+            let mut row = MetricsRow {
+                step: state.step,
+                epoch: epoch_f,
+                loss: Some(loss_sum),
+                lr: Some(lr),
+                tokens_per_s: Some(tps),
+                eval_loss: None,
+                eval_perplexity: None,
+            };
+            if t.eval_every.is_some_and(|e| state.step.is_multiple_of(e))
+                || epoch_done
+                || state.step == total
+            {
+                if let Some(r) = run_eval(&mut state, reporter)? {
+                    row.eval_loss = Some(r.loss);
+                    row.eval_perplexity = Some(r.perplexity);
                 }
             }
-            if t.save_every.is_some_and(|s| state.step % s == 0) {
+            if state.step.is_multiple_of(t.log_every)
+                || state.step == total
+                || row.eval_loss.is_some()
+            {
+                metrics::append(&metrics_path, &row)?;
+            }
+            if t.save_every.is_some_and(|s| state.step.is_multiple_of(s)) {
                 save_checkpoint(&state, &opt)?;
             }
             if opts.stop.load(Ordering::SeqCst) {
@@ -335,7 +449,10 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions, reporter: &mut dyn Reporter) 
         }
     }
     let rows = metrics::read(&metrics_path);
-    lorakit_adapter::fsutil::atomic_write(&out.join("loss.svg"), metrics::loss_svg(&rows).as_bytes())?;
+    lorakit_adapter::fsutil::atomic_write(
+        &out.join("loss.svg"),
+        metrics::loss_svg(&rows).as_bytes(),
+    )?;
     // A resumed run reports the losses of the whole run, not only of its own steps.
     let first_loss = rows.iter().find_map(|r| r.loss).or(first_loss);
     reporter.finish();

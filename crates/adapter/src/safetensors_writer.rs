@@ -1,6 +1,12 @@
 //! A streaming safetensors writer: the header is computed from dtypes and shapes up front, then
-//! tensors are written one at a time, so memory stays at one tensor.
-use crate::error::{MergeError, Result};
+//! tensors are written one at a time, so memory stays at one tensor. Header keys keep their
+//! order, so the same tensors always give the same bytes.
+use crate::error::{AdapterError, Result};
+use crate::fsutil::{sibling_temp, sync_dir};
+
+fn other(path: impl AsRef<Path>, msg: impl std::fmt::Display) -> AdapterError {
+    AdapterError::io(path.as_ref(), std::io::Error::other(msg.to_string()))
+}
 use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -38,10 +44,14 @@ pub struct StreamWriter {
 }
 
 impl StreamWriter {
-    pub fn create(path: &Path, plan: Vec<Planned>) -> Result<Self> {
+    /// Starts `path` with `format: pt` plus `metadata` (in the given order) in the header.
+    pub fn create(path: &Path, plan: Vec<Planned>, metadata: &[(String, String)]) -> Result<Self> {
         let mut header = serde_json::Map::new();
         let mut meta = serde_json::Map::new();
         meta.insert("format".into(), "pt".into());
+        for (k, v) in metadata {
+            meta.insert(k.clone(), v.clone().into());
+        }
         header.insert("__metadata__".into(), serde_json::Value::Object(meta));
         let mut offset = 0usize;
         for p in &plan {
@@ -59,16 +69,16 @@ impl StreamWriter {
             header.insert(p.name.clone(), serde_json::Value::Object(e));
             offset += len;
         }
-        let mut json = serde_json::to_vec(&header).map_err(|e| MergeError::io(path, e))?;
+        let mut json = serde_json::to_vec(&header).map_err(|e| other(path, e))?;
         // pad the header so tensor data starts 8-byte aligned, as the reference writer does
         while (json.len() + 8) % 8 != 0 {
             json.push(b' ');
         }
-        let file = std::fs::File::create(path).map_err(|e| MergeError::io(path, e))?;
+        let file = std::fs::File::create(path).map_err(|e| AdapterError::io(path, e))?;
         let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
         out.write_all(&(json.len() as u64).to_le_bytes())
             .and_then(|_| out.write_all(&json))
-            .map_err(|e| MergeError::io(path, e))?;
+            .map_err(|e| AdapterError::io(path, e))?;
         Ok(StreamWriter {
             out,
             plan,
@@ -82,10 +92,10 @@ impl StreamWriter {
         let p = self
             .plan
             .get(self.next)
-            .ok_or_else(|| MergeError::io(&self.path, format!("unplanned tensor {name}")))?;
+            .ok_or_else(|| other(&self.path, format!("unplanned tensor {name}")))?;
         let len = p.shape.iter().product::<usize>() * p.dtype.size_in_bytes();
         if p.name != name || bytes.len() != len {
-            return Err(MergeError::io(
+            return Err(other(
                 &self.path,
                 format!(
                     "tensor {name}: {} bytes, planned {} ({len} bytes)",
@@ -96,7 +106,7 @@ impl StreamWriter {
         }
         self.out
             .write_all(bytes)
-            .map_err(|e| MergeError::io(&self.path, e))?;
+            .map_err(|e| AdapterError::io(&self.path, e))?;
         self.next += 1;
         Ok(())
     }
@@ -115,18 +125,15 @@ impl StreamWriter {
     /// Flushes and syncs; fails if a planned tensor was not written.
     pub fn finish(mut self) -> Result<()> {
         if self.next != self.plan.len() {
-            return Err(MergeError::io(
-                &self.path,
-                "not every planned tensor was written",
-            ));
+            return Err(other(&self.path, "not every planned tensor was written"));
         }
         self.out
             .flush()
-            .map_err(|e| MergeError::io(&self.path, e))?;
+            .map_err(|e| AdapterError::io(&self.path, e))?;
         self.out
             .get_ref()
             .sync_all()
-            .map_err(|e| MergeError::io(&self.path, e))
+            .map_err(|e| AdapterError::io(&self.path, e))
     }
 }
 
@@ -165,10 +172,10 @@ pub fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
             .flat_map(|v| v.to_le_bytes())
             .collect(),
         DType::U8 => t.to_vec1::<u8>()?,
-        other => {
-            return Err(MergeError::io(
+        unsupported => {
+            return Err(other(
                 "(tensor)",
-                format!("cannot write dtype {other:?}"),
+                format!("cannot write dtype {unsupported:?}"),
             ))
         }
     })
@@ -180,4 +187,36 @@ pub fn index_json(weight_map: &BTreeMap<String, String>, total_size: usize) -> s
         "metadata": {"total_size": total_size},
         "weight_map": weight_map,
     })
+}
+
+/// Writes `tensors` (in the given order) to `path` atomically: a sibling temporary file, synced,
+/// then renamed.
+pub fn write_atomic(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: &[(String, String)],
+) -> Result<()> {
+    let tmp = sibling_temp(path, "tmp");
+    let result = (|| {
+        let plan = tensors
+            .iter()
+            .map(|(n, t)| Planned {
+                name: n.clone(),
+                dtype: t.dtype(),
+                shape: t.dims().to_vec(),
+            })
+            .collect();
+        let mut w = StreamWriter::create(&tmp, plan, metadata)?;
+        for (n, t) in tensors {
+            w.write_tensor(n, t)?;
+        }
+        w.finish()?;
+        std::fs::rename(&tmp, path).map_err(|e| AdapterError::io(path, e))?;
+        sync_dir(path.parent());
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
