@@ -91,9 +91,10 @@ mod tests {
         let l = summed_loss(&logits, &batch)?.to_scalar::<f32>()?;
         assert!((l - 2.0 * (7f32).ln()).abs() < 1e-5);
         // a confident right answer on a target costs ~0; on a non-target it is ignored
+        let at = |row: usize, pos: usize, tok: usize| (row * 3 + pos) * 7 + tok;
         let mut v = vec![0f32; 2 * 3 * 7];
-        v[(0 * 3 + 1) * 7 + 3] = 50.0; // position 1 of row 0 predicts token 3 (target)
-        v[(0 * 3 + 0) * 7 + 6] = 50.0; // position 0 of row 0 predicts a wrong token, not a target
+        v[at(0, 1, 3)] = 50.0; // position 1 of row 0 predicts token 3 (a target)
+        v[at(0, 0, 6)] = 50.0; // position 0 of row 0 predicts a wrong token (not a target)
         let logits = Tensor::from_vec(v, (2, 3, 7), &dev)?;
         let l = summed_loss(&logits, &batch)?.to_scalar::<f32>()?;
         assert!((l - (7f32).ln()).abs() < 1e-4, "{l}");
