@@ -17,8 +17,11 @@ pub struct Args {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
     /// Continue from the newest checkpoint in output.dir.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "force")]
     pub resume: bool,
+    /// Start over: delete an existing output.dir first.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// A progress bar on a terminal, plain lines otherwise.
@@ -98,6 +101,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         &recipe,
         &TrainOptions {
             resume: args.resume,
+            force: args.force,
             stop,
         },
         &mut progress,

@@ -46,6 +46,8 @@ pub trait Reporter {
 
 pub struct TrainOptions {
     pub resume: bool,
+    /// Start over: remove an existing output directory first.
+    pub force: bool,
     /// Set (e.g. by Ctrl-C) to stop after the current step with a checkpoint.
     pub stop: Arc<AtomicBool>,
 }
@@ -159,7 +161,10 @@ pub fn train(
         )));
     }
     if !opts.resume && lorakit_adapter::fsutil::is_non_empty_dir(&out) {
-        return Err(TrainError::io(&out, "output.dir already exists and is not empty: pass --resume to continue that run, or choose another output.dir"));
+        if !opts.force {
+            return Err(TrainError::io(&out, "output.dir already exists and is not empty: pass --resume to continue that run, --force to start over, or choose another output.dir"));
+        }
+        std::fs::remove_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
     }
     std::fs::create_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
     let lora_json = serde_json::to_value(&recipe.lora).unwrap_or_default();

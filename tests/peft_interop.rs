@@ -1,0 +1,77 @@
+//! Adapters cross between lorakit and PEFT: PEFT loads a lorakit-trained adapter with no missing
+//! or unexpected keys and computes the same eval loss, and `lorakit eval` reproduces the loss
+//! PEFT computes for a PEFT-made adapter (numbers from tests/fixtures/make_peft_fixtures.py --interop).
+use std::path::PathBuf;
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn expected() -> serde_json::Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/trained/expected.json")).unwrap(),
+    )
+    .unwrap()
+}
+
+fn eval_loss(adapter: Option<&str>) -> (f64, u64) {
+    let mut args = vec![
+        "eval",
+        "--model",
+        "examples/tiny-llama",
+        "--data",
+        "examples/data/capitals-eval.jsonl",
+        "--json",
+    ];
+    if let Some(a) = adapter {
+        args.extend(["--adapter", a]);
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_lorakit"))
+        .current_dir(root())
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    (v["loss"].as_f64().unwrap(), v["tokens"].as_u64().unwrap())
+}
+
+#[test]
+fn peft_loads_lorakit_adapters_and_agrees_on_the_loss() {
+    let e = expected();
+    let ours = &e["lorakit_adapter"];
+    assert_eq!(ours["missing_lora_keys"], serde_json::json!([]));
+    assert_eq!(ours["unexpected_keys"], serde_json::json!([]));
+    let (loss, tokens) = eval_loss(Some("tests/fixtures/trained/lorakit_adapter"));
+    assert_eq!(
+        tokens,
+        e["tokens"].as_u64().unwrap(),
+        "token counting differs from the reference"
+    );
+    let peft = ours["peft_loss"].as_f64().unwrap();
+    assert!((loss - peft).abs() <= 1e-4, "lorakit {loss} vs PEFT {peft}");
+    // and the adapter matters: it is far from the base loss
+    assert!(e["base_loss"].as_f64().unwrap() - peft > 1.0);
+}
+
+#[test]
+fn lorakit_eval_reproduces_peft_losses() {
+    let e = expected();
+    let (base, _) = eval_loss(None);
+    let want = e["base_loss"].as_f64().unwrap();
+    assert!(
+        (base - want).abs() <= 1e-4,
+        "base: lorakit {base} vs reference {want}"
+    );
+    let (loss, _) = eval_loss(Some("tests/fixtures/trained/peft_adapter"));
+    let want = e["peft_adapter"]["peft_loss"].as_f64().unwrap();
+    assert!(
+        (loss - want).abs() <= 1e-4,
+        "PEFT adapter: lorakit {loss} vs PEFT {want}"
+    );
+    assert!(
+        (loss - base).abs() > 1e-3,
+        "the PEFT adapter changes nothing"
+    );
+}

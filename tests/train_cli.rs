@@ -1,0 +1,293 @@
+//! End-to-end: `lorakit train` and `lorakit eval` through the binary on the committed tiny model.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn lorakit(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lorakit"))
+        .current_dir(root())
+        .args(args)
+        .output()
+        .expect("run lorakit")
+}
+
+fn out_err(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[test]
+fn every_committed_recipe_parses() {
+    let mut n = 0;
+    for e in std::fs::read_dir(root().join("recipes")).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_some_and(|x| x == "yaml") {
+            // paths in recipes are relative to the repository root
+            let cwd = std::env::current_dir().unwrap();
+            std::env::set_current_dir(root()).unwrap();
+            let r = lorakit_train::Recipe::load(&path, &[]);
+            std::env::set_current_dir(cwd).unwrap();
+            r.unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            n += 1;
+        }
+    }
+    assert!(n >= 3, "only {n} recipes");
+}
+
+#[test]
+fn train_writes_a_peft_adapter_metrics_and_a_summary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = lorakit(&[
+        "train",
+        "recipes/tiny-completion.yaml",
+        "--set",
+        &format!("output.dir={}", p(&out)),
+        "--set",
+        "train.max_steps=30",
+    ]);
+    let (stdout, stderr) = out_err(&o);
+    assert!(o.status.success(), "{stderr}");
+    // plain lines when stdout is not a terminal, then the summary
+    assert!(
+        stdout.contains("step 1/30") && stdout.contains("step 30/30"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("eval at step 0:") && stdout.contains("best eval loss"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("adapter: ") && stdout.contains("KB, PEFT format"),
+        "{stdout}"
+    );
+    for f in [
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "last/adapter_model.safetensors",
+        "metrics.jsonl",
+        "recipe.yaml",
+        "loss.svg",
+        "checkpoints/step-30/state.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 8);
+    assert_eq!(cfg["base_model_name_or_path"], "examples/tiny-llama");
+    // the adapter applies to the base: inspect-able and mergeable
+    let merged = tmp.path().join("merged");
+    let o = lorakit(&[
+        "merge",
+        "--base",
+        "examples/tiny-llama",
+        "--adapter",
+        p(&out.join("adapter")),
+        "--out",
+        p(&merged),
+        "--verify",
+    ]);
+    assert!(o.status.success(), "{}", out_err(&o).1);
+    assert!(merged.join("tokenizer.json").is_file());
+
+    // eval: the same loss the trainer reported for its best adapter
+    let o = lorakit(&[
+        "eval",
+        "--model",
+        "examples/tiny-llama",
+        "--adapter",
+        p(&out.join("adapter")),
+        "--data",
+        "examples/data/capitals-eval.jsonl",
+        "--max-seq-len",
+        "64",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", out_err(&o).1);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let loss = v["loss"].as_f64().unwrap();
+    assert!((v["perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-9 * loss.exp());
+    let best: f64 = stdout
+        .split("best eval loss ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (loss - best).abs() < 1e-3,
+        "eval {loss} vs trainer's best {best}"
+    );
+    // without the adapter: same tokens, higher loss
+    let o = lorakit(&[
+        "eval",
+        "--model",
+        "examples/tiny-llama",
+        "--data",
+        "examples/data/capitals-eval.jsonl",
+        "--max-seq-len",
+        "64",
+        "--json",
+    ]);
+    let base: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(base["tokens"], v["tokens"]);
+    assert!(base["loss"].as_f64().unwrap() > loss + 0.5);
+}
+
+#[test]
+fn ctrl_c_checkpoints_and_resume_matches_an_uninterrupted_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let full = tmp.path().join("full");
+    let part = tmp.path().join("part");
+    let set = |d: &Path| format!("output.dir={}", p(d));
+    let o = lorakit(&[
+        "train",
+        "recipes/tiny-completion.yaml",
+        "--set",
+        &set(&full),
+        "--set",
+        "train.max_steps=60",
+    ]);
+    assert!(o.status.success(), "{}", out_err(&o).1);
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lorakit"))
+        .current_dir(root())
+        .args([
+            "train",
+            "recipes/tiny-completion.yaml",
+            "--set",
+            &set(&part),
+            "--set",
+            "train.max_steps=60",
+            "--set",
+            "train.log_every=1",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // interrupt once a few steps are logged
+    let start = Instant::now();
+    while std::fs::read_to_string(part.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .count()
+        < 4
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "training did not start"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    let (stdout, stderr) = out_err(&o);
+    if o.status.success() {
+        // it finished before the signal landed; nothing to resume
+        eprintln!("run finished before SIGINT; skipping the resume half");
+    } else {
+        assert_eq!(o.status.code(), Some(130), "{stdout}\n{stderr}");
+        assert!(
+            stdout.contains("--resume") && stdout.contains("checkpoint saved"),
+            "{stdout}"
+        );
+        let o = lorakit(&[
+            "train",
+            "recipes/tiny-completion.yaml",
+            "--set",
+            &set(&part),
+            "--set",
+            "train.max_steps=60",
+            "--set",
+            "train.log_every=1",
+            "--resume",
+        ]);
+        assert!(o.status.success(), "{}", out_err(&o).1);
+    }
+    for f in [
+        "last/adapter_model.safetensors",
+        "adapter/adapter_model.safetensors",
+    ] {
+        assert!(
+            std::fs::read(full.join(f)).unwrap() == std::fs::read(part.join(f)).unwrap(),
+            "{f} differs after resume"
+        );
+    }
+}
+
+#[test]
+fn recipe_mistakes_are_clean_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad.yaml");
+    let text = std::fs::read_to_string(root().join("recipes/tiny-completion.yaml"))
+        .unwrap()
+        .replace("learning_rate:", "learnig_rate:");
+    std::fs::write(&bad, text).unwrap();
+    let o = lorakit(&["train", p(&bad)]);
+    let (_, err) = out_err(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("bad.yaml")
+            && err.contains("train.learnig_rate")
+            && err.contains("did you mean learning_rate?")
+            && err.contains("line 22"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"));
+
+    let o = lorakit(&[
+        "train",
+        "recipes/tiny-completion.yaml",
+        "--set",
+        "train.learning_rate=-1",
+    ]);
+    let (_, err) = out_err(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        err.contains("train.learning_rate") && err.contains("positive"),
+        "{err}"
+    );
+
+    let o = lorakit(&[
+        "train",
+        "recipes/tiny-completion.yaml",
+        "--set",
+        "data.train=missing.jsonl",
+    ]);
+    let (_, err) = out_err(&o);
+    assert!(
+        err.contains("data.train") && err.contains("missing.jsonl"),
+        "{err}"
+    );
+
+    let o = lorakit(&[
+        "eval",
+        "--model",
+        "examples/tiny-llama",
+        "--data",
+        "nowhere.jsonl",
+    ]);
+    let (_, err) = out_err(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err.contains("nowhere.jsonl"), "{err}");
+}
