@@ -46,6 +46,7 @@ impl Reporter for Quiet {
 fn opts(resume: bool) -> TrainOptions {
     TrainOptions {
         resume,
+        force: false,
         stop: Arc::new(AtomicBool::new(false)),
     }
 }
@@ -132,6 +133,7 @@ fn resume_is_bit_identical_to_an_uninterrupted_run() {
             &recipe(&part, &[]),
             &TrainOptions {
                 resume: false,
+                force: false,
                 stop: flag,
             },
             &mut rep,
