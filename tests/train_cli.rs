@@ -166,7 +166,7 @@ fn ctrl_c_checkpoints_and_resume_matches_an_uninterrupted_run() {
     ]);
     assert!(o.status.success(), "{}", out_err(&o).1);
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lorakit"))
+    let child = Command::new(env!("CARGO_BIN_EXE_lorakit"))
         .current_dir(root())
         .args([
             "train",
