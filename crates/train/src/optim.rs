@@ -176,6 +176,27 @@ mod tests {
     }
 
     #[test]
+    fn variables_off_the_loss_path_are_reported_as_missing_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let used = Var::new(&[1.0f32, 2.0], &dev)?;
+        let unused = Var::new(&[3.0f32], &dev)?;
+        let map = BTreeMap::from([
+            ("a.lora_A.weight".to_string(), used.clone()),
+            ("b.lora_B.weight".to_string(), unused),
+        ]);
+        let opt = AdamW::new(map, 0.0)?;
+        // a gradient-blocking op (detach) between `used` and the loss is as bad as no path at all
+        let grads = used.as_tensor().detach().sqr()?.sum_all()?.backward()?;
+        assert_eq!(
+            opt.missing_grads(&grads),
+            vec!["a.lora_A.weight", "b.lora_B.weight"]
+        );
+        let grads = used.as_tensor().sqr()?.sum_all()?.backward()?;
+        assert_eq!(opt.missing_grads(&grads), vec!["b.lora_B.weight"]);
+        Ok(())
+    }
+
+    #[test]
     fn clipping_scales_to_the_max_norm() -> Result<()> {
         let dev = Device::Cpu;
         let mut g = vec![Tensor::new(&[3.0f32], &dev)?, Tensor::new(&[4.0f32], &dev)?];
