@@ -339,3 +339,70 @@ fn bad_data_lines_are_named_with_their_line_number() {
         );
     }
 }
+
+#[test]
+fn early_stopping_keeps_the_best_adapter_when_eval_loss_turns_up() {
+    // Held-out countries: the eval loss falls, then rises as the adapter memorises the train set.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let eval = root().join("examples/data/capitals-eval.jsonl");
+    let r = recipe(
+        &out,
+        &[
+            &format!("data.eval={}", eval.display()),
+            "train.max_steps=400",
+            "train.eval_every=2",
+            "train.early_stopping_patience=3",
+            "train.learning_rate=2.0e-2",
+            "lora.lora_dropout=0.0",
+            "train.save_every=1000",
+        ],
+    );
+    let mut rep = Quiet::default();
+    let s = train(&r, &opts(false), &mut rep).unwrap();
+    assert!(s.stopped_early && s.steps < 400, "ran {} steps", s.steps);
+    let (best_step, best) = s.best_eval.unwrap();
+    assert_eq!(
+        best,
+        rep.evals.iter().map(|e| e.1).fold(f64::INFINITY, f64::min)
+    );
+    // the three evaluations after the best one were all worse
+    let after: Vec<f64> = rep
+        .evals
+        .iter()
+        .filter(|e| e.0 > best_step)
+        .map(|e| e.1)
+        .collect();
+    assert_eq!(after.len(), 3, "{:?}", rep.evals);
+    assert!(after.iter().all(|l| *l >= best));
+    // adapter/ holds the best weights: evaluating it gives the best loss
+    let tok = TextTokenizer::from_model_dir(&root().join("examples/tiny-llama")).unwrap();
+    let ds = data::load(&eval, DataFormat::Completion, &tok, 32, false).unwrap();
+    let adapter = lorakit_adapter::PeftAdapter::load(&out.join("adapter")).unwrap();
+    let (model, _) = lorakit_models::ModelDir::open(&root().join("examples/tiny-llama"))
+        .unwrap()
+        .load(
+            lorakit_adapter::Adapters::Loaded(adapter),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+    let e = lorakit_train::eval::evaluate(&model, &ds, tok.pad_id, 8, &candle_core::Device::Cpu)
+        .unwrap();
+    assert!((e.loss - best).abs() < 1e-5, "{} vs {best}", e.loss);
+}
+
+#[test]
+fn eval_split_holds_out_a_seeded_fraction() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = recipe(
+        &tmp.path().join("run"),
+        &[
+            "data.eval=null",
+            "data.eval_split=0.25",
+            "train.max_steps=1",
+        ],
+    );
+    let s = train(&r, &opts(false), &mut Quiet::default()).unwrap();
+    assert_eq!((s.train_examples, s.eval_examples), (24, 8));
+}
