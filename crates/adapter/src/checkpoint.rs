@@ -248,6 +248,29 @@ impl Checkpoint {
         }
     }
 
+    /// The error for a tensor whose stored shape is not what config.json implies.
+    fn config_shape_error(
+        &self,
+        name: &str,
+        expected: &[usize],
+        got: &[usize],
+    ) -> candle_core::Error {
+        let file = self
+            .file_of(name)
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        candle_core::Error::Msg(
+            AdapterError::ShapeMismatch {
+                file,
+                name: name.into(),
+                expected: expected.to_vec(),
+                got: got.to_vec(),
+                why: "the model's config.json implies this shape".into(),
+            }
+            .to_string(),
+        )
+    }
+
     /// Total number of elements over all tensors.
     pub fn parameter_count(&self) -> usize {
         self.files
@@ -291,19 +314,7 @@ impl candle_nn::var_builder::SimpleBackend for Checkpoint {
     ) -> candle_core::Result<Tensor> {
         let t = self.get_unchecked(name, dtype, dev)?;
         if t.shape() != &s {
-            return Err(candle_core::Error::Msg(
-                AdapterError::ShapeMismatch {
-                    file: self
-                        .file_of(name)
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_default(),
-                    name: name.into(),
-                    expected: s.dims().to_vec(),
-                    got: t.dims().to_vec(),
-                    why: "the model's config.json implies this shape".into(),
-                }
-                .to_string(),
-            ));
+            return Err(self.config_shape_error(name, s.dims(), t.dims()));
         }
         Ok(t)
     }
@@ -338,20 +349,7 @@ impl candle_nn::var_builder::SimpleBackend for ShapeOnly {
             .meta(name)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         if meta.shape != s.dims() {
-            return Err(candle_core::Error::Msg(
-                AdapterError::ShapeMismatch {
-                    file: self
-                        .0
-                        .file_of(name)
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_default(),
-                    name: name.into(),
-                    expected: s.dims().to_vec(),
-                    got: meta.shape,
-                    why: "the model's config.json implies this shape".into(),
-                }
-                .to_string(),
-            ));
+            return Err(self.0.config_shape_error(name, s.dims(), &meta.shape));
         }
         Tensor::zeros((), dtype, dev)?.broadcast_as(s)
     }

@@ -203,8 +203,9 @@ fn is_default_like(v: &Value) -> bool {
     }
 }
 
-/// Fields of [`LoraConfig`], the keys we parse ourselves.
-const OWN_KEYS: &[&str] = &[
+/// Fields of [`LoraConfig`], the keys we parse ourselves (and the valid keys of a recipe's
+/// `lora:` block).
+pub const LORA_FIELDS: &[&str] = &[
     "r",
     "lora_alpha",
     "lora_dropout",
@@ -263,7 +264,7 @@ impl LoraConfig {
                     feature: feature.into(),
                 });
             }
-            if OWN_KEYS.contains(&key.as_str()) {
+            if LORA_FIELDS.contains(&key.as_str()) {
                 if !value.is_null() || key == "target_modules" {
                     own.insert(key, value);
                 }

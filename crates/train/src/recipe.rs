@@ -187,25 +187,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
             "train_on_inputs",
         ],
     ),
-    (
-        "lora",
-        &[
-            "r",
-            "lora_alpha",
-            "lora_dropout",
-            "target_modules",
-            "exclude_modules",
-            "use_rslora",
-            "rank_pattern",
-            "alpha_pattern",
-            "layers_to_transform",
-            "layers_pattern",
-            "bias",
-            "modules_to_save",
-            "task_type",
-            "base_model_name_or_path",
-        ],
-    ),
+    ("lora", lorakit_adapter::config::LORA_FIELDS),
     (
         "train",
         &[
