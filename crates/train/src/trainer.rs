@@ -134,7 +134,8 @@ fn datasets(recipe: &Recipe, tok: &TextTokenizer) -> Result<(Dataset, Option<Dat
     Ok((train, eval))
 }
 
-/// Runs a recipe to the end (or to an interruption). `recipe_text` is the resolved recipe.
+/// Runs a recipe to the end (or to an interruption). Everything that can fail on bad input
+/// (recipe, data, model, checkpoint) is checked before `output.dir` is touched.
 pub fn train(
     recipe: &Recipe,
     opts: &TrainOptions,
@@ -160,13 +161,16 @@ pub fn train(
             out.display()
         )));
     }
-    if !opts.resume && lorakit_adapter::fsutil::is_non_empty_dir(&out) {
+    let start_over = !opts.resume && lorakit_adapter::fsutil::is_non_empty_dir(&out);
+    if start_over {
         if !opts.force {
             return Err(TrainError::io(&out, "output.dir already exists and is not empty: pass --resume to continue that run, --force to start over, or choose another output.dir"));
         }
-        std::fs::remove_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
+        // --force deletes only what looks like a lorakit run, never an arbitrary directory
+        if !out.join("recipe.yaml").is_file() {
+            return Err(TrainError::io(&out, "--force: this directory holds no recipe.yaml, so it is not a lorakit run; lorakit will not delete it"));
+        }
     }
-    std::fs::create_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
     let lora_json = serde_json::to_value(&recipe.lora).unwrap_or_default();
     let varmap = VarMap::new();
     let mut state = TrainState {
@@ -199,15 +203,6 @@ pub fn train(
             state.step
         ));
     }
-    let recipe_yaml = recipe.to_yaml();
-    lorakit_adapter::fsutil::atomic_write(&out.join("recipe.yaml"), recipe_yaml.as_bytes())?;
-    let metrics_path = out.join("metrics.jsonl");
-    if opts.resume {
-        metrics::truncate_after(&metrics_path, state.step)?;
-    } else {
-        let _ = std::fs::remove_file(&metrics_path);
-    }
-
     let dropout_seed = StepSeed::default();
     let (model, report) = ModelDir::open(&recipe.model.path)?.load(
         Adapters::Train {
@@ -219,6 +214,20 @@ pub fn train(
         dtype,
         &device,
     )?;
+    // All inputs are good: now write.
+    if start_over {
+        std::fs::remove_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
+    }
+    std::fs::create_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
+    let recipe_yaml = recipe.to_yaml();
+    lorakit_adapter::fsutil::atomic_write(&out.join("recipe.yaml"), recipe_yaml.as_bytes())?;
+    let metrics_path = out.join("metrics.jsonl");
+    if opts.resume {
+        metrics::truncate_after(&metrics_path, state.step)?;
+    } else {
+        let _ = std::fs::remove_file(&metrics_path);
+    }
+
     if tok.vocab_size() > model.config().vocab_size {
         reporter.message(&format!(
             "note: the tokenizer has {} tokens, the model {}",
