@@ -58,7 +58,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Some(d) => {
             let a = PeftAdapter::load(d)?;
             for w in &a.warnings {
-                eprintln!("warning: {w}");
+                crate::warn(w);
             }
             Adapters::Loaded(a)
         }
@@ -68,12 +68,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let (model, _) = ModelDir::open(&args.model)?.load(adapters, DType::F32, &device)?;
     let r = evaluate(&model, &ds, tok.pad_id, args.batch_size, &device)?;
     if args.json {
-        println!(
+        say!(
             "{}",
             serde_json::json!({"loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens})
         );
     } else {
-        println!(
+        say!(
             "loss {:.6}  perplexity {:.4}  tokens {}  ({} examples, {} truncated)",
             r.loss,
             r.perplexity,

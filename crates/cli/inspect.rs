@@ -106,10 +106,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
             "lora_parameters": selector.as_ref().map(|_| lora_params),
             "unmatched_targets": unmatched,
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        say!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!("model:        {}", args.model.display());
-        println!(
+        say!("model:        {}", args.model.display());
+        say!(
             "architecture: {} ({} layers, hidden {}, {} heads / {} kv heads, head dim {}, vocab {}{})",
             cfg.arch.name(),
             cfg.num_hidden_layers,
@@ -120,14 +120,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
             cfg.vocab_size,
             if cfg.tie_word_embeddings { ", tied embeddings" } else { "" }
         );
-        println!(
+        say!(
             "parameters:   {} ({:?}, {} file{})",
             group_digits(params),
             dtype,
             shards,
             if shards == 1 { "" } else { "s" }
         );
-        println!("linear modules ({}), shape [out, in]:", linears.len());
+        say!("linear modules ({}), shape [out, in]:", linears.len());
         let width = paths.iter().map(String::len).max().unwrap_or(0);
         for (l, w) in linears.iter().zip(&wrapped) {
             let mark = if selector.is_some() {
@@ -139,7 +139,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             } else {
                 ""
             };
-            println!(
+            say!(
                 "  {mark}{:width$}  [{}, {}]{}",
                 l.path,
                 l.out_dim,
@@ -149,7 +149,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
         if selector.is_some() {
             let n = wrapped.iter().filter(|w| **w).count();
-            println!(
+            say!(
                 "LoRA would wrap {n} of {} linear modules (marked *): {} trainable parameters at r={} ({:.3}% of the model)",
                 linears.len(),
                 group_digits(lora_params),

@@ -1,4 +1,25 @@
 //! `lorakit`: parameter-efficient fine-tuning on candle. One file per subcommand.
+
+/// `println!` that returns an error when standard output cannot be written (a full disk, a
+/// closed pipe) instead of panicking.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($arg)*)
+            .map_err(|e| anyhow::anyhow!("writing to standard output: {e}"))?;
+    }};
+}
+
+/// A message on stderr; a failed write is ignored (there is nowhere left to report it).
+pub(crate) fn note(text: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "{text}");
+}
+
+pub(crate) fn warn(text: &str) {
+    note(&format!("warning: {text}"));
+}
+
 mod eval;
 mod inspect;
 mod merge;
@@ -41,7 +62,8 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "error: {e:#}");
             ExitCode::FAILURE
         }
     }

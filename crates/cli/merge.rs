@@ -43,7 +43,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let start = Instant::now();
     let adapter = PeftAdapter::load(&args.adapter)?;
     for w in &adapter.warnings {
-        eprintln!("warning: {w}");
+        crate::warn(w);
     }
     let dtype = match args.dtype {
         DTypeArg::Auto => OutDType::Auto,
@@ -60,7 +60,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             force: args.force,
         },
     )?;
-    println!(
+    say!(
         "merged {} LoRA module{} ({} replaced whole) into {} tensors; wrote {} ({} shard{}, {:.1} MB) in {:.2} s",
         summary.merged.len(),
         if summary.merged.len() == 1 { "" } else { "s" },
@@ -73,12 +73,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
         start.elapsed().as_secs_f64()
     );
     if let Some(head) = &summary.untied {
-        println!("note: the adapter changes the output head, so `{head}` is now stored apart from the embeddings (tie_word_embeddings: false)");
+        say!("note: the adapter changes the output head, so `{head}` is now stored apart from the embeddings (tie_word_embeddings: false)");
     }
     if args.verify {
         let (diff, positions) = verify(&args.base, &args.adapter, &args.out)
             .context("--verify (running both models)")?;
-        println!("verify: max |logit difference| between base + adapter and the merged model = {diff:.3e} over {positions} positions");
+        say!("verify: max |logit difference| between base + adapter and the merged model = {diff:.3e} over {positions} positions");
         let tolerance = match args.dtype {
             DTypeArg::F32 => 1e-3,
             _ => f32::INFINITY, // rounding to 16 bits moves logits; report, don't judge

@@ -27,6 +27,22 @@ pub struct Args {
 /// A progress bar on a terminal, plain lines otherwise.
 struct Progress {
     bar: Option<ProgressBar>,
+    /// The first failed write to stdout, reported when training returns.
+    write_error: Option<std::io::Error>,
+}
+
+impl Progress {
+    fn line(&mut self, text: &str) {
+        use std::io::Write as _;
+        match &self.bar {
+            Some(b) => b.println(text),
+            None => {
+                if let Err(e) = writeln!(std::io::stdout(), "{text}") {
+                    self.write_error.get_or_insert(e);
+                }
+            }
+        }
+    }
 }
 
 impl Reporter for Progress {
@@ -44,10 +60,7 @@ impl Reporter for Progress {
         }
     }
     fn message(&mut self, text: &str) {
-        match &self.bar {
-            Some(b) => b.println(text),
-            None => println!("{text}"),
-        }
+        self.line(text);
     }
     fn step(&mut self, r: &StepReport) {
         let line = format!(
@@ -59,10 +72,10 @@ impl Reporter for Progress {
                 b.set_position(r.step as u64);
                 b.set_message(line);
             }
-            None => println!(
+            None => self.line(&format!(
                 "step {}/{}  epoch {:.2}  {line}  grad-norm {:.3}",
                 r.step, r.total, r.epoch, r.grad_norm
-            ),
+            )),
         }
     }
     fn eval(&mut self, step: usize, r: &EvalResult, best: bool) {
@@ -94,9 +107,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
         if flag.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
-        eprintln!("\ninterrupt: finishing the current step and saving a checkpoint (Ctrl-C again to quit now)");
+        crate::note("\ninterrupt: finishing the current step and saving a checkpoint (Ctrl-C again to quit now)");
     });
-    let mut progress = Progress { bar: None };
+    let mut progress = Progress {
+        bar: None,
+        write_error: None,
+    };
     let s = train(
         &recipe,
         &TrainOptions {
@@ -107,9 +123,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
         &mut progress,
     )
     .with_context(|| format!("training with {}", args.recipe.display()))?;
+    if let Some(e) = progress.write_error {
+        anyhow::bail!("writing to standard output: {e}");
+    }
     let out = &recipe.output.dir;
     if s.interrupted {
-        println!(
+        say!(
             "stopped at step {}/{}; checkpoint saved in {}/checkpoints/step-{}. Resume with:\n  lorakit train {} --resume{}",
             s.steps,
             s.total_steps,
@@ -120,7 +139,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         );
         return Ok(ExitCode::from(130));
     }
-    println!(
+    say!(
         "done: {} steps in {:.1} s{}",
         s.steps,
         s.seconds,
@@ -131,22 +150,22 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
     );
     if let (Some(a), Some(b)) = (s.first_loss, s.last_loss) {
-        println!("  train loss {a:.4} -> {b:.4}");
+        say!("  train loss {a:.4} -> {b:.4}");
     }
     match s.best_eval {
-        Some((step, loss)) => println!(
+        Some((step, loss)) => say!(
             "  best eval loss {loss:.4} (perplexity {:.2}) at step {step}",
             loss.exp()
         ),
-        None => println!("  no eval data: adapter/ holds the final weights"),
+        None => say!("  no eval data: adapter/ holds the final weights"),
     }
-    println!(
+    say!(
         "  adapter: {} ({:.1} KB, PEFT format); final weights in {}/last",
         s.adapter_dir.display(),
         s.adapter_bytes as f64 / 1024.0,
         out.display()
     );
-    println!(
+    say!(
         "  metrics: {}/metrics.jsonl, plot: {}/loss.svg",
         out.display(),
         out.display()

@@ -320,9 +320,21 @@ impl candle_nn::var_builder::SimpleBackend for Checkpoint {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.load(name, dev)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?
-            .to_dtype(dtype)
+        let t = self
+            .load(name, dev)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        // an integer tensor where the model wants weights would be converted silently
+        if dtype.is_float() && !t.dtype().is_float() {
+            let file = self
+                .file_of(name)
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            return Err(candle_core::Error::Msg(format!(
+                "{file}: tensor `{name}` is stored as {:?}; model weights must be F32, BF16 or F16",
+                t.dtype()
+            )));
+        }
+        t.to_dtype(dtype)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {

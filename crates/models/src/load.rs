@@ -55,12 +55,16 @@ impl ModelDir {
         device: &Device,
     ) -> Result<(CausalLm, BuildReport)> {
         let config = self.config.clone();
+        let names: Vec<String> = self.checkpoint.names().map(String::from).collect();
+        let describe = self.checkpoint.describe();
         let backend: Box<dyn SimpleBackend> = Box::new(self.checkpoint);
-        build(
+        let (model, report) = build(
             &config,
             VarBuilder::from_backend(backend, dtype, device.clone()),
             adapters,
-        )
+        )?;
+        check_all_used(&config, &names, &report, &describe)?;
+        Ok((model, report))
     }
 
     /// Walks the model's structure against the checkpoint headers without reading weights:
@@ -85,4 +89,37 @@ pub fn build(
     let model = CausalLm::new(config, &lb)?;
     let report = lb.finish()?;
     Ok((model, report))
+}
+
+/// A checkpoint tensor the model never asked for means config.json and the weights disagree (a
+/// layer count, a tied head); refuse rather than run a silently different model. Tensors
+/// transformers itself skips are allowed.
+fn check_all_used(
+    config: &LlamaConfig,
+    names: &[String],
+    report: &BuildReport,
+    file: &str,
+) -> Result<()> {
+    let used: std::collections::HashSet<&str> =
+        report.frozen.iter().map(|(n, _)| n.as_str()).collect();
+    let unused: Vec<&String> = names
+        .iter()
+        .filter(|n| !used.contains(n.as_str()))
+        .filter(|n| !n.ends_with("rotary_emb.inv_freq"))
+        .filter(|n| !(config.tie_word_embeddings && n.as_str() == "lm_head.weight"))
+        .collect();
+    if unused.is_empty() {
+        return Ok(());
+    }
+    Err(ModelError::Config {
+        file: PathBuf::from(file),
+        key: unused.iter().take(3).map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
+        message: format!(
+            "{} tensor(s) are not used by a {} model with this config.json (num_hidden_layers = {}, tie_word_embeddings = {}); do config.json and the weights belong together?",
+            unused.len(),
+            config.arch.name(),
+            config.num_hidden_layers,
+            config.tie_word_embeddings
+        ),
+    })
 }
