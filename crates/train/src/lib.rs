@@ -8,6 +8,7 @@ pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod recipe;
+pub mod run_lock;
 pub mod runtime;
 pub mod schedule;
 pub mod tokenizer;

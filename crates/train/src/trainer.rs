@@ -150,6 +150,14 @@ pub fn train(
     let (train_ds, eval_ds) = datasets(recipe, &tok)?;
 
     // Output directory and resume point.
+    if let Some(pid) = crate::run_lock::holder(&out) {
+        return Err(TrainError::io(
+            &out,
+            format!(
+                "in use by another lorakit train (pid {pid}); wait for it to finish or stop it"
+            ),
+        ));
+    }
     let latest = if opts.resume {
         checkpoint::latest(&out)?
     } else {
@@ -214,11 +222,15 @@ pub fn train(
         dtype,
         &device,
     )?;
-    // All inputs are good: now write.
+    // All inputs are good: now write, holding the directory's lock.
     if start_over {
         std::fs::remove_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
     }
     std::fs::create_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
+    let (_lock, notes) = crate::run_lock::RunLock::acquire(&out)?;
+    for n in notes {
+        reporter.message(&n);
+    }
     let recipe_yaml = recipe.to_yaml();
     lorakit_adapter::fsutil::atomic_write(&out.join("recipe.yaml"), recipe_yaml.as_bytes())?;
     let metrics_path = out.join("metrics.jsonl");
