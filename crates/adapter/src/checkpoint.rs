@@ -248,6 +248,20 @@ impl Checkpoint {
         }
     }
 
+    /// An integer tensor where the model wants float weights would be converted silently.
+    fn check_float(&self, name: &str, stored: DType, wanted: DType) -> candle_core::Result<()> {
+        if wanted.is_float() && !stored.is_float() {
+            let file = self
+                .file_of(name)
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            return Err(candle_core::Error::Msg(format!(
+                "{file}: tensor `{name}` is stored as {stored:?}; model weights must be F32, BF16 or F16"
+            )));
+        }
+        Ok(())
+    }
+
     /// The error for a tensor whose stored shape is not what config.json implies.
     fn config_shape_error(
         &self,
@@ -323,17 +337,7 @@ impl candle_nn::var_builder::SimpleBackend for Checkpoint {
         let t = self
             .load(name, dev)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        // an integer tensor where the model wants weights would be converted silently
-        if dtype.is_float() && !t.dtype().is_float() {
-            let file = self
-                .file_of(name)
-                .map(|p| p.display().to_string())
-                .unwrap_or_default();
-            return Err(candle_core::Error::Msg(format!(
-                "{file}: tensor `{name}` is stored as {:?}; model weights must be F32, BF16 or F16",
-                t.dtype()
-            )));
-        }
+        self.check_float(name, t.dtype(), dtype)?;
         t.to_dtype(dtype)
     }
 
@@ -363,6 +367,7 @@ impl candle_nn::var_builder::SimpleBackend for ShapeOnly {
         if meta.shape != s.dims() {
             return Err(self.0.config_shape_error(name, s.dims(), &meta.shape));
         }
+        self.0.check_float(name, meta.dtype, dtype)?;
         Tensor::zeros((), dtype, dev)?.broadcast_as(s)
     }
 

@@ -63,7 +63,12 @@ impl ModelDir {
             VarBuilder::from_backend(backend, dtype, device.clone()),
             adapters,
         )?;
-        check_all_used(&config, &names, &report, &describe)?;
+        check_all_used(
+            &config,
+            &names,
+            report.frozen.iter().map(|(n, _)| n.as_str()),
+            &describe,
+        )?;
         Ok((model, report))
     }
 
@@ -71,10 +76,19 @@ impl ModelDir {
     /// every linear module with its shape, and which ones `adapters` would wrap.
     pub fn linear_modules(self, adapters: Adapters) -> Result<Vec<LinearInfo>> {
         let config = self.config.clone();
+        let names: Vec<String> = self.checkpoint.names().map(String::from).collect();
+        let describe = self.checkpoint.describe();
         let backend: Box<dyn SimpleBackend> = Box::new(ShapeOnly(self.checkpoint));
         let vb = VarBuilder::from_backend(backend, DType::F32, Device::Cpu);
         let lb = LayerBuilder::new(vb, adapters)?;
         CausalLm::new(&config, &lb)?;
+        let used = lb.base_tensors();
+        check_all_used(
+            &config,
+            &names,
+            used.iter().map(|(n, _)| n.as_str()),
+            &describe,
+        )?;
         Ok(lb.linears())
     }
 }
@@ -94,14 +108,13 @@ pub fn build(
 /// A checkpoint tensor the model never asked for means config.json and the weights disagree (a
 /// layer count, a tied head); refuse rather than run a silently different model. Tensors
 /// transformers itself skips are allowed.
-fn check_all_used(
+fn check_all_used<'a>(
     config: &LlamaConfig,
     names: &[String],
-    report: &BuildReport,
+    used: impl Iterator<Item = &'a str>,
     file: &str,
 ) -> Result<()> {
-    let used: std::collections::HashSet<&str> =
-        report.frozen.iter().map(|(n, _)| n.as_str()).collect();
+    let used: std::collections::HashSet<&str> = used.collect();
     let unused: Vec<&String> = names
         .iter()
         .filter(|n| !used.contains(n.as_str()))

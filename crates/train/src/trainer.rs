@@ -146,6 +146,7 @@ pub fn train(
     let out = recipe.output.dir.clone();
     let device = runtime::device(&recipe.model.device)?;
     let dtype = runtime::dtype(&recipe.model.dtype, &device);
+    let model_dir = ModelDir::open(&recipe.model.path)?;
     let tok = TextTokenizer::from_model_dir(&recipe.model.path)?;
     let (train_ds, eval_ds) = datasets(recipe, &tok)?;
 
@@ -212,7 +213,7 @@ pub fn train(
         ));
     }
     let dropout_seed = StepSeed::default();
-    let (model, report) = ModelDir::open(&recipe.model.path)?.load(
+    let (model, report) = model_dir.load(
         Adapters::Train {
             config: recipe.lora.clone(),
             varmap: varmap.clone(),
