@@ -827,3 +827,103 @@ fn outputs() {
         );
     }
 }
+
+/// A minimal llama GGUF: string/u32 metadata and F32 tensors given as (name, [in, out]).
+fn gguf(arch: &str, tensors: &[(&str, [u64; 2])]) -> Vec<u8> {
+    let mut b = Vec::new();
+    let s = |b: &mut Vec<u8>, t: &str| {
+        b.extend((t.len() as u64).to_le_bytes());
+        b.extend(t.as_bytes());
+    };
+    b.extend(b"GGUF");
+    b.extend(3u32.to_le_bytes());
+    b.extend((tensors.len() as u64).to_le_bytes());
+    b.extend(3u64.to_le_bytes());
+    s(&mut b, "general.architecture");
+    b.extend(8u32.to_le_bytes());
+    s(&mut b, arch);
+    for (k, v) in [("llama.block_count", 1u32), ("llama.embedding_length", 8)] {
+        s(&mut b, k);
+        b.extend(4u32.to_le_bytes());
+        b.extend(v.to_le_bytes());
+    }
+    let mut offset = 0u64;
+    for (name, dims) in tensors {
+        s(&mut b, name);
+        b.extend(2u32.to_le_bytes());
+        b.extend(dims[0].to_le_bytes());
+        b.extend(dims[1].to_le_bytes());
+        b.extend(0u32.to_le_bytes());
+        b.extend(offset.to_le_bytes());
+        offset += (dims[0] * dims[1] * 4).div_ceil(32) * 32;
+    }
+    while b.len() % 32 != 0 {
+        b.push(0);
+    }
+    b.extend(vec![0u8; offset as usize]);
+    b
+}
+
+#[test]
+fn gguf_files() {
+    let s = Scratch::new();
+    let tensors = [
+        ("token_embd.weight", [8, 16]),
+        ("blk.0.attn_q.weight", [8, 8]),
+        ("blk.0.ffn_down.weight", [12, 8]),
+        ("output_norm.weight", [8, 1]),
+    ];
+    let good = gguf("llama", &tensors);
+    std::fs::write(s.path("good.gguf"), &good).unwrap();
+    // the good file inspects, with Hugging Face module names and [out, in] shapes
+    let o = s.lorakit(&["inspect", "good.gguf"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        out.contains("model.layers.0.self_attn.q_proj  [8, 8]")
+            && out.contains("model.layers.0.mlp.down_proj     [8, 12]"),
+        "{out}"
+    );
+    assert!(
+        out.contains("lm_head") && out.contains("tied embeddings"),
+        "{out}"
+    );
+
+    std::fs::write(s.path("truncated.gguf"), &good[..good.len() - 40]).unwrap();
+    check(
+        "truncated gguf",
+        &s,
+        &["inspect", "truncated.gguf"],
+        &["truncated.gguf", "outside the file"],
+    );
+    std::fs::write(s.path("header-cut.gguf"), &good[..60]).unwrap();
+    check(
+        "gguf cut in its header",
+        &s,
+        &["inspect", "header-cut.gguf"],
+        &["header-cut.gguf", "truncated"],
+    );
+    std::fs::write(s.path("gpt2.gguf"), gguf("gpt2", &tensors)).unwrap();
+    check(
+        "unsupported gguf architecture",
+        &s,
+        &["inspect", "gpt2.gguf"],
+        &["gpt2.gguf", "general.architecture", "gpt2", "not supported"],
+    );
+    std::fs::write(s.path("noise.gguf"), b"PK\x03\x04 this is a zip file").unwrap();
+    check(
+        "not a gguf",
+        &s,
+        &["inspect", "noise.gguf"],
+        &["noise.gguf", "not a GGUF file"],
+    );
+    let mut hostile = good.clone();
+    hostile[8..16].copy_from_slice(&(1u64 << 62).to_le_bytes());
+    std::fs::write(s.path("hostile.gguf"), &hostile).unwrap();
+    check(
+        "gguf with a hostile tensor count",
+        &s,
+        &["inspect", "hostile.gguf"],
+        &["hostile.gguf", "truncated or corrupt"],
+    );
+}

@@ -1,14 +1,16 @@
 //! `lorakit inspect MODEL`: architecture, parameter count and dtype, every linear module with its
 //! shape, and which modules a LoRA target list would wrap.
 use anyhow::{bail, Context, Result};
-use lorakit_adapter::{Adapters, LoraConfig, ModuleSpec, TargetSelector};
+use lorakit_adapter::{Adapters, LinearInfo, LoraConfig, ModuleSpec, TargetSelector};
+use lorakit_models::gguf::{hf_name, GgufHeader};
 use lorakit_models::ModelDir;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Hugging Face model directory (config.json + model.safetensors or shards + index).
+    /// Hugging Face model directory (config.json + model.safetensors or shards + index), or a
+    /// llama-architecture .gguf file (read from its header; modules named as in Hugging Face).
     pub model: PathBuf,
     /// Comma-separated target modules (names or dotted suffixes), or `all-linear`.
     #[arg(long, value_delimiter = ',', conflicts_with = "target_regex")]
@@ -27,16 +29,129 @@ pub struct Args {
     pub json: bool,
 }
 
-pub fn run(args: Args) -> Result<ExitCode> {
-    let dir = ModelDir::open(&args.model)?;
+/// What inspect reports about a model, from a model directory or a GGUF file.
+struct Summary {
+    arch: String,
+    layers: usize,
+    hidden: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    vocab: usize,
+    tied: bool,
+    params: usize,
+    dtype: String,
+    files: usize,
+    linears: Vec<LinearInfo>,
+}
+
+fn summarize_dir(path: &Path) -> Result<Summary> {
+    let dir = ModelDir::open(path)?;
     let cfg = dir.config.clone();
     let params = dir.checkpoint.parameter_count();
-    let dtype = dir.stored_dtype();
-    let shards = dir.checkpoint.files().len();
+    let dtype = format!("{:?}", dir.stored_dtype());
+    let files = dir.checkpoint.files().len();
     let linears = dir
         .linear_modules(Adapters::None)
-        .with_context(|| format!("walking the model in {}", args.model.display()))?;
+        .with_context(|| format!("walking the model in {}", path.display()))?;
+    Ok(Summary {
+        arch: cfg.arch.name().into(),
+        layers: cfg.num_hidden_layers,
+        hidden: cfg.hidden_size,
+        heads: cfg.num_attention_heads,
+        kv_heads: cfg.num_key_value_heads,
+        head_dim: cfg.head_dim,
+        vocab: cfg.vocab_size,
+        tied: cfg.tie_word_embeddings,
+        params,
+        dtype,
+        files,
+        linears,
+    })
+}
 
+/// A GGUF file, read from its header only; modules are named as in the Hugging Face release.
+fn summarize_gguf(path: &Path) -> Result<Summary> {
+    let h = GgufHeader::from_file(path)?;
+    let arch = h
+        .architecture()
+        .map_err(|m| anyhow::anyhow!("{}: {m}", path.display()))?
+        .to_string();
+    let meta = |k: &str| {
+        h.metadata
+            .get(&format!("{arch}.{k}"))
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0) as usize
+    };
+    let mut linears = Vec::new();
+    let mut params = 0usize;
+    let mut vocab = 0;
+    let mut types = std::collections::BTreeSet::new();
+    for t in &h.tensors {
+        params += t.dims.iter().product::<u64>() as usize;
+        types.insert(t.ggml_type);
+        let Some(name) = hf_name(&t.name) else {
+            continue;
+        };
+        if name == "model.embed_tokens.weight" {
+            vocab = t.dims.get(1).copied().unwrap_or(0) as usize;
+        }
+        let is_linear =
+            t.dims.len() == 2 && !name.contains("embed_tokens") && !name.contains("norm");
+        if let (true, Some(module)) = (is_linear, name.strip_suffix(".weight")) {
+            linears.push(LinearInfo {
+                path: module.into(),
+                in_dim: t.dims[0] as usize,
+                out_dim: t.dims[1] as usize,
+                bias: false,
+                lora: None,
+            });
+        }
+    }
+    let tied = !h.tensors.iter().any(|t| t.name == "output.weight");
+    if tied {
+        linears.push(LinearInfo {
+            path: "lm_head".into(),
+            in_dim: meta("embedding_length"),
+            out_dim: vocab,
+            bias: false,
+            lora: None,
+        });
+    }
+    let heads = meta("attention.head_count");
+    let (layers, hidden, kv_heads) = (
+        meta("block_count"),
+        meta("embedding_length"),
+        meta("attention.head_count_kv"),
+    );
+    Ok(Summary {
+        arch,
+        layers,
+        hidden,
+        heads,
+        kv_heads,
+        head_dim: hidden / heads.max(1),
+        vocab,
+        tied,
+        params,
+        dtype: format!("GGUF v{}, ggml types {:?}", h.version, types),
+        files: 1,
+        linears,
+    })
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    let is_gguf = args
+        .model
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    let m = if is_gguf {
+        summarize_gguf(&args.model)?
+    } else {
+        summarize_dir(&args.model)?
+    };
+    let (params, dtype, shards) = (m.params, m.dtype.clone(), m.files);
+    let linears = m.linears.clone();
     let targets = match (&args.target_modules, &args.target_regex) {
         (Some(list), _) if list.len() == 1 && list[0].eq_ignore_ascii_case("all-linear") => {
             Some(ModuleSpec::Regex("all-linear".into()))
@@ -92,15 +207,15 @@ pub fn run(args: Args) -> Result<ExitCode> {
             .collect();
         let v = serde_json::json!({
             "model": args.model.display().to_string(),
-            "architecture": cfg.arch.name(),
-            "layers": cfg.num_hidden_layers,
-            "hidden_size": cfg.hidden_size,
-            "attention_heads": cfg.num_attention_heads,
-            "kv_heads": cfg.num_key_value_heads,
-            "vocab_size": cfg.vocab_size,
-            "tie_word_embeddings": cfg.tie_word_embeddings,
+            "architecture": m.arch,
+            "layers": m.layers,
+            "hidden_size": m.hidden,
+            "attention_heads": m.heads,
+            "kv_heads": m.kv_heads,
+            "vocab_size": m.vocab,
+            "tie_word_embeddings": m.tied,
             "parameters": params,
-            "dtype": format!("{dtype:?}").to_lowercase(),
+            "dtype": dtype.to_lowercase(),
             "files": shards,
             "linear_modules": modules,
             "lora_parameters": selector.as_ref().map(|_| lora_params),
@@ -111,17 +226,17 @@ pub fn run(args: Args) -> Result<ExitCode> {
         say!("model:        {}", args.model.display());
         say!(
             "architecture: {} ({} layers, hidden {}, {} heads / {} kv heads, head dim {}, vocab {}{})",
-            cfg.arch.name(),
-            cfg.num_hidden_layers,
-            cfg.hidden_size,
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-            cfg.vocab_size,
-            if cfg.tie_word_embeddings { ", tied embeddings" } else { "" }
+            m.arch,
+            m.layers,
+            m.hidden,
+            m.heads,
+            m.kv_heads,
+            m.head_dim,
+            m.vocab,
+            if m.tied { ", tied embeddings" } else { "" }
         );
         say!(
-            "parameters:   {} ({:?}, {} file{})",
+            "parameters:   {} ({}, {} file{})",
             group_digits(params),
             dtype,
             shards,

@@ -12,9 +12,25 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 /// The single-file checkpoint name.
 pub const SINGLE_FILE: &str = "model.safetensors";
 
+/// A file's bytes: memory-mapped from disk, or owned (bytes handed over in memory).
+enum Bytes {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
 struct StFile {
     path: PathBuf,
-    mmap: memmap2::Mmap,
+    mmap: Bytes,
     data_start: usize,
     meta: Metadata,
 }
@@ -134,28 +150,52 @@ impl Checkpoint {
             // one case mmap cannot guard against, as for every mmap-based loader.
             let mmap =
                 unsafe { memmap2::Mmap::map(&file) }.map_err(|e| AdapterError::io(path, e))?;
-            let (header_len, meta) =
-                SafeTensors::read_metadata(&mmap).map_err(|e| AdapterError::Safetensors {
-                    file: path.display().to_string(),
-                    message: describe_st_error(&e),
-                })?;
-            for name in meta.tensors().keys() {
-                if index.insert(name.clone(), files.len()).is_some() {
-                    return Err(AdapterError::BadTensor {
-                        file: path.display().to_string(),
-                        name: name.clone(),
-                        message: "appears in more than one file of the checkpoint".into(),
-                    });
-                }
-            }
-            files.push(StFile {
-                path: path.clone(),
-                mmap,
-                data_start: 8 + header_len,
-                meta,
-            });
+            Self::add_file(&mut files, &mut index, path.clone(), Bytes::Mapped(mmap))?;
         }
         Ok(Checkpoint { files, index })
+    }
+
+    /// A checkpoint from bytes in memory; `name` stands for the file in messages.
+    pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<Self> {
+        let mut files = Vec::new();
+        let mut index = BTreeMap::new();
+        Self::add_file(
+            &mut files,
+            &mut index,
+            PathBuf::from(name),
+            Bytes::Owned(bytes),
+        )?;
+        Ok(Checkpoint { files, index })
+    }
+
+    /// Validates one file's header and ranges and adds its tensors to the index.
+    fn add_file(
+        files: &mut Vec<StFile>,
+        index: &mut BTreeMap<String, usize>,
+        path: PathBuf,
+        mmap: Bytes,
+    ) -> Result<()> {
+        let (header_len, meta) =
+            SafeTensors::read_metadata(&mmap).map_err(|e| AdapterError::Safetensors {
+                file: path.display().to_string(),
+                message: describe_st_error(&e),
+            })?;
+        for name in meta.tensors().keys() {
+            if index.insert(name.clone(), files.len()).is_some() {
+                return Err(AdapterError::BadTensor {
+                    file: path.display().to_string(),
+                    name: name.clone(),
+                    message: "appears in more than one file of the checkpoint".into(),
+                });
+            }
+        }
+        files.push(StFile {
+            path,
+            mmap,
+            data_start: 8 + header_len,
+            meta,
+        });
+        Ok(())
     }
 
     /// All tensor names, sorted.

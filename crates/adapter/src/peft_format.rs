@@ -47,7 +47,6 @@ impl PeftAdapter {
                 ),
             ));
         }
-        let (config, warnings) = LoraConfig::from_peft_file(&config_path)?;
         let weights = dir.join(WEIGHTS_FILE);
         if !weights.is_file() && dir.join("adapter_model.bin").is_file() {
             return Err(AdapterError::io(
@@ -58,8 +57,32 @@ impl PeftAdapter {
                 ),
             ));
         }
+        let (config, warnings) = LoraConfig::from_peft_file(&config_path)?;
         let ckpt = Checkpoint::open_files(std::slice::from_ref(&weights))?;
-        let file = weights.display().to_string();
+        Self::from_parts(dir, config, warnings, ckpt)
+    }
+
+    /// An adapter from in-memory `adapter_config.json` and `adapter_model.safetensors` bytes
+    /// (`dir` only names them in messages).
+    pub fn from_bytes(dir: &Path, config_json: &[u8], weights: Vec<u8>) -> Result<Self> {
+        let file = dir.join(CONFIG_FILE);
+        let value: serde_json::Value =
+            serde_json::from_slice(config_json).map_err(|e| AdapterError::Json {
+                path: file.clone(),
+                message: e.to_string(),
+            })?;
+        let (config, warnings) = LoraConfig::from_peft_json(value, &file.display().to_string())?;
+        let ckpt = Checkpoint::from_bytes(&dir.join(WEIGHTS_FILE).display().to_string(), weights)?;
+        Self::from_parts(dir, config, warnings, ckpt)
+    }
+
+    fn from_parts(
+        dir: &Path,
+        config: LoraConfig,
+        warnings: Vec<String>,
+        ckpt: Checkpoint,
+    ) -> Result<Self> {
+        let file = dir.join(WEIGHTS_FILE).display().to_string();
         let bad = |name: &str, message: String| AdapterError::BadTensor {
             file: file.clone(),
             name: name.into(),

@@ -3,6 +3,7 @@
 //! logits, causal + padding masks, GQA, tied embeddings. Never mentions rank, alpha or merging.
 pub mod config;
 pub mod error;
+pub mod gguf;
 pub mod llama;
 pub mod load;
 pub mod ops;

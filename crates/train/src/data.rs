@@ -54,6 +54,18 @@ pub fn load(
     train_on_inputs: bool,
 ) -> Result<Dataset> {
     let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
+    parse(bytes, path, format, tok, max_seq_len, train_on_inputs)
+}
+
+/// Parses and tokenises JSON Lines `bytes`; `path` names them in messages.
+pub fn parse(
+    bytes: Vec<u8>,
+    path: &Path,
+    format: DataFormat,
+    tok: &TextTokenizer,
+    max_seq_len: usize,
+    train_on_inputs: bool,
+) -> Result<Dataset> {
     let text = String::from_utf8(bytes).map_err(|e| {
         let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()]
             .iter()

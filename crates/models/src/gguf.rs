@@ -1,0 +1,399 @@
+//! A bounds-checked reader for GGUF headers (llama.cpp's format): metadata and tensor table.
+//! Every count and length is checked against the bytes that remain before anything is
+//! allocated, and every tensor's byte range against the file size, so a hostile or truncated
+//! file gives an error, never a huge allocation or a read past the end.
+use crate::error::{ModelError, Result};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+const MAGIC: &[u8; 4] = b"GGUF";
+/// Architectures lorakit can build from a GGUF.
+pub const SUPPORTED_ARCHS: &[&str] = &["llama"];
+/// Longest single string accepted (a chat template or a token is far shorter).
+const MAX_STRING: u64 = 16 << 20;
+const MAX_DIMS: u32 = 8;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    U64(u64),
+    I64(i64),
+    F64(f64),
+    Bool(bool),
+    Str(String),
+    Array(Vec<Value>),
+}
+
+impl Value {
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+    pub fn as_u64(&self) -> Option<u64> {
+        match self {
+            Value::U64(v) => Some(*v),
+            Value::I64(v) if *v >= 0 => Some(*v as u64),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorInfo {
+    pub name: String,
+    /// GGUF order: `dims[0]` is the innermost (input) dimension.
+    pub dims: Vec<u64>,
+    pub ggml_type: u32,
+    /// Byte offset from the start of the data section.
+    pub offset: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct GgufHeader {
+    pub version: u32,
+    pub metadata: BTreeMap<String, Value>,
+    pub tensors: Vec<TensorInfo>,
+    /// Absolute file offset of the tensor data.
+    pub data_start: u64,
+}
+
+/// (block size in elements, bytes per block) of the ggml types lorakit reads.
+fn block(ggml_type: u32) -> Option<(u64, u64)> {
+    Some(match ggml_type {
+        0 => (1, 4),      // F32
+        1 => (1, 2),      // F16
+        2 => (32, 18),    // Q4_0
+        3 => (32, 20),    // Q4_1
+        6 => (32, 22),    // Q5_0
+        7 => (32, 24),    // Q5_1
+        8 => (32, 34),    // Q8_0
+        9 => (32, 36),    // Q8_1
+        10 => (256, 84),  // Q2_K
+        11 => (256, 110), // Q3_K
+        12 => (256, 144), // Q4_K
+        13 => (256, 176), // Q5_K
+        14 => (256, 210), // Q6_K
+        15 => (256, 292), // Q8_K
+        30 => (1, 2),     // BF16
+        _ => return None,
+    })
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: u64, what: &str) -> std::result::Result<&'a [u8], String> {
+        let remaining = (self.buf.len() - self.pos) as u64;
+        if n > remaining {
+            return Err(format!(
+                "truncated: {what} needs {n} bytes at offset {}, only {remaining} remain",
+                self.pos
+            ));
+        }
+        let s = &self.buf[self.pos..self.pos + n as usize];
+        self.pos += n as usize;
+        Ok(s)
+    }
+    fn u32(&mut self, what: &str) -> std::result::Result<u32, String> {
+        let b = self.take(4, what)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self, what: &str) -> std::result::Result<u64, String> {
+        let b = self.take(8, what)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn remaining(&self) -> u64 {
+        (self.buf.len() - self.pos) as u64
+    }
+    fn string(&mut self, what: &str) -> std::result::Result<String, String> {
+        let n = self.u64(what)?;
+        if n > MAX_STRING {
+            return Err(format!(
+                "{what}: string of {n} bytes exceeds the {MAX_STRING}-byte limit"
+            ));
+        }
+        let b = self.take(n, what)?;
+        String::from_utf8(b.to_vec()).map_err(|_| format!("{what}: not valid UTF-8"))
+    }
+    fn value(&mut self, ty: u32, what: &str, depth: u32) -> std::result::Result<Value, String> {
+        let scalar = |r: &mut Self, n: u64| -> std::result::Result<u64, String> {
+            let b = r.take(n, what)?;
+            let mut a = [0u8; 8];
+            a[..n as usize].copy_from_slice(b);
+            Ok(u64::from_le_bytes(a))
+        };
+        Ok(match ty {
+            0 => Value::U64(scalar(self, 1)?),
+            1 => Value::I64(scalar(self, 1)? as u8 as i8 as i64),
+            2 => Value::U64(scalar(self, 2)?),
+            3 => Value::I64(scalar(self, 2)? as u16 as i16 as i64),
+            4 => Value::U64(scalar(self, 4)?),
+            5 => Value::I64(scalar(self, 4)? as u32 as i32 as i64),
+            6 => Value::F64(f32::from_bits(scalar(self, 4)? as u32) as f64),
+            7 => Value::Bool(scalar(self, 1)? != 0),
+            8 => Value::Str(self.string(what)?),
+            9 => {
+                if depth > 2 {
+                    return Err(format!("{what}: arrays nested too deeply"));
+                }
+                let item = self.u32(what)?;
+                let count = self.u64(what)?;
+                // every item takes at least one byte: a count beyond the bytes left is a lie
+                if count > self.remaining() {
+                    return Err(format!(
+                        "{what}: array of {count} items in {} remaining bytes",
+                        self.remaining()
+                    ));
+                }
+                let mut v = Vec::with_capacity(count.min(1 << 20) as usize);
+                for _ in 0..count {
+                    v.push(self.value(item, what, depth + 1)?);
+                }
+                Value::Array(v)
+            }
+            10 => Value::U64(scalar(self, 8)?),
+            11 => Value::I64(scalar(self, 8)? as i64),
+            12 => Value::F64(f64::from_bits(scalar(self, 8)?)),
+            other => return Err(format!("{what}: unknown value type {other}")),
+        })
+    }
+}
+
+impl GgufHeader {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        // SAFETY: read-only map; see lorakit_adapter::checkpoint for the one caveat of mmap.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&map).map_err(|message| ModelError::Config {
+            file: path.to_path_buf(),
+            key: "GGUF header".into(),
+            message,
+        })
+    }
+
+    /// Parses a whole GGUF file held in `buf`.
+    pub fn parse(buf: &[u8]) -> std::result::Result<Self, String> {
+        let mut r = Reader { buf, pos: 0 };
+        if r.take(4, "magic")
+            .map_err(|_| "not a GGUF file (shorter than its magic number)".to_string())?
+            != MAGIC
+        {
+            return Err("not a GGUF file (bad magic number)".into());
+        }
+        let version = r.u32("version")?;
+        if !(2..=3).contains(&version) {
+            return Err(format!("GGUF version {version} is not supported (2 or 3)"));
+        }
+        let n_tensors = r.u64("tensor count")?;
+        let n_kv = r.u64("metadata count")?;
+        // a tensor entry takes at least 24 bytes, a metadata entry at least 12
+        if n_tensors > r.remaining() / 24 || n_kv > r.remaining() / 12 {
+            return Err(format!(
+                "header claims {n_tensors} tensors and {n_kv} metadata entries, more than the remaining {} bytes can hold (truncated or corrupt)",
+                r.remaining()
+            ));
+        }
+        let mut metadata = BTreeMap::new();
+        for i in 0..n_kv {
+            let key = r.string(&format!("metadata key {i}"))?;
+            let ty = r.u32(&key)?;
+            let v = r.value(ty, &key, 0)?;
+            metadata.insert(key, v);
+        }
+        let mut tensors = Vec::with_capacity(n_tensors as usize);
+        for i in 0..n_tensors {
+            let name = r.string(&format!("tensor name {i}"))?;
+            let n_dims = r.u32(&name)?;
+            if n_dims == 0 || n_dims > MAX_DIMS {
+                return Err(format!(
+                    "tensor `{name}`: {n_dims} dimensions (1 to {MAX_DIMS} allowed)"
+                ));
+            }
+            let dims = (0..n_dims)
+                .map(|_| r.u64(&name))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let ggml_type = r.u32(&name)?;
+            let offset = r.u64(&name)?;
+            let (bs, bb) = block(ggml_type).ok_or_else(|| {
+                format!("tensor `{name}`: ggml type {ggml_type} is not supported")
+            })?;
+            let elems = dims
+                .iter()
+                .try_fold(1u64, |a, d| a.checked_mul(*d))
+                .ok_or_else(|| format!("tensor `{name}`: element count overflows"))?;
+            if elems % bs != 0 {
+                return Err(format!("tensor `{name}`: {elems} elements is not a multiple of the type's block of {bs}"));
+            }
+            let bytes = (elems / bs)
+                .checked_mul(bb)
+                .ok_or_else(|| format!("tensor `{name}`: size overflows"))?;
+            tensors.push(TensorInfo {
+                name,
+                dims,
+                ggml_type,
+                offset,
+                bytes,
+            });
+        }
+        let align = metadata
+            .get("general.alignment")
+            .and_then(Value::as_u64)
+            .unwrap_or(32);
+        if align == 0 || !align.is_power_of_two() || align > 1 << 20 {
+            return Err(format!("general.alignment = {align} is not a power of two"));
+        }
+        let data_start = (r.pos as u64).div_ceil(align) * align;
+        let file_len = buf.len() as u64;
+        for t in &tensors {
+            let end = data_start
+                .checked_add(t.offset)
+                .and_then(|s| s.checked_add(t.bytes));
+            match end {
+                Some(e) if e <= file_len && t.offset % align == 0 => {}
+                _ => {
+                    return Err(format!(
+                        "tensor `{}`: bytes {}..+{} lie outside the file ({} bytes; truncated?)",
+                        t.name, t.offset, t.bytes, file_len
+                    ))
+                }
+            }
+        }
+        Ok(GgufHeader {
+            version,
+            metadata,
+            tensors,
+            data_start,
+        })
+    }
+
+    /// `general.architecture`, checked against what lorakit can build.
+    pub fn architecture(&self) -> std::result::Result<&str, String> {
+        let arch = self
+            .metadata
+            .get("general.architecture")
+            .and_then(Value::as_str)
+            .ok_or("missing `general.architecture`")?;
+        if !SUPPORTED_ARCHS.contains(&arch) {
+            return Err(format!(
+                "general.architecture = {arch:?} is not supported (supported: {})",
+                SUPPORTED_ARCHS.join(", ")
+            ));
+        }
+        Ok(arch)
+    }
+}
+
+/// The Hugging Face module path of a llama.cpp tensor name (`blk.3.attn_q.weight` →
+/// `model.layers.3.self_attn.q_proj.weight`).
+pub fn hf_name(gguf: &str) -> Option<String> {
+    let (stem, suffix) = gguf.rsplit_once('.')?;
+    let mapped = match stem {
+        "token_embd" => "model.embed_tokens".to_string(),
+        "output_norm" => "model.norm".to_string(),
+        "output" => "lm_head".to_string(),
+        _ => {
+            let rest = stem.strip_prefix("blk.")?;
+            let (n, part) = rest.split_once('.')?;
+            let n: usize = n.parse().ok()?;
+            let m = match part {
+                "attn_q" => "self_attn.q_proj",
+                "attn_k" => "self_attn.k_proj",
+                "attn_v" => "self_attn.v_proj",
+                "attn_output" => "self_attn.o_proj",
+                "ffn_gate" => "mlp.gate_proj",
+                "ffn_up" => "mlp.up_proj",
+                "ffn_down" => "mlp.down_proj",
+                "attn_norm" => "input_layernorm",
+                "ffn_norm" => "post_attention_layernorm",
+                _ => return None,
+            };
+            format!("model.layers.{n}.{m}")
+        }
+    };
+    Some(format!("{mapped}.{suffix}"))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A minimal GGUF: metadata `general.architecture` and one F32 tensor `[in=4, out=2]`.
+    pub fn tiny_gguf(arch: &str) -> Vec<u8> {
+        let mut b = Vec::new();
+        let s = |b: &mut Vec<u8>, t: &str| {
+            b.extend((t.len() as u64).to_le_bytes());
+            b.extend(t.as_bytes());
+        };
+        b.extend(MAGIC);
+        b.extend(3u32.to_le_bytes());
+        b.extend(1u64.to_le_bytes()); // tensors
+        b.extend(2u64.to_le_bytes()); // kv
+        s(&mut b, "general.architecture");
+        b.extend(8u32.to_le_bytes());
+        s(&mut b, arch);
+        s(&mut b, "llama.block_count");
+        b.extend(4u32.to_le_bytes());
+        b.extend(1u32.to_le_bytes());
+        s(&mut b, "blk.0.attn_q.weight");
+        b.extend(2u32.to_le_bytes());
+        b.extend(4u64.to_le_bytes());
+        b.extend(2u64.to_le_bytes());
+        b.extend(0u32.to_le_bytes());
+        b.extend(0u64.to_le_bytes());
+        while b.len() % 32 != 0 {
+            b.push(0);
+        }
+        b.extend([0u8; 32]);
+        b
+    }
+
+    #[test]
+    fn reads_a_well_formed_header() {
+        let h = GgufHeader::parse(&tiny_gguf("llama")).unwrap();
+        assert_eq!(h.architecture().unwrap(), "llama");
+        assert_eq!(h.metadata["llama.block_count"], Value::U64(1));
+        assert_eq!(h.tensors[0].dims, vec![4, 2]);
+        assert_eq!(h.tensors[0].bytes, 32);
+        assert_eq!(
+            hf_name(&h.tensors[0].name).unwrap(),
+            "model.layers.0.self_attn.q_proj.weight"
+        );
+    }
+
+    #[test]
+    fn every_truncation_is_an_error_and_hostile_counts_do_not_allocate() {
+        let full = tiny_gguf("llama");
+        for n in 0..full.len() {
+            assert!(
+                GgufHeader::parse(&full[..n]).is_err(),
+                "prefix of {n} bytes accepted"
+            );
+        }
+        let mut huge = full.clone();
+        huge[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(GgufHeader::parse(&huge)
+            .unwrap_err()
+            .contains("truncated or corrupt"));
+        let mut long = full.clone();
+        long[24..32].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        assert!(GgufHeader::parse(&long).is_err());
+        assert!(GgufHeader::parse(&tiny_gguf("gpt2"))
+            .unwrap()
+            .architecture()
+            .unwrap_err()
+            .contains("gpt2"));
+    }
+}
