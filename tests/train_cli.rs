@@ -291,3 +291,40 @@ fn recipe_mistakes_are_clean_errors() {
     assert_eq!(o.status.code(), Some(1));
     assert!(err.contains("nowhere.jsonl"), "{err}");
 }
+
+#[test]
+fn divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = lorakit(&[
+        "train",
+        "recipes/tiny-completion.yaml",
+        "--set",
+        &format!("output.dir={}", p(&out)),
+        "--set",
+        "train.learning_rate=1e30",
+        "--set",
+        "train.warmup_steps=0",
+        "--set",
+        "train.save_every=1",
+    ]);
+    let (_, err) = out_err(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("diverged at step") && err.contains("NaN") && !err.contains("panicked"),
+        "{err}"
+    );
+    // the checkpoint before the bad step is intact and resumable state
+    let step: usize = err
+        .split("diverged at step ")
+        .nth(1)
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let good = out.join(format!("checkpoints/step-{}", step - 1));
+    assert!(good.join("state.json").is_file() && good.join("adapter_model.safetensors").is_file());
+    assert!(!out.join(format!("checkpoints/step-{step}")).exists());
+}

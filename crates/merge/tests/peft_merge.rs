@@ -325,3 +325,44 @@ fn refuses_to_overwrite_and_leaves_nothing_on_error() {
     );
     assert!(!out3.exists());
 }
+
+#[test]
+fn refuses_to_write_infinite_weights() {
+    let dir = fixture("llama_gqa");
+    let tmp = tempfile::tempdir().unwrap();
+    let ad = tmp.path().join("huge");
+    std::fs::create_dir(&ad).unwrap();
+    std::fs::copy(
+        dir.join("adapters/all_f32/adapter_config.json"),
+        ad.join("adapter_config.json"),
+    )
+    .unwrap();
+    let mut map = candle_core::safetensors::load(
+        dir.join("adapters/all_f32/adapter_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    for t in map.values_mut() {
+        *t = (t.ones_like().unwrap() * 1e30).unwrap(); // finite, but B·A overflows f32
+    }
+    candle_core::safetensors::save(&map, ad.join("adapter_model.safetensors")).unwrap();
+    let out = tmp.path().join("out");
+    let err = merge(
+        &dir.join("base"),
+        &PeftAdapter::load(&ad).unwrap(),
+        &out,
+        &opts(OutDType::Auto),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("NaN or infinite") && err.contains(".weight"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        1,
+        "temporary output left behind"
+    );
+}
