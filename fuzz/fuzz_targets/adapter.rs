@@ -10,7 +10,9 @@ fuzz_target!(|data: &[u8]| {
     }
     let n = (u16::from_le_bytes([data[0], data[1]]) as usize).min(data.len() - 2);
     let (config, weights) = data[2..].split_at(n);
-    if let Ok(a) = lorakit_adapter::PeftAdapter::from_bytes(Path::new("fuzz"), config, weights.to_vec()) {
+    if let Ok(a) =
+        lorakit_adapter::PeftAdapter::from_bytes(Path::new("fuzz"), config, weights.to_vec())
+    {
         let modules: Vec<String> = a.modules().map(String::from).collect();
         for m in modules {
             // shape checks against a base layer, then the merged update

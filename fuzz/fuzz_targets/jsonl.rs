@@ -15,9 +15,22 @@ fn tokenizer() -> &'static TextTokenizer {
 }
 
 fuzz_target!(|bytes: &[u8]| {
-    let Some((&head, rest)) = bytes.split_first() else { return };
-    let format = [DataFormat::Completion, DataFormat::Instruction, DataFormat::Chat][head as usize % 3];
-    if let Ok(ds) = data::parse(rest.to_vec(), Path::new("fuzz.jsonl"), format, tokenizer(), 64, head & 4 != 0) {
+    let Some((&head, rest)) = bytes.split_first() else {
+        return;
+    };
+    let format = [
+        DataFormat::Completion,
+        DataFormat::Instruction,
+        DataFormat::Chat,
+    ][head as usize % 3];
+    if let Ok(ds) = data::parse(
+        rest.to_vec(),
+        Path::new("fuzz.jsonl"),
+        format,
+        tokenizer(),
+        64,
+        head & 4 != 0,
+    ) {
         for ex in &ds.examples {
             assert_eq!(ex.ids.len(), ex.targets.len());
             assert!(ex.ids.len() <= 64);
