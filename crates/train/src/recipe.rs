@@ -139,11 +139,9 @@ fn default_scheduler() -> Scheduler {
 fn default_seed() -> u64 {
     42
 }
+/// PEFT's defaults (r 8, alpha 8, no dropout); target modules are filled in after parsing.
 fn default_lora() -> LoraConfig {
-    LoraConfig {
-        lora_alpha: 16.0,
-        ..LoraConfig::default()
-    }
+    LoraConfig::default()
 }
 
 impl Default for TrainSection {
@@ -559,7 +557,7 @@ mod tests {
         assert_eq!(r.train.lr_scheduler, Scheduler::Cosine);
         assert_eq!(r.data.max_seq_len, 512);
         assert_eq!(r.lora.r, 8);
-        assert_eq!(r.lora.lora_alpha, 16.0);
+        assert_eq!(r.lora.lora_alpha, 8.0);
         assert_eq!(
             r.lora.target_modules,
             Some(ModuleSpec::List(vec!["q_proj".into(), "v_proj".into()]))
