@@ -249,7 +249,12 @@ impl<'a> LayerBuilder<'a> {
     fn low_rank(&self, in_dim: usize, out_dim: usize) -> Result<(LowRank, ModuleLora)> {
         let dev = self.device();
         match &self.shared.adapters {
-            Adapters::None => unreachable_adapters(),
+            // only called for selected modules, and `None` selects nothing
+            Adapters::None => Err(AdapterError::InvalidConfig {
+                file: "LoRA config".into(),
+                key: "target_modules".into(),
+                message: "no adapters configured".into(),
+            }),
             Adapters::Loaded(a) => {
                 let info = a.config.for_module(&self.path);
                 let l = a
@@ -379,14 +384,6 @@ impl<'a> LayerBuilder<'a> {
             warnings,
         })
     }
-}
-
-fn unreachable_adapters() -> Result<(LowRank, ModuleLora)> {
-    Err(AdapterError::InvalidConfig {
-        file: "LoRA config".into(),
-        key: "target_modules".into(),
-        message: "no adapters configured".into(),
-    })
 }
 
 /// Deterministic U(-bound, bound) values for one tensor: SplitMix64 seeded by the run seed and

@@ -145,28 +145,25 @@ fn default_lora() -> LoraConfig {
 }
 
 impl Default for TrainSection {
+    /// The same defaults serde fills in for a missing key.
     fn default() -> Self {
-        serde_yaml::from_str("{}").unwrap_or_else(|_| unreachable_default())
-    }
-}
-
-fn unreachable_default() -> TrainSection {
-    TrainSection {
-        epochs: 3,
-        max_steps: None,
-        batch_size: 8,
-        grad_accum_steps: 1,
-        learning_rate: 2e-4,
-        lr_scheduler: Scheduler::Cosine,
-        warmup_steps: None,
-        warmup_ratio: None,
-        weight_decay: 0.0,
-        max_grad_norm: 1.0,
-        seed: 42,
-        eval_every: None,
-        save_every: None,
-        early_stopping_patience: None,
-        log_every: 1,
+        TrainSection {
+            epochs: default_epochs(),
+            max_steps: None,
+            batch_size: default_batch_size(),
+            grad_accum_steps: one(),
+            learning_rate: default_lr(),
+            lr_scheduler: default_scheduler(),
+            warmup_steps: None,
+            warmup_ratio: None,
+            weight_decay: 0.0,
+            max_grad_norm: one_f(),
+            seed: default_seed(),
+            eval_every: None,
+            save_every: None,
+            early_stopping_patience: None,
+            log_every: one(),
+        }
     }
 }
 
@@ -546,6 +543,12 @@ mod tests {
             "model:\n  path: m\ndata:\n  train: {}\n  format: completion\noutput:\n  dir: out\n",
             write_data(dir)
         )
+    }
+
+    #[test]
+    fn an_absent_train_section_equals_an_empty_one() {
+        let empty: TrainSection = serde_yaml::from_str("{}").unwrap();
+        assert_eq!(empty, TrainSection::default());
     }
 
     #[test]
