@@ -224,6 +224,14 @@ impl<'a> LayerBuilder<'a> {
 
     /// A linear layer at this path over an existing weight (e.g. a tied output head).
     pub fn linear_from(&self, weight: Tensor, bias: Option<Tensor>) -> Result<LoraLinear> {
+        // PEFT stores the base weight of an adapted output head (`lm_head.base_layer.weight`),
+        // also when the head is tied to the embeddings; use it like any replacement.
+        let weight = match &self.shared.adapters {
+            Adapters::Loaded(a) if a.replacements().contains_key(&self.full_name("weight")) => {
+                self.tensor(weight.shape().clone(), "weight")?
+            }
+            _ => weight,
+        };
         let (out_dim, in_dim) = weight.dims2()?;
         let wrapped = self
             .shared

@@ -103,6 +103,15 @@ pub fn merge(
             });
         }
     }
+    // A changed output head of a model that declares tied embeddings must be untied, or loaders
+    // would re-tie it to the (unchanged) embeddings and drop the update.
+    let ties = config.get("tie_word_embeddings").and_then(|v| v.as_bool()) == Some(true);
+    if untied.is_none() && ties {
+        untied = updates
+            .keys()
+            .find(|n| n.ends_with("lm_head.weight"))
+            .cloned();
+    }
     for name in adapter.replacements().keys() {
         if !base.contains(name) && !updates.contains_key(name) {
             return Err(MergeError::NoBaseWeight {

@@ -327,6 +327,50 @@ fn refuses_to_overwrite_and_leaves_nothing_on_error() {
 }
 
 #[test]
+fn merging_a_tied_head_adapter_matches_peft_unmerged_logits() {
+    // PEFT's own merge would change the shared embeddings too; ours unties the head, so the merged
+    // model computes exactly what PEFT computes with the adapter unmerged.
+    let dir = fixture("qwen2_tied");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    let s = merge(
+        &dir.join("base"),
+        &PeftAdapter::load(&dir.join("adapters/lm_head_tied")).unwrap(),
+        &out,
+        &opts(OutDType::Auto),
+    )
+    .unwrap();
+    assert_eq!(s.untied.as_deref(), Some("lm_head.weight"));
+    let exp =
+        candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+    let (model, _) = lorakit_models::ModelDir::open(&out)
+        .unwrap()
+        .load(lorakit_adapter::Adapters::None, DType::F32, &Device::Cpu)
+        .unwrap();
+    let logits = model
+        .forward(&exp["input_ids"], Some(&exp["attention_mask"]), false)
+        .unwrap();
+    let mask = exp["attention_mask"]
+        .to_dtype(DType::F32)
+        .unwrap()
+        .unsqueeze(2)
+        .unwrap();
+    let d = (logits - &exp["logits_lm_head_tied"])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .broadcast_mul(&mask)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(D::Minus1)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d <= 1e-5, "{d}");
+}
+
+#[test]
 fn refuses_to_write_infinite_weights() {
     let dir = fixture("llama_gqa");
     let tmp = tempfile::tempdir().unwrap();

@@ -96,6 +96,12 @@ fn qwen2_tied_with_qkv_bias_and_full_path_targets_matches_peft() {
 }
 
 #[test]
+fn adapter_on_the_tied_output_head_matches_peft() {
+    // PEFT saves `lm_head.base_layer.weight` (a copy of the tied embeddings) with such adapters
+    check("qwen2_tied", Some("lm_head_tied"));
+}
+
+#[test]
 fn sharded_llama3_rope_with_bias_and_lm_head_adapter_matches_peft() {
     check("llama3_sharded", None);
     check("llama3_sharded", Some("qv"));
