@@ -397,3 +397,94 @@ pub(crate) mod tests {
             .contains("gpt2"));
     }
 }
+
+/// A llama GGUF as a Hugging Face model: the config from its metadata and its tensors,
+/// dequantised, renamed (`blk.0.attn_q.weight` → `model.layers.0.self_attn.q_proj.weight`) and with
+/// q/k rows put back from llama.cpp's interleaved-RoPE order into the Hugging Face order, so that
+/// adapters trained on it apply to the Hugging Face release of the same model.
+pub fn load_llama(
+    path: &Path,
+    device: &candle_core::Device,
+) -> Result<(
+    crate::LlamaConfig,
+    std::collections::HashMap<String, candle_core::Tensor>,
+)> {
+    let header = GgufHeader::from_file(path)?;
+    let err = |key: &str, message: String| ModelError::Config {
+        file: path.to_path_buf(),
+        key: key.into(),
+        message,
+    };
+    header
+        .architecture()
+        .map_err(|m| err("general.architecture", m))?;
+    let num = |k: &str| -> Result<u64> {
+        header
+            .metadata
+            .get(&format!("llama.{k}"))
+            .and_then(Value::as_u64)
+            .ok_or_else(|| err(&format!("llama.{k}"), "missing or not an integer".into()))
+    };
+    let float = |k: &str| match header.metadata.get(&format!("llama.{k}")) {
+        Some(Value::F64(v)) => Some(*v),
+        _ => None,
+    };
+    let embed = header
+        .tensors
+        .iter()
+        .find(|t| t.name == "token_embd.weight")
+        .ok_or_else(|| err("token_embd.weight", "missing".into()))?;
+    let heads = num("attention.head_count")?;
+    let json = serde_json::json!({
+        "model_type": "llama",
+        "vocab_size": embed.dims.get(1).copied().unwrap_or(0),
+        "hidden_size": num("embedding_length")?,
+        "intermediate_size": num("feed_forward_length")?,
+        "num_hidden_layers": num("block_count")?,
+        "num_attention_heads": heads,
+        "num_key_value_heads": num("attention.head_count_kv").unwrap_or(heads),
+        "rms_norm_eps": float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+        "rope_theta": float("rope.freq_base").unwrap_or(10_000.0),
+        "max_position_embeddings": num("context_length").unwrap_or(2048),
+        "tie_word_embeddings": !header.tensors.iter().any(|t| t.name == "output.weight"),
+    });
+    let config = crate::LlamaConfig::from_json(json, path)?;
+
+    // Our header check has bounded every count and range; candle's reader does the rest.
+    let mut file = std::fs::File::open(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file)
+        .map_err(|e| err("GGUF header", e.to_string()))?;
+    let mut tensors = std::collections::HashMap::new();
+    for info in &header.tensors {
+        let name = hf_name(&info.name)
+            .ok_or_else(|| err(&info.name, "not a llama tensor lorakit knows".into()))?;
+        let q = content
+            .tensor(&mut file, &info.name, &candle_core::Device::Cpu)
+            .map_err(|e| err(&info.name, e.to_string()))?;
+        let mut t = q.dequantize(&candle_core::Device::Cpu)?;
+        if name.ends_with("self_attn.q_proj.weight") {
+            t = unpermute_rope_rows(&t, config.num_attention_heads)?;
+        } else if name.ends_with("self_attn.k_proj.weight") {
+            t = unpermute_rope_rows(&t, config.num_key_value_heads)?;
+        }
+        tensors.insert(name, t.to_device(device)?);
+    }
+    Ok((config, tensors))
+}
+
+/// Inverse of llama.cpp's `permute` of q/k weights: within each head, rows stored as interleaved
+/// pairs (0, d/2, 1, d/2+1, ...) go back to halves (0..d/2, d/2..d).
+pub fn unpermute_rope_rows(
+    w: &candle_core::Tensor,
+    heads: usize,
+) -> candle_core::Result<candle_core::Tensor> {
+    let (out, inp) = w.dims2()?;
+    let d = out / heads.max(1);
+    w.reshape((heads, d / 2, 2, inp))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((out, inp))
+}
