@@ -326,78 +326,6 @@ pub fn hf_name(gguf: &str) -> Option<String> {
     Some(format!("{mapped}.{suffix}"))
 }
 
-#[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
-
-    /// A minimal GGUF: metadata `general.architecture` and one F32 tensor `[in=4, out=2]`.
-    pub fn tiny_gguf(arch: &str) -> Vec<u8> {
-        let mut b = Vec::new();
-        let s = |b: &mut Vec<u8>, t: &str| {
-            b.extend((t.len() as u64).to_le_bytes());
-            b.extend(t.as_bytes());
-        };
-        b.extend(MAGIC);
-        b.extend(3u32.to_le_bytes());
-        b.extend(1u64.to_le_bytes()); // tensors
-        b.extend(2u64.to_le_bytes()); // kv
-        s(&mut b, "general.architecture");
-        b.extend(8u32.to_le_bytes());
-        s(&mut b, arch);
-        s(&mut b, "llama.block_count");
-        b.extend(4u32.to_le_bytes());
-        b.extend(1u32.to_le_bytes());
-        s(&mut b, "blk.0.attn_q.weight");
-        b.extend(2u32.to_le_bytes());
-        b.extend(4u64.to_le_bytes());
-        b.extend(2u64.to_le_bytes());
-        b.extend(0u32.to_le_bytes());
-        b.extend(0u64.to_le_bytes());
-        while b.len() % 32 != 0 {
-            b.push(0);
-        }
-        b.extend([0u8; 32]);
-        b
-    }
-
-    #[test]
-    fn reads_a_well_formed_header() {
-        let h = GgufHeader::parse(&tiny_gguf("llama")).unwrap();
-        assert_eq!(h.architecture().unwrap(), "llama");
-        assert_eq!(h.metadata["llama.block_count"], Value::U64(1));
-        assert_eq!(h.tensors[0].dims, vec![4, 2]);
-        assert_eq!(h.tensors[0].bytes, 32);
-        assert_eq!(
-            hf_name(&h.tensors[0].name).unwrap(),
-            "model.layers.0.self_attn.q_proj.weight"
-        );
-    }
-
-    #[test]
-    fn every_truncation_is_an_error_and_hostile_counts_do_not_allocate() {
-        let full = tiny_gguf("llama");
-        for n in 0..full.len() {
-            assert!(
-                GgufHeader::parse(&full[..n]).is_err(),
-                "prefix of {n} bytes accepted"
-            );
-        }
-        let mut huge = full.clone();
-        huge[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert!(GgufHeader::parse(&huge)
-            .unwrap_err()
-            .contains("truncated or corrupt"));
-        let mut long = full.clone();
-        long[24..32].copy_from_slice(&(1u64 << 40).to_le_bytes());
-        assert!(GgufHeader::parse(&long).is_err());
-        assert!(GgufHeader::parse(&tiny_gguf("gpt2"))
-            .unwrap()
-            .architecture()
-            .unwrap_err()
-            .contains("gpt2"));
-    }
-}
-
 /// A llama GGUF as a Hugging Face model: the config from its metadata and its tensors,
 /// dequantised, renamed (`blk.0.attn_q.weight` → `model.layers.0.self_attn.q_proj.weight`) and with
 /// q/k rows put back from llama.cpp's interleaved-RoPE order into the Hugging Face order, so that
@@ -487,4 +415,76 @@ pub fn unpermute_rope_rows(
         .transpose(1, 2)?
         .contiguous()?
         .reshape((out, inp))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A minimal GGUF: metadata `general.architecture` and one F32 tensor `[in=4, out=2]`.
+    pub fn tiny_gguf(arch: &str) -> Vec<u8> {
+        let mut b = Vec::new();
+        let s = |b: &mut Vec<u8>, t: &str| {
+            b.extend((t.len() as u64).to_le_bytes());
+            b.extend(t.as_bytes());
+        };
+        b.extend(MAGIC);
+        b.extend(3u32.to_le_bytes());
+        b.extend(1u64.to_le_bytes()); // tensors
+        b.extend(2u64.to_le_bytes()); // kv
+        s(&mut b, "general.architecture");
+        b.extend(8u32.to_le_bytes());
+        s(&mut b, arch);
+        s(&mut b, "llama.block_count");
+        b.extend(4u32.to_le_bytes());
+        b.extend(1u32.to_le_bytes());
+        s(&mut b, "blk.0.attn_q.weight");
+        b.extend(2u32.to_le_bytes());
+        b.extend(4u64.to_le_bytes());
+        b.extend(2u64.to_le_bytes());
+        b.extend(0u32.to_le_bytes());
+        b.extend(0u64.to_le_bytes());
+        while b.len() % 32 != 0 {
+            b.push(0);
+        }
+        b.extend([0u8; 32]);
+        b
+    }
+
+    #[test]
+    fn reads_a_well_formed_header() {
+        let h = GgufHeader::parse(&tiny_gguf("llama")).unwrap();
+        assert_eq!(h.architecture().unwrap(), "llama");
+        assert_eq!(h.metadata["llama.block_count"], Value::U64(1));
+        assert_eq!(h.tensors[0].dims, vec![4, 2]);
+        assert_eq!(h.tensors[0].bytes, 32);
+        assert_eq!(
+            hf_name(&h.tensors[0].name).unwrap(),
+            "model.layers.0.self_attn.q_proj.weight"
+        );
+    }
+
+    #[test]
+    fn every_truncation_is_an_error_and_hostile_counts_do_not_allocate() {
+        let full = tiny_gguf("llama");
+        for n in 0..full.len() {
+            assert!(
+                GgufHeader::parse(&full[..n]).is_err(),
+                "prefix of {n} bytes accepted"
+            );
+        }
+        let mut huge = full.clone();
+        huge[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(GgufHeader::parse(&huge)
+            .unwrap_err()
+            .contains("truncated or corrupt"));
+        let mut long = full.clone();
+        long[24..32].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        assert!(GgufHeader::parse(&long).is_err());
+        assert!(GgufHeader::parse(&tiny_gguf("gpt2"))
+            .unwrap()
+            .architecture()
+            .unwrap_err()
+            .contains("gpt2"));
+    }
 }

@@ -107,11 +107,11 @@ fn write_gguf(path: &Path, permute_qk: bool) {
         for v in t.flatten_all().unwrap().to_vec1::<f32>().unwrap() {
             data.extend(v.to_le_bytes());
         }
-        while data.len() % 32 != 0 {
+        while !data.len().is_multiple_of(32) {
             data.push(0);
         }
     }
-    while b.len() % 32 != 0 {
+    while !b.len().is_multiple_of(32) {
         b.push(0);
     }
     b.extend(data);
