@@ -1,7 +1,7 @@
 //! `lorakit merge`: fold a PEFT adapter into its base model (see lorakit-merge), optionally
 //! verifying that the merged model computes what base + adapter computes.
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use lorakit_adapter::{Adapters, PeftAdapter};
 use lorakit_merge::{merge, MergeOptions, OutDType};
 use lorakit_models::ModelDir;
@@ -105,10 +105,6 @@ fn verify(base: &Path, adapter: &Path, merged: &Path) -> Result<(f32, usize)> {
     let ids = Tensor::from_vec(ids, (1, len), &dev)?;
     let a = with_adapter.forward(&ids, None, false)?;
     let b = merged_model.forward(&ids, None, false)?;
-    let diff = (a - b)?
-        .abs()?
-        .flatten_all()?
-        .max(D::Minus1)?
-        .to_scalar::<f32>()?;
+    let diff = lorakit_adapter::compare::max_abs_diff(&a, &b)?;
     Ok((diff, len))
 }

@@ -3,6 +3,7 @@
 //! never architectures.
 pub mod builder;
 pub mod checkpoint;
+pub mod compare;
 pub mod config;
 pub mod dropout;
 pub mod error;

@@ -12,16 +12,7 @@ fn fixture(case: &str) -> PathBuf {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(D::Minus1)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    lorakit_adapter::compare::max_abs_diff(a, b).unwrap()
 }
 
 fn opts(dtype: OutDType) -> MergeOptions {

@@ -1,6 +1,6 @@
 //! A second, independent oracle: candle-transformers' own llama, qwen2 and mistral on the same
 //! random weights must give the same last-position logits as our models.
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{llama, mistral, qwen2};
 use lorakit_adapter::Adapters;
@@ -83,14 +83,7 @@ fn ours_last_logits(cfg: &LlamaConfig, w: &HashMap<String, Tensor>, ids: &Tensor
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max(D::Minus1)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    lorakit_adapter::compare::max_abs_diff(a, b).unwrap()
 }
 
 fn ids(vocab: usize) -> Tensor {

@@ -1,7 +1,7 @@
 //! A GGUF written the way llama.cpp's converter writes one (q/k rows permuted for its
 //! interleaved RoPE, dims innermost-first) loads into the same model as the safetensors it came
 //! from.
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use lorakit_adapter::Adapters;
 use lorakit_models::{build, gguf, ModelDir};
@@ -130,16 +130,7 @@ fn logits_from_gguf(path: &Path, ids: &Tensor) -> Tensor {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(D::Minus1)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    lorakit_adapter::compare::max_abs_diff(a, b).unwrap()
 }
 
 #[test]
