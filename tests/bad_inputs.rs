@@ -927,3 +927,114 @@ fn gguf_files() {
         &["hostile.gguf", "truncated or corrupt"],
     );
 }
+
+/// Labelled data: classification by a generative model (`eval --labels`) and BERT classifiers.
+#[test]
+fn labelled_data() {
+    let s = Scratch::new();
+    std::fs::create_dir(s.path("bert")).unwrap();
+    let bert = root().join("tests/fixtures/peft/bert_seq_cls/base");
+    for e in std::fs::read_dir(&bert).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), s.path("bert").join(e.file_name())).unwrap();
+    }
+    let chat = |answer: &str| {
+        format!("{{\"messages\": [{{\"role\": \"user\", \"content\": \"Is it good?\"}}, {{\"role\": \"assistant\", \"content\": \"{answer}\"}}]}}\n")
+    };
+    s.write(
+        "labelled.jsonl",
+        &(chat("yes") + &chat("no") + &chat("maybe")),
+    );
+    let eval = |labels: &str| {
+        vec![
+            "eval".to_string(),
+            "--model".into(),
+            "model".into(),
+            "--data".into(),
+            "labelled.jsonl".into(),
+            "--format".into(),
+            "chat".into(),
+            "--labels".into(),
+            labels.into(),
+        ]
+    };
+    let args = eval("yes,no");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    check(
+        "answer outside the label set",
+        &s,
+        &args,
+        &[
+            "labelled.jsonl:3",
+            "\"maybe\"",
+            "not one of the labels (yes, no)",
+        ],
+    );
+    let args = eval("yes");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    check("a single label", &s, &args, &["at least two labels"]);
+
+    let cls = |labels: &str| {
+        format!(
+            "model:\n  path: {d}/bert\n  task: sequence_classification\ndata:\n  train: {d}/cls.jsonl\n  format: classification\n{labels}train:\n  max_steps: 2\n  batch_size: 2\noutput:\n  dir: {d}/out\n",
+            d = s.dir.display()
+        )
+    };
+    s.write(
+        "cls.jsonl",
+        "{\"text\": \"good movie\", \"label\": \"positive\"}\n{\"text\": \"bad movie\", \"label\": \"negative\"}\n{\"text\": \"dull\", \"label\": \"neutral\"}\n",
+    );
+    run_train(
+        "training label outside data.labels",
+        &s,
+        &cls("  labels: [negative, positive]\n"),
+        &[
+            "cls.jsonl:3",
+            "\"neutral\"",
+            "not in the label set (negative, positive)",
+        ],
+    );
+    run_train(
+        "num_labels disagrees with the data",
+        &s,
+        &cls("").replace(
+            "task: sequence_classification",
+            "task: sequence_classification\n  num_labels: 2",
+        ),
+        &["model.num_labels", "3 labels"],
+    );
+    run_train(
+        "classification task with chat data",
+        &s,
+        &cls("").replace("format: classification", "format: chat"),
+        &["data.format", "classification"],
+    );
+    run_train(
+        "classification data for a causal LM",
+        &s,
+        &cls("").replace("  task: sequence_classification\n", ""),
+        &["data.format", "model.task: sequence_classification"],
+    );
+    check(
+        "BERT eval without label names",
+        &s,
+        &[
+            "eval",
+            "--model",
+            "bert",
+            "--data",
+            "cls.jsonl",
+            "--format",
+            "classification",
+        ],
+        &["bert", "--labels"],
+    );
+    check(
+        "generate with top-p out of range",
+        &s,
+        &[
+            "generate", "--model", "model", "--prompt", "x", "--top-p", "1.5",
+        ],
+        &["--top-p"],
+    );
+}

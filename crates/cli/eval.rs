@@ -1,11 +1,12 @@
-//! `lorakit eval --model MODEL [--adapter DIR] --data FILE.jsonl`: loss, perplexity, tokens.
+//! `lorakit eval --model MODEL [--adapter DIR] --data FILE.jsonl`: loss, perplexity, tokens —
+//! or, with `--labels a,b,...`, classification accuracy (the most likely label after the prompt).
 use anyhow::Result;
-use candle_core::{DType, Device};
 use lorakit_adapter::{Adapters, PeftAdapter};
 use lorakit_models::ModelDir;
 use lorakit_train::eval::evaluate;
-use lorakit_train::{data, DataFormat, TextTokenizer};
-use std::path::PathBuf;
+use lorakit_train::task_model::TaskModel;
+use lorakit_train::{choices, data, runtime, DataFormat, TextTokenizer};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -13,11 +14,24 @@ pub enum FormatArg {
     Completion,
     Instruction,
     Chat,
+    /// {"text", "label"} for a BERT classifier.
+    Classification,
+}
+
+impl From<FormatArg> for DataFormat {
+    fn from(f: FormatArg) -> Self {
+        match f {
+            FormatArg::Completion => DataFormat::Completion,
+            FormatArg::Instruction => DataFormat::Instruction,
+            FormatArg::Chat => DataFormat::Chat,
+            FormatArg::Classification => DataFormat::Classification,
+        }
+    }
 }
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Base model directory.
+    /// Base model: a Hugging Face model directory, a .gguf file, or a hub id (org/name[@revision]).
     #[arg(long)]
     pub model: PathBuf,
     /// PEFT adapter directory to apply (unmerged).
@@ -33,28 +47,23 @@ pub struct Args {
     /// Score prompt tokens too (instruction/chat), as `train_on_inputs: true` does.
     #[arg(long)]
     pub train_on_inputs: bool,
+    /// Classify instead: every answer must be one of these comma-separated labels; report
+    /// accuracy of picking the most likely label after each prompt.
+    #[arg(long, value_delimiter = ',')]
+    pub labels: Option<Vec<String>>,
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
-    /// Print one JSON object: {"loss", "perplexity", "tokens"}.
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Print one JSON object: {"loss", "perplexity", "tokens"} (with --labels: {"accuracy",
+    /// "correct", "total", "labels", "confusion"}).
     #[arg(long)]
     pub json: bool,
 }
 
-pub fn run(args: Args) -> Result<ExitCode> {
-    let format = match args.format {
-        FormatArg::Completion => DataFormat::Completion,
-        FormatArg::Instruction => DataFormat::Instruction,
-        FormatArg::Chat => DataFormat::Chat,
-    };
-    let tok = TextTokenizer::from_model_dir(&args.model)?;
-    let ds = data::load(
-        &args.data,
-        format,
-        &tok,
-        args.max_seq_len.max(2),
-        args.train_on_inputs,
-    )?;
-    let adapters = match &args.adapter {
+fn adapters_of(adapter: Option<&Path>) -> Result<Adapters> {
+    Ok(match adapter {
         Some(d) => {
             let a = PeftAdapter::load(d)?;
             for w in &a.warnings {
@@ -63,9 +72,102 @@ pub fn run(args: Args) -> Result<ExitCode> {
             Adapters::Loaded(a)
         }
         None => Adapters::None,
+    })
+}
+
+/// Base model (resolving hub ids) with an optional adapter, in f32 on `device`.
+pub fn load_model(
+    model: &Path,
+    adapter: Option<&Path>,
+    device: &candle_core::Device,
+) -> Result<(lorakit_models::CausalLm, TextTokenizer)> {
+    let path = lorakit_models::hub::resolve(model)?;
+    let tok = TextTokenizer::open(&path)?;
+    let adapters = adapters_of(adapter)?;
+    let dtype = runtime::dtype("auto", device);
+    let (m, _) = ModelDir::open(&path)?.load(adapters, dtype, device)?;
+    Ok((m, tok))
+}
+
+/// A BERT classifier: loss and accuracy on `{"text", "label"}` data.
+fn run_classifier(args: &Args, path: &Path) -> Result<ExitCode> {
+    let device = runtime::device(&args.device)?;
+    let labels = match (&args.labels, args.adapter.as_deref().and_then(lorakit_train::adapter_labels)) {
+        (Some(l), _) => l.iter().map(|l| l.trim().to_string()).collect(),
+        (None, Some(l)) => l,
+        (None, None) => anyhow::bail!("{}: a BERT classifier needs its label names: pass --labels a,b,... (adapters trained by lorakit carry them)", path.display()),
     };
-    let device = Device::Cpu;
-    let (model, _) = ModelDir::open(&args.model)?.load(adapters, DType::F32, &device)?;
+    let tok = TextTokenizer::open(path)?;
+    let ds = data::load_labelled(&args.data, &tok, args.max_seq_len.max(2), &labels)?;
+    let adapters = adapters_of(args.adapter.as_deref())?;
+    let (m, _) = lorakit_models::bert::load_classifier(
+        path,
+        labels.len(),
+        adapters,
+        runtime::dtype("auto", &device),
+        &device,
+    )?;
+    let model = TaskModel::Classifier(m);
+    let r = evaluate(&model, &ds, tok.pad_id, args.batch_size, &device)?;
+    let acc = r.accuracy.unwrap_or(0.0);
+    if args.json {
+        say!(
+            "{}",
+            serde_json::json!({"loss": r.loss, "accuracy": acc, "total": r.tokens, "labels": labels})
+        );
+    } else {
+        say!(
+            "accuracy {acc:.4}  loss {:.6}  ({} examples; labels {})",
+            r.loss,
+            r.tokens,
+            labels.join(", ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    let format: DataFormat = args.format.into();
+    let path = lorakit_models::hub::resolve(&args.model)?;
+    if lorakit_models::bert::is_bert_dir(&path) || format == DataFormat::Classification {
+        return run_classifier(&args, &path);
+    }
+    let device = runtime::device(&args.device)?;
+    let (model, tok) = load_model(&path, args.adapter.as_deref(), &device)?;
+    if let Some(labels) = &args.labels {
+        let labels: Vec<String> = labels.iter().map(|l| l.trim().to_string()).collect();
+        let set = choices::load(&args.data, format, &tok, &labels)?;
+        let r = choices::classify(&model, &set, &labels, tok.pad_id, args.batch_size, &device)?;
+        if args.json {
+            say!("{}", r.to_json());
+        } else {
+            say!(
+                "accuracy {:.4}  ({} of {} correct)",
+                r.accuracy(),
+                r.correct(),
+                r.total()
+            );
+            for (i, l) in labels.iter().enumerate() {
+                let total: usize = r.confusion[i].iter().sum();
+                let predicted: usize = r.confusion.iter().map(|row| row[i]).sum();
+                say!(
+                    "  {l:<12} {:>5} examples, {:>5} correct, predicted {:>5} times",
+                    total,
+                    r.confusion[i][i],
+                    predicted
+                );
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let ds = data::load(
+        &args.data,
+        format,
+        &tok,
+        args.max_seq_len.max(2),
+        args.train_on_inputs,
+    )?;
+    let model = TaskModel::CausalLm(model);
     let r = evaluate(&model, &ds, tok.pad_id, args.batch_size, &device)?;
     if args.json {
         say!(

@@ -48,9 +48,12 @@ struct Summary {
 fn summarize_dir(path: &Path) -> Result<Summary> {
     let dir = ModelDir::open(path)?;
     let cfg = dir.config.clone();
-    let params = dir.checkpoint.parameter_count();
+    let checkpoint = dir
+        .checkpoint()
+        .context("expected a safetensors model directory")?;
+    let params = checkpoint.parameter_count();
+    let files = checkpoint.files().len();
     let dtype = format!("{:?}", dir.stored_dtype());
-    let files = dir.checkpoint.files().len();
     let linears = dir
         .linear_modules(Adapters::None)
         .with_context(|| format!("walking the model in {}", path.display()))?;
@@ -140,7 +143,8 @@ fn summarize_gguf(path: &Path) -> Result<Summary> {
     })
 }
 
-pub fn run(args: Args) -> Result<ExitCode> {
+pub fn run(mut args: Args) -> Result<ExitCode> {
+    args.model = lorakit_models::hub::resolve(&args.model)?;
     let is_gguf = args
         .model
         .extension()

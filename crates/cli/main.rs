@@ -21,6 +21,7 @@ pub(crate) fn warn(text: &str) {
 }
 
 mod eval;
+mod generate;
 mod inspect;
 mod merge;
 mod train;
@@ -45,6 +46,8 @@ enum Command {
     Train(train::Args),
     /// Loss and perplexity of a model (optionally with an adapter) on a JSONL data set.
     Eval(eval::Args),
+    /// Generate text from a model (optionally with an adapter), streamed to stdout.
+    Generate(generate::Args),
     /// Show a model's architecture, size and linear modules, and which ones LoRA targets would wrap.
     Inspect(inspect::Args),
     /// Fold a PEFT LoRA adapter into its base model and write an ordinary Hugging Face model directory.
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(a) => train::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Generate(a) => generate::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Merge(a) => merge::run(a),
     };
@@ -63,7 +67,15 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             use std::io::Write as _;
-            let _ = writeln!(std::io::stderr(), "error: {e:#}");
+            // the cause chain, without repeating a cause a message already quotes
+            let mut msg = e.to_string();
+            for cause in e.chain().skip(1) {
+                let c = cause.to_string();
+                if !msg.contains(&c) {
+                    msg = format!("{msg}: {c}");
+                }
+            }
+            let _ = writeln!(std::io::stderr(), "error: {msg}");
             ExitCode::FAILURE
         }
     }

@@ -79,11 +79,13 @@ impl Reporter for Progress {
         }
     }
     fn eval(&mut self, step: usize, r: &EvalResult, best: bool) {
+        let what = match r.accuracy {
+            Some(a) => format!("accuracy {a:.4}  ({} examples)", r.tokens),
+            None => format!("perplexity {:.2}  ({} tokens)", r.perplexity, r.tokens),
+        };
         self.message(&format!(
-            "eval at step {step}: loss {:.4}  perplexity {:.2}  ({} tokens){}",
+            "eval at step {step}: loss {:.4}  {what}{}",
             r.loss,
-            r.perplexity,
-            r.tokens,
             if best {
                 "  new best, saved to adapter/"
             } else {

@@ -47,6 +47,8 @@ struct Shared {
     modules: Mutex<Vec<LinearInfo>>,
     /// Every base tensor handed out, so tests can check none receives a gradient.
     base_tensors: Mutex<Vec<(String, Tensor)>>,
+    /// Tensors trained whole (`modules_to_save`), by full name.
+    whole: Mutex<Vec<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -67,12 +69,34 @@ pub struct BuildReport {
     pub linears: Vec<LinearInfo>,
     /// Every frozen base tensor the model holds, by full name.
     pub frozen: Vec<(String, Tensor)>,
+    /// Tensors trained whole (PEFT `modules_to_save`, e.g. a classification head), by full name.
+    pub whole: Vec<String>,
     pub warnings: Vec<String>,
 }
 
 impl BuildReport {
     pub fn wrapped(&self) -> impl Iterator<Item = &LinearInfo> {
         self.linears.iter().filter(|l| l.lora.is_some())
+    }
+
+    /// The tensors trained whole, as (PEFT key, tensor) read from `varmap` (for saving).
+    pub fn trained_whole(&self, varmap: &VarMap) -> Result<Vec<(String, Tensor)>> {
+        let vars = varmap.data().lock().unwrap_or_else(|p| p.into_inner());
+        self.whole
+            .iter()
+            .map(|name| {
+                let key = format!("{}{name}", crate::peft_format::KEY_PREFIX);
+                let t = vars
+                    .get(&key)
+                    .map(|v| v.as_tensor().clone())
+                    .ok_or_else(|| AdapterError::MissingTensor {
+                        file: "training state".into(),
+                        name: key.clone(),
+                        why: "the module is trained whole".into(),
+                    })?;
+                Ok((key, t))
+            })
+            .collect()
     }
 
     /// The trained low-rank pairs of the wrapped modules, read from `varmap` (for saving).
@@ -124,6 +148,7 @@ impl<'a> LayerBuilder<'a> {
                 selector,
                 modules: Mutex::new(Vec::new()),
                 base_tensors: Mutex::new(Vec::new()),
+                whole: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -140,6 +165,11 @@ impl<'a> LayerBuilder<'a> {
             },
             shared: self.shared.clone(),
         }
+    }
+
+    /// Where adapter tensors come from.
+    pub fn adapters(&self) -> &Adapters {
+        &self.shared.adapters
     }
 
     /// This module's full path, e.g. `model.layers.0.self_attn`.
@@ -252,6 +282,63 @@ impl<'a> LayerBuilder<'a> {
             lora: info,
         });
         Ok(LoraLinear::new(weight, bias, lora))
+    }
+
+    /// A linear module trained whole and saved with the adapter (PEFT `modules_to_save`), such
+    /// as a classification head the base model lacks: fresh trainable tensors when training
+    /// (weight seeded-uniform with std 0.02, like transformers' init; bias zero), the adapter's
+    /// saved tensors when loading one, else the base model's own.
+    pub fn saved_linear(&self, in_dim: usize, out_dim: usize) -> Result<LoraLinear> {
+        let (weight, bias) = match &self.shared.adapters {
+            Adapters::Train { varmap, seed, .. } => {
+                let mut vars = varmap.data().lock().unwrap_or_else(|p| p.into_inner());
+                let mut get = |name: &str, shape: Vec<usize>| -> Result<Tensor> {
+                    let full = self.full_name(name);
+                    let key = format!("{}{full}", crate::peft_format::KEY_PREFIX);
+                    let t = match vars.get(&key) {
+                        Some(v) => v.as_tensor().clone(),
+                        None => {
+                            let n = shape.iter().product();
+                            let init = if name == "weight" {
+                                seeded_uniform(*seed, &key, n, 0.02 * 3f64.sqrt())
+                            } else {
+                                vec![0.0; n]
+                            };
+                            let t = Tensor::from_vec(init, shape.clone(), self.device())?;
+                            let v = Var::from_tensor(&t)?;
+                            vars.insert(key.clone(), v.clone());
+                            v.as_tensor().clone()
+                        }
+                    };
+                    if t.dims() != shape.as_slice() {
+                        return Err(AdapterError::ShapeMismatch {
+                            file: "resumed adapter state".into(),
+                            name: key,
+                            expected: shape,
+                            got: t.dims().to_vec(),
+                            why: "the model config implies this shape".into(),
+                        });
+                    }
+                    lock(&self.shared.whole).push(full);
+                    Ok(t)
+                };
+                let w = get("weight", vec![out_dim, in_dim])?;
+                let b = get("bias", vec![out_dim])?;
+                (w, b)
+            }
+            _ => (
+                self.tensor((out_dim, in_dim), "weight")?,
+                self.tensor(out_dim, "bias")?,
+            ),
+        };
+        lock(&self.shared.modules).push(LinearInfo {
+            path: self.path.clone(),
+            in_dim,
+            out_dim,
+            bias: true,
+            lora: None,
+        });
+        Ok(LoraLinear::trainable(weight, Some(bias)))
     }
 
     fn low_rank(&self, in_dim: usize, out_dim: usize) -> Result<(LowRank, ModuleLora)> {
@@ -389,6 +476,7 @@ impl<'a> LayerBuilder<'a> {
         Ok(BuildReport {
             linears,
             frozen: self.base_tensors(),
+            whole: lock(&self.shared.whole).clone(),
             warnings,
         })
     }

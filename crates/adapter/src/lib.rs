@@ -22,5 +22,5 @@ pub use dropout::StepSeed;
 pub use error::{AdapterError, Result};
 pub use lora_linear::{LoraLinear, LowRank};
 pub use merged_backend::MergedBackend;
-pub use peft_format::{save_adapter, PeftAdapter};
+pub use peft_format::{save_adapter, save_adapter_with, PeftAdapter};
 pub use target::TargetSelector;

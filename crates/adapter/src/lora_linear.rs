@@ -52,11 +52,28 @@ pub struct LoraLinear {
     weight: Tensor,
     bias: Option<Tensor>,
     lora: Option<LowRank>,
+    /// Weight and bias receive gradients (a module trained whole); otherwise they are frozen.
+    trainable: bool,
 }
 
 impl LoraLinear {
     pub fn new(weight: Tensor, bias: Option<Tensor>, lora: Option<LowRank>) -> Self {
-        LoraLinear { weight, bias, lora }
+        LoraLinear {
+            weight,
+            bias,
+            lora,
+            trainable: false,
+        }
+    }
+
+    /// A plain linear layer whose weight and bias are trained (PEFT `modules_to_save`).
+    pub fn trainable(weight: Tensor, bias: Option<Tensor>) -> Self {
+        LoraLinear {
+            weight,
+            bias,
+            lora: None,
+            trainable: true,
+        }
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -73,6 +90,13 @@ impl LoraLinear {
 
     /// Forward pass; `train` switches LoRA dropout on.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if self.trainable {
+            let y = x.contiguous()?.broadcast_matmul(&self.weight.t()?)?;
+            return match &self.bias {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            };
+        }
         let mut y = frozen_matmul(x, &self.weight)?;
         if let Some(b) = &self.bias {
             y = frozen_add(&y, b)?;

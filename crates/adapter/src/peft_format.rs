@@ -263,8 +263,27 @@ pub fn save_adapter(
     modules: &[(String, LowRank)],
     metadata: &HashMap<String, String>,
 ) -> Result<()> {
+    save_adapter_with(dir, config, modules, &[], metadata)
+}
+
+/// [`save_adapter`] plus tensors trained whole (`modules_to_save`), given by PEFT key
+/// (`base_model.model.classifier.weight`).
+pub fn save_adapter_with(
+    dir: &Path,
+    config: &LoraConfig,
+    modules: &[(String, LowRank)],
+    whole: &[(String, Tensor)],
+    metadata: &HashMap<String, String>,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| AdapterError::io(dir, e))?;
     let mut tensors: Vec<(String, Tensor)> = Vec::with_capacity(modules.len() * 2);
+    for (key, t) in whole {
+        let t = t
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .contiguous()?;
+        tensors.push((key.clone(), t));
+    }
     for (module, l) in modules {
         for (which, t) in [("A", &l.a), ("B", &l.b)] {
             let t = t

@@ -326,18 +326,8 @@ pub fn hf_name(gguf: &str) -> Option<String> {
     Some(format!("{mapped}.{suffix}"))
 }
 
-/// A llama GGUF as a Hugging Face model: the config from its metadata and its tensors,
-/// dequantised, renamed (`blk.0.attn_q.weight` → `model.layers.0.self_attn.q_proj.weight`) and with
-/// q/k rows put back from llama.cpp's interleaved-RoPE order into the Hugging Face order, so that
-/// adapters trained on it apply to the Hugging Face release of the same model.
-pub fn load_llama(
-    path: &Path,
-    device: &candle_core::Device,
-) -> Result<(
-    crate::LlamaConfig,
-    std::collections::HashMap<String, candle_core::Tensor>,
-)> {
-    let header = GgufHeader::from_file(path)?;
+/// The Hugging Face config of a llama GGUF, from its `llama.*` metadata.
+pub fn llama_config(header: &GgufHeader, path: &Path) -> Result<crate::LlamaConfig> {
     let err = |key: &str, message: String| ModelError::Config {
         file: path.to_path_buf(),
         key: key.into(),
@@ -376,7 +366,27 @@ pub fn load_llama(
         "max_position_embeddings": num("context_length").unwrap_or(2048),
         "tie_word_embeddings": !header.tensors.iter().any(|t| t.name == "output.weight"),
     });
-    let config = crate::LlamaConfig::from_json(json, path)?;
+    crate::LlamaConfig::from_json(json, path)
+}
+
+/// A llama GGUF as a Hugging Face model: the config from its metadata and its tensors,
+/// dequantised, renamed (`blk.0.attn_q.weight` → `model.layers.0.self_attn.q_proj.weight`) and with
+/// q/k rows put back from llama.cpp's interleaved-RoPE order into the Hugging Face order, so that
+/// adapters trained on it apply to the Hugging Face release of the same model.
+pub fn load_llama(
+    path: &Path,
+    device: &candle_core::Device,
+) -> Result<(
+    crate::LlamaConfig,
+    std::collections::HashMap<String, candle_core::Tensor>,
+)> {
+    let header = GgufHeader::from_file(path)?;
+    let err = |key: &str, message: String| ModelError::Config {
+        file: path.to_path_buf(),
+        key: key.into(),
+        message,
+    };
+    let config = llama_config(&header, path)?;
 
     // Our header check has bounded every count and range; candle's reader does the rest.
     let mut file = std::fs::File::open(path).map_err(|source| ModelError::Io {

@@ -1,14 +1,17 @@
 //! lorakit-models: differentiable transformer architectures written against
 //! `lorakit_adapter::LayerBuilder`, so every linear layer can carry a LoRA adapter. Full-sequence
 //! logits, causal + padding masks, GQA, tied embeddings. Never mentions rank, alpha or merging.
+pub mod bert;
 pub mod config;
 pub mod error;
+pub mod generate;
 pub mod gguf;
+pub mod hub;
 pub mod llama;
 pub mod load;
 pub mod ops;
 
 pub use config::{Arch, LlamaConfig, RopeScaling};
 pub use error::{ModelError, Result};
-pub use llama::CausalLm;
-pub use load::{build, ModelDir};
+pub use llama::{CausalLm, KvCache};
+pub use load::{build, is_gguf, ModelDir};

@@ -39,6 +39,7 @@ impl Attention {
         sin: &Tensor,
         bias: &Tensor,
         train: bool,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let split = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
@@ -50,7 +51,15 @@ impl Attention {
         let k = split(self.k_proj.forward_t(x, train)?, self.kv_heads)?;
         let v = split(self.v_proj.forward_t(x, train)?, self.kv_heads)?;
         let q = apply_rope(&q, cos, sin)?;
-        let k = apply_rope(&k, cos, sin)?;
+        let mut k = apply_rope(&k, cos, sin)?;
+        let mut v = v;
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
         let n_rep = self.heads / self.kv_heads;
         let k = repeat_kv(&k, n_rep)?.contiguous()?;
         let v = repeat_kv(&v, n_rep)?.contiguous()?;
@@ -96,6 +105,14 @@ struct DecoderLayer {
     self_attn: Attention,
     post_attention_layernorm: Tensor,
     mlp: Mlp,
+}
+
+/// Keys and values (after RoPE, before head repetition) of the tokens seen so far, per layer.
+#[derive(Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Number of tokens cached.
+    pub len: usize,
 }
 
 /// A decoder-only causal language model of the Llama family.
@@ -164,6 +181,22 @@ impl CausalLm {
             .to_dtype(DType::F32)?)
     }
 
+    /// Logits (f32) `[n, vocab]` only at `positions` (flat indices into `batch × seq`): a loss
+    /// needs a few positions, and the output head over a large vocabulary is a good share of a
+    /// small model's compute.
+    pub fn logits_at(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+        positions: &Tensor,
+    ) -> Result<Tensor> {
+        let hidden = self.hidden_states(input_ids, attention_mask, train)?;
+        let (b, s, d) = hidden.dims3()?;
+        let rows = hidden.reshape((b * s, d))?.index_select(positions, 0)?;
+        Ok(self.lm_head.forward_t(&rows, train)?.to_dtype(DType::F32)?)
+    }
+
     /// The final normalised hidden states `[batch, seq, hidden]`, before the output head.
     pub fn hidden_states(
         &self,
@@ -184,6 +217,15 @@ impl CausalLm {
                 )));
             }
         }
+        let x = self.embed(input_ids)?;
+        let dev = self.embed_tokens.device();
+        let (cos, sin) = rope_tables(&self.inv_freq, self.cfg.position_scale(), s, x.dtype(), dev)?;
+        let bias = attention_bias(b, s, attention_mask, self.cfg.sliding_window, dev)?;
+        self.layers_forward(x, &cos, &sin, &bias, train, None)
+    }
+
+    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
         let ids = input_ids.to_dtype(DType::U32)?;
         let max_id = ids.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize;
         if max_id >= self.cfg.vocab_size {
@@ -192,21 +234,121 @@ impl CausalLm {
                 self.cfg.vocab_size
             )));
         }
-        let dev = self.embed_tokens.device();
-        let mut x = self
+        Ok(self
             .embed_tokens
             .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, s, self.cfg.hidden_size))?;
-        let (cos, sin) = rope_tables(&self.inv_freq, self.cfg.position_scale(), s, x.dtype(), dev)?;
-        let bias = attention_bias(b, s, attention_mask, self.cfg.sliding_window, dev)?;
+            .reshape((b, s, self.cfg.hidden_size))?)
+    }
+
+    fn layers_forward(
+        &self,
+        mut x: Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: &Tensor,
+        train: bool,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps;
-        for layer in &self.layers {
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let h = rms_norm(&x, &layer.input_layernorm, eps)?;
-            x = (x + layer.self_attn.forward(&h, &cos, &sin, &bias, train)?)?;
+            x = (x + layer.self_attn.forward(&h, cos, sin, bias, train, slot)?)?;
             let h = rms_norm(&x, &layer.post_attention_layernorm, eps)?;
             x = (x + layer.mlp.forward(&h, train)?)?;
         }
         Ok(rms_norm(&x, &self.norm, eps)?)
+    }
+
+    /// Logits (f32) `[n, vocab]` at `at` (flat indices into `b × s`) of rows that pack several
+    /// sequences sharing a prefix (e.g. one prompt followed by each candidate answer): every
+    /// token has an explicit position (`positions`, `[b][s]`) and `bias` `[b, 1, s, s]` (0 =
+    /// may attend, large negative = may not) says what it sees. Inference only.
+    pub fn logits_packed(
+        &self,
+        input_ids: &Tensor,
+        positions: &[Vec<usize>],
+        bias: &Tensor,
+        at: &Tensor,
+    ) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        if positions.len() != b || positions.iter().any(|p| p.len() != s) {
+            return Err(ModelError::Input(format!(
+                "positions must be [{b}][{s}] like the input ids"
+            )));
+        }
+        let x = self.embed(input_ids)?;
+        let dev = x.device().clone();
+        let max = positions.iter().flatten().copied().max().unwrap_or(0) + 1;
+        let (cos, sin) = rope_tables(
+            &self.inv_freq,
+            self.cfg.position_scale(),
+            max,
+            x.dtype(),
+            &dev,
+        )?;
+        let idx: Vec<u32> = positions.iter().flatten().map(|p| *p as u32).collect();
+        let idx = Tensor::from_vec(idx, b * s, &dev)?;
+        let half = cos.dim(1)?;
+        let rows = |t: &Tensor| -> candle_core::Result<Tensor> {
+            t.index_select(&idx, 0)?.reshape((b, 1, s, half))
+        };
+        let (cos, sin) = (rows(&cos)?, rows(&sin)?);
+        let hidden = self.layers_forward(x, &cos, &sin, bias, false, None)?;
+        let d = hidden.dim(2)?;
+        let picked = hidden.reshape((b * s, d))?.index_select(at, 0)?;
+        Ok(self
+            .lm_head
+            .forward_t(&picked, false)?
+            .to_dtype(DType::F32)?)
+    }
+
+    /// An empty key/value cache for [`CausalLm::forward_cached`].
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: vec![None; self.layers.len()],
+            len: 0,
+        }
+    }
+
+    /// Logits (f32) `[1, s, vocab]` of `input_ids` `[1, s]` that continue the tokens already in
+    /// `cache` (inference only: no dropout). Generation feeds the prompt once, then one token at
+    /// a time.
+    pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        if b != 1 || s == 0 {
+            return Err(ModelError::Input(format!(
+                "cached forward takes one non-empty sequence, got shape {:?}",
+                [b, s]
+            )));
+        }
+        let x = self.embed(input_ids)?;
+        let dev = x.device().clone();
+        let past = cache.len;
+        let total = past + s;
+        let (cos, sin) = rope_tables(
+            &self.inv_freq,
+            self.cfg.position_scale(),
+            total,
+            x.dtype(),
+            &dev,
+        )?;
+        let (cos, sin) = (cos.narrow(0, past, s)?, sin.narrow(0, past, s)?);
+        let mut bias = Vec::with_capacity(s * total);
+        for i in 0..s {
+            let qi = past + i;
+            for j in 0..total {
+                let in_window = self.cfg.sliding_window.is_none_or(|w| qi - j.min(qi) < w);
+                bias.push(if j <= qi && in_window { 0f32 } else { -1.0e9 });
+            }
+        }
+        let bias = Tensor::from_vec(bias, (1, 1, s, total), &dev)?;
+        let hidden = self.layers_forward(x, &cos, &sin, &bias, false, Some(cache))?;
+        cache.len = total;
+        Ok(self
+            .lm_head
+            .forward_t(&hidden, false)?
+            .to_dtype(DType::F32)?)
     }
 }
 

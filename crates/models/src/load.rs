@@ -1,4 +1,5 @@
-//! Opening a Hugging Face model directory: config.json + safetensors (single or sharded).
+//! Opening a base model: a Hugging Face model directory (config.json + safetensors, single or
+//! sharded) or a llama.cpp GGUF file (dequantised, with Hugging Face names and q/k layout).
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::llama::CausalLm;
@@ -8,21 +9,44 @@ use candle_nn::VarBuilder;
 use lorakit_adapter::{Adapters, BuildReport, Checkpoint, LayerBuilder, LinearInfo, ShapeOnly};
 use std::path::{Path, PathBuf};
 
-/// A model directory with its parsed config and opened checkpoint.
+/// A base model with its parsed config and opened weights.
 pub struct ModelDir {
+    /// The directory, or the `.gguf` file.
     pub dir: PathBuf,
     pub config: LlamaConfig,
-    pub checkpoint: Checkpoint,
+    weights: Weights,
+}
+
+enum Weights {
+    Safetensors(Checkpoint),
+    /// Dequantised on `load`, not on `open`, so `inspect`-like uses stay cheap.
+    Gguf,
+}
+
+/// Whether `path` names a GGUF file rather than a model directory.
+pub fn is_gguf(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        && !path.is_dir()
 }
 
 impl ModelDir {
     pub fn open(dir: &Path) -> Result<Self> {
+        if is_gguf(dir) {
+            let header = crate::gguf::GgufHeader::from_file(dir)?;
+            let config = crate::gguf::llama_config(&header, dir)?;
+            return Ok(ModelDir {
+                dir: dir.to_path_buf(),
+                config,
+                weights: Weights::Gguf,
+            });
+        }
         if !dir.is_dir() {
             return Err(ModelError::Io {
                 path: dir.to_path_buf(),
                 source: std::io::Error::new(
                     std::io::ErrorKind::NotFound,
-                    "not a directory (expected a Hugging Face model directory with config.json and model.safetensors)",
+                    "not a directory or a .gguf file (expected a Hugging Face model directory with config.json and model.safetensors, or a .gguf file)",
                 ),
             });
         }
@@ -31,16 +55,27 @@ impl ModelDir {
         Ok(ModelDir {
             dir: dir.to_path_buf(),
             config,
-            checkpoint,
+            weights: Weights::Safetensors(checkpoint),
         })
+    }
+
+    /// The safetensors checkpoint, for callers that read tensors directly (merge).
+    pub fn checkpoint(&self) -> Option<&Checkpoint> {
+        match &self.weights {
+            Weights::Safetensors(c) => Some(c),
+            Weights::Gguf => None,
+        }
     }
 
     /// The dtype the checkpoint declares, else the dtype of its first float tensor.
     pub fn stored_dtype(&self) -> DType {
+        let Weights::Safetensors(checkpoint) = &self.weights else {
+            return DType::F32; // GGUF tensors are dequantised to f32
+        };
         self.config.dtype.unwrap_or_else(|| {
-            self.checkpoint
+            checkpoint
                 .names()
-                .filter_map(|n| self.checkpoint.meta(n).ok())
+                .filter_map(|n| checkpoint.meta(n).ok())
                 .map(|m| m.dtype)
                 .find(|d| d.is_float())
                 .unwrap_or(DType::F32)
@@ -55,14 +90,28 @@ impl ModelDir {
         device: &Device,
     ) -> Result<(CausalLm, BuildReport)> {
         let config = self.config.clone();
-        let names: Vec<String> = self.checkpoint.names().map(String::from).collect();
-        let describe = self.checkpoint.describe();
-        let backend: Box<dyn SimpleBackend> = Box::new(self.checkpoint);
-        let (model, report) = build(
-            &config,
-            VarBuilder::from_backend(backend, dtype, device.clone()),
-            adapters,
-        )?;
+        let (vb, names, describe) = match self.weights {
+            Weights::Safetensors(checkpoint) => {
+                let names: Vec<String> = checkpoint.names().map(String::from).collect();
+                let describe = checkpoint.describe();
+                let backend: Box<dyn SimpleBackend> = Box::new(checkpoint);
+                (
+                    VarBuilder::from_backend(backend, dtype, device.clone()),
+                    names,
+                    describe,
+                )
+            }
+            Weights::Gguf => {
+                let (_, tensors) = crate::gguf::load_llama(&self.dir, &Device::Cpu)?;
+                let names = tensors.keys().cloned().collect();
+                (
+                    VarBuilder::from_tensors(tensors, dtype, device),
+                    names,
+                    self.dir.display().to_string(),
+                )
+            }
+        };
+        let (model, report) = build(&config, vb, adapters)?;
         check_all_used(
             &config,
             &names,
@@ -76,9 +125,15 @@ impl ModelDir {
     /// every linear module with its shape, and which ones `adapters` would wrap.
     pub fn linear_modules(self, adapters: Adapters) -> Result<Vec<LinearInfo>> {
         let config = self.config.clone();
-        let names: Vec<String> = self.checkpoint.names().map(String::from).collect();
-        let describe = self.checkpoint.describe();
-        let backend: Box<dyn SimpleBackend> = Box::new(ShapeOnly(self.checkpoint));
+        let Weights::Safetensors(checkpoint) = self.weights else {
+            return Err(ModelError::Input(
+                "linear_modules reads safetensors headers; GGUF headers are read by gguf::GgufHeader"
+                    .into(),
+            ));
+        };
+        let names: Vec<String> = checkpoint.names().map(String::from).collect();
+        let describe = checkpoint.describe();
+        let backend: Box<dyn SimpleBackend> = Box::new(ShapeOnly(checkpoint));
         let vb = VarBuilder::from_backend(backend, DType::F32, Device::Cpu);
         let lb = LayerBuilder::new(vb, adapters)?;
         CausalLm::new(&config, &lb)?;

@@ -36,9 +36,19 @@ pub fn rope_tables(
     Ok((cos, sin))
 }
 
-/// Rotary embedding on `[b, heads, seq, head_dim]` (non-interleaved halves, as in HF).
+/// Rotary embedding on `[b, heads, seq, head_dim]` (non-interleaved halves, as in HF). Tables
+/// are `[seq, head_dim / 2]`, or `[b, 1, seq, head_dim / 2]` when rows have their own positions.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    candle_nn::rotary_emb::rope_slow(&x.contiguous()?, cos, sin)
+    if cos.rank() == 2 {
+        return candle_nn::rotary_emb::rope_slow(&x.contiguous()?, cos, sin);
+    }
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    let cos = Tensor::cat(&[cos, cos], D::Minus1)?;
+    let sin = Tensor::cat(&[sin, sin], D::Minus1)?;
+    x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
 }
 
 /// `[b, kv_heads, s, d]` → `[b, kv_heads * n_rep, s, d]`, each kv head repeated `n_rep` times.

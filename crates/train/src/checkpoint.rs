@@ -4,7 +4,7 @@
 use crate::error::{Result, TrainError};
 use candle_core::{Device, Tensor};
 use lorakit_adapter::fsutil::{atomic_write, AtomicDir};
-use lorakit_adapter::{save_adapter, LoraConfig, LowRank};
+use lorakit_adapter::{save_adapter_with, LoraConfig, LowRank};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -40,12 +40,13 @@ pub fn save(
     dir: &Path,
     config: &LoraConfig,
     modules: &[(String, LowRank)],
+    whole: &[(String, Tensor)],
     optimizer: &BTreeMap<String, Tensor>,
     state: &TrainState,
     metadata: &HashMap<String, String>,
 ) -> Result<()> {
     let tmp = AtomicDir::create(dir, true)?;
-    save_adapter(tmp.path(), config, modules, metadata)?;
+    save_adapter_with(tmp.path(), config, modules, whole, metadata)?;
     let tensors: Vec<(String, Tensor)> = optimizer
         .iter()
         .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?)))

@@ -22,6 +22,8 @@ pub const INSTRUCTION_TEMPLATE: &str =
 pub struct Example {
     pub ids: Vec<u32>,
     pub targets: Vec<bool>,
+    /// The class index (format `classification`); `None` for language-model examples.
+    pub label: Option<u32>,
 }
 
 /// A tokenised data set and what happened on the way.
@@ -97,15 +99,7 @@ pub fn parse(
             return Err(err(format!("line is longer than {MAX_LINE_BYTES} bytes")));
         }
         let v: Value = serde_json::from_str(line).map_err(|e| err(format!("invalid JSON: {e}")))?;
-        let mut ex = match format {
-            DataFormat::Completion => completion(&v, tok).map_err(err)?,
-            DataFormat::Instruction => instruction(&v, tok, train_on_inputs).map_err(err)?,
-            DataFormat::Chat => template
-                .as_ref()
-                .map(|t| t.example(&v, tok, train_on_inputs))
-                .unwrap_or(Err(String::new()))
-                .map_err(err)?,
-        };
+        let mut ex = tokenise(&v, format, tok, template.as_ref(), train_on_inputs).map_err(err)?;
         if ex.ids.len() > max_seq_len {
             ex.ids.truncate(max_seq_len);
             ex.targets.truncate(max_seq_len);
@@ -125,6 +119,107 @@ pub fn parse(
             } else {
                 "no examples (the file is empty)".into()
             },
+        });
+    }
+    Ok(ds)
+}
+
+/// One record as an example (`template` is needed by the chat format).
+pub(crate) fn tokenise(
+    v: &Value,
+    format: DataFormat,
+    tok: &TextTokenizer,
+    template: Option<&ChatTemplate>,
+    train_on_inputs: bool,
+) -> std::result::Result<Example, String> {
+    match format {
+        DataFormat::Completion => completion(v, tok),
+        DataFormat::Instruction => instruction(v, tok, train_on_inputs),
+        DataFormat::Chat => template
+            .map(|t| t.example(v, tok, train_on_inputs))
+            .unwrap_or(Err("no chat template".into())),
+        DataFormat::Classification => Err("classification data is read by load_labelled".into()),
+    }
+}
+
+/// The sorted distinct `label` values of a `classification` file (the default label set).
+pub fn scan_labels(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+    let mut labels = std::collections::BTreeSet::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: Value = serde_json::from_str(line).map_err(|e| TrainError::Data {
+            file: path.into(),
+            line: i + 1,
+            message: format!("invalid JSON: {e}"),
+        })?;
+        let label = field(&v, "label").map_err(|message| TrainError::Data {
+            file: path.into(),
+            line: i + 1,
+            message,
+        })?;
+        labels.insert(label.to_string());
+    }
+    if labels.len() < 2 {
+        return Err(TrainError::DataFile {
+            file: path.into(),
+            message: format!("classification needs at least two distinct labels, found {labels:?}"),
+        });
+    }
+    Ok(labels.into_iter().collect())
+}
+
+/// Reads a `classification` file `{"text", "label"}`: the text with the tokenizer's special
+/// tokens ([CLS] … [SEP]), truncated to `max_seq_len`, and the label's index in `labels`.
+pub fn load_labelled(
+    path: &Path,
+    tok: &TextTokenizer,
+    max_seq_len: usize,
+    labels: &[String],
+) -> Result<Dataset> {
+    let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+    let mut ds = Dataset::default();
+    for (i, line) in text.lines().enumerate() {
+        let err = |message: String| TrainError::Data {
+            file: path.into(),
+            line: i + 1,
+            message,
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        if line.len() > MAX_LINE_BYTES {
+            return Err(err(format!("line is longer than {MAX_LINE_BYTES} bytes")));
+        }
+        let v: Value = serde_json::from_str(line).map_err(|e| err(format!("invalid JSON: {e}")))?;
+        let text = field(&v, "text").map_err(err)?;
+        if text.trim().is_empty() {
+            return Err(err("\"text\" is empty".into()));
+        }
+        let label = field(&v, "label").map_err(err)?;
+        let index = labels.iter().position(|l| l == label).ok_or_else(|| {
+            err(format!(
+                "label {label:?} is not in the label set ({})",
+                labels.join(", ")
+            ))
+        })?;
+        let mut ids = tok.encode(text, true)?;
+        if ids.len() > max_seq_len {
+            ids.truncate(max_seq_len);
+            ds.truncated += 1;
+        }
+        ds.examples.push(Example {
+            targets: vec![false; ids.len()],
+            ids,
+            label: Some(index as u32),
+        });
+    }
+    if ds.examples.is_empty() {
+        return Err(TrainError::DataFile {
+            file: path.into(),
+            message: "no examples (the file is empty)".into(),
         });
     }
     Ok(ds)
@@ -154,7 +249,11 @@ fn completion(v: &Value, tok: &TextTokenizer) -> std::result::Result<Example, St
     }
     let ids = with_eos(tok.encode(text, true).map_err(|e| e.to_string())?, tok);
     let targets = vec![true; ids.len()];
-    Ok(Example { ids, targets })
+    Ok(Example {
+        ids,
+        targets,
+        label: None,
+    })
 }
 
 /// The prompt for one instruction example.
@@ -192,7 +291,11 @@ fn instruction(
     targets.extend(std::iter::repeat_n(true, response.len()));
     let mut ids = prompt;
     ids.extend(response);
-    Ok(Example { ids, targets })
+    Ok(Example {
+        ids,
+        targets,
+        label: None,
+    })
 }
 
 /// A compiled chat template.
@@ -243,7 +346,7 @@ impl ChatTemplate {
         .map_err(|e| format!("chat template failed: {e}"))
     }
 
-    fn example(
+    pub(crate) fn example(
         &self,
         v: &Value,
         tok: &TextTokenizer,
@@ -293,6 +396,10 @@ impl ChatTemplate {
                 train_on_inputs || spans.iter().any(|(a, b)| *s >= *a && *s < *b && *e <= *b)
             })
             .collect();
-        Ok(Example { ids, targets })
+        Ok(Example {
+            ids,
+            targets,
+            label: None,
+        })
     }
 }

@@ -1,9 +1,9 @@
 //! Evaluation: mean token cross-entropy (the training loss, without dropout) and perplexity.
 use crate::data::Dataset;
 use crate::error::Result;
-use crate::loss::{summed_loss, Batch};
+use crate::loss::Batch;
+use crate::task_model::TaskModel;
 use candle_core::Device;
-use lorakit_models::CausalLm;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct EvalResult {
@@ -11,10 +11,12 @@ pub struct EvalResult {
     pub loss: f64,
     pub perplexity: f64,
     pub tokens: usize,
+    /// Classifiers: share of examples whose most likely class is the label.
+    pub accuracy: Option<f64>,
 }
 
 pub fn evaluate(
-    model: &CausalLm,
+    model: &TaskModel,
     ds: &Dataset,
     pad_id: u32,
     batch_size: usize,
@@ -22,11 +24,18 @@ pub fn evaluate(
 ) -> Result<EvalResult> {
     let mut total = 0f64;
     let mut tokens = 0usize;
+    let mut correct = 0usize;
     let refs: Vec<_> = ds.examples.iter().collect();
     for chunk in refs.chunks(batch_size.max(1)) {
         let batch = Batch::new(chunk, pad_id, device)?;
-        let logits = model.forward(&batch.ids, Some(&batch.attention), false)?;
-        total += summed_loss(&logits, &batch)?.to_scalar::<f32>()? as f64;
+        if batch.targets == 0 {
+            continue;
+        }
+        let logits = model.target_logits(&batch, false)?;
+        total += crate::loss::summed_loss(&logits, &batch.labels)?.to_scalar::<f32>()? as f64;
+        if model.is_classifier() {
+            correct += model.correct(&logits, &batch)?;
+        }
         tokens += batch.targets;
     }
     let loss = total / tokens.max(1) as f64;
@@ -34,5 +43,8 @@ pub fn evaluate(
         loss,
         perplexity: loss.exp(),
         tokens,
+        accuracy: model
+            .is_classifier()
+            .then(|| correct as f64 / tokens.max(1) as f64),
     })
 }

@@ -2,12 +2,16 @@
 use crate::data::Example;
 use candle_core::{DType, Device, Result, Tensor, D};
 
-/// A padded batch: ids `[b, s]`, attention mask `[b, s]` (1 = token), and the loss weight of
-/// each predicted position `[b, s-1]` (1 where token t+1 is a target and real).
+/// A padded batch: ids `[b, s]`, attention mask `[b, s]` (1 = token), and the predicted
+/// positions: `positions[k]` (a flat index into `b × s`) must predict token `labels[k]` — or,
+/// for classified examples, example `positions[k]` has class `labels[k]`.
+/// Only those positions go through the output head, which on a large vocabulary is a good
+/// share of a small model's compute.
 pub struct Batch {
     pub ids: Tensor,
     pub attention: Tensor,
-    pub weights: Tensor,
+    pub positions: Tensor,
+    pub labels: Tensor,
     /// Number of target tokens (the loss denominator).
     pub targets: usize,
     /// Number of real tokens (for throughput).
@@ -25,44 +29,40 @@ impl Batch {
             .max(2);
         let mut ids = vec![pad_id; b * s];
         let mut att = vec![0u8; b * s];
-        let mut w = vec![0f32; b * (s - 1)];
-        let (mut targets, mut tokens) = (0, 0);
+        let (mut positions, mut labels) = (Vec::new(), Vec::new());
+        let mut tokens = 0;
         for (i, e) in examples.iter().enumerate() {
+            if let Some(l) = e.label {
+                // a classified example: one target, its class
+                labels.push(l);
+                positions.push(i as u32);
+            }
             for (t, id) in e.ids.iter().enumerate() {
                 ids[i * s + t] = *id;
                 att[i * s + t] = 1;
-                if t > 0 && e.targets[t] {
-                    w[i * (s - 1) + t - 1] = 1.0;
-                    targets += 1;
+                if t > 0 && e.targets[t] && e.label.is_none() {
+                    positions.push((i * s + t - 1) as u32);
+                    labels.push(*id);
                 }
             }
             tokens += e.ids.len();
         }
+        let targets = positions.len();
         Ok(Batch {
             ids: Tensor::from_vec(ids, (b, s), device)?,
             attention: Tensor::from_vec(att, (b, s), device)?,
-            weights: Tensor::from_vec(w, (b, s - 1), device)?,
+            positions: Tensor::from_vec(positions, targets, device)?,
+            labels: Tensor::from_vec(labels, targets, device)?,
             targets,
             tokens,
         })
     }
 }
 
-/// Sum of token cross-entropies over weighted positions (divide by `batch.targets` for the mean).
-pub fn summed_loss(logits: &Tensor, batch: &Batch) -> Result<Tensor> {
-    let (b, s, v) = logits.dims3()?;
-    let pred = logits
-        .narrow(1, 0, s - 1)?
-        .reshape((b * (s - 1), v))?
-        .to_dtype(DType::F32)?;
-    let target = batch
-        .ids
-        .narrow(1, 1, s - 1)?
-        .flatten_all()?
-        .to_dtype(DType::U32)?;
-    let logp = candle_nn::ops::log_softmax(&pred, D::Minus1)?;
-    let picked = logp.gather(&target.unsqueeze(1)?, 1)?.squeeze(1)?;
-    (picked.neg()? * batch.weights.flatten_all()?)?.sum_all()
+/// Sum of cross-entropies of `logits` `[n, vocab]` against `labels` `[n]`.
+pub fn summed_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    logp.gather(&labels.unsqueeze(1)?, 1)?.neg()?.sum_all()
 }
 
 #[cfg(test)]
@@ -75,20 +75,24 @@ mod tests {
         let a = Example {
             ids: vec![1, 2, 3],
             targets: vec![false, false, true],
+            label: None,
         };
         let b = Example {
             ids: vec![4, 5],
             targets: vec![true, true],
+            label: None,
         };
         let batch = Batch::new(&[&a, &b], 0, &dev)?;
         assert_eq!(batch.targets, 2);
-        assert_eq!(
-            batch.weights.to_vec2::<f32>()?,
-            vec![vec![0., 1.], vec![1., 0.]]
-        );
+        // row 0 predicts its token 2 (3) at position 1; row 1 its token 1 (5) at position 0
+        assert_eq!(batch.positions.to_vec1::<u32>()?, vec![1, 3]);
+        assert_eq!(batch.labels.to_vec1::<u32>()?, vec![3, 5]);
+        let rows = |logits: &Tensor| -> Result<Tensor> {
+            logits.reshape((6, 7))?.index_select(&batch.positions, 0)
+        };
         // uniform logits: each target costs ln(vocab)
         let logits = Tensor::zeros((2, 3, 7), DType::F32, &dev)?;
-        let l = summed_loss(&logits, &batch)?.to_scalar::<f32>()?;
+        let l = summed_loss(&rows(&logits)?, &batch.labels)?.to_scalar::<f32>()?;
         assert!((l - 2.0 * (7f32).ln()).abs() < 1e-5);
         // a confident right answer on a target costs ~0; on a non-target it is ignored
         let at = |row: usize, pos: usize, tok: usize| (row * 3 + pos) * 7 + tok;
@@ -96,7 +100,7 @@ mod tests {
         v[at(0, 1, 3)] = 50.0; // position 1 of row 0 predicts token 3 (a target)
         v[at(0, 0, 6)] = 50.0; // position 0 of row 0 predicts a wrong token (not a target)
         let logits = Tensor::from_vec(v, (2, 3, 7), &dev)?;
-        let l = summed_loss(&logits, &batch)?.to_scalar::<f32>()?;
+        let l = summed_loss(&rows(&logits)?, &batch.labels)?.to_scalar::<f32>()?;
         assert!((l - (7f32).ln()).abs() < 1e-4, "{l}");
         Ok(())
     }

@@ -18,6 +18,8 @@ pub struct MetricsRow {
     pub eval_loss: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_perplexity: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_accuracy: Option<f64>,
 }
 
 /// Reads all rows (a missing file is empty; a torn last line from a crash is skipped).
@@ -120,6 +122,7 @@ mod tests {
                 tokens_per_s: None,
                 eval_loss: (s % 2 == 0).then_some(4.0),
                 eval_perplexity: None,
+                eval_accuracy: None,
             })
             .collect();
         let svg = loss_svg(&rows);
@@ -151,6 +154,7 @@ mod tests {
                     tokens_per_s: None,
                     eval_loss: None,
                     eval_perplexity: None,
+                    eval_accuracy: None,
                 },
             )
             .unwrap();

@@ -21,8 +21,14 @@ pub struct Recipe {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
-    /// A Hugging Face model directory.
+    /// A Hugging Face model directory, a `.gguf` file, or a hub id (`org/name[@revision]`).
     pub path: PathBuf,
+    /// causal_lm (Llama family) | sequence_classification (BERT with a classification head).
+    #[serde(default)]
+    pub task: Task,
+    /// sequence_classification: number of classes (defaults to the number of labels).
+    #[serde(default)]
+    pub num_labels: Option<usize>,
     /// auto | f32 | bf16 | f16 (auto: bf16 on GPU, f32 on CPU).
     #[serde(default = "auto")]
     pub dtype: String,
@@ -31,12 +37,22 @@ pub struct ModelSection {
     pub device: String,
 }
 
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    #[default]
+    CausalLm,
+    SequenceClassification,
+}
+
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum DataFormat {
     Completion,
     Instruction,
     Chat,
+    /// `{"text", "label"}` for sequence classification.
+    Classification,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -54,6 +70,10 @@ pub struct DataSection {
     /// instruction/chat: also compute the loss on prompt tokens.
     #[serde(default)]
     pub train_on_inputs: bool,
+    /// classification: the label names in class-index order (default: the sorted distinct
+    /// labels of the training data).
+    #[serde(default)]
+    pub labels: Option<Vec<String>>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -170,7 +190,7 @@ impl Default for TrainSection {
 /// Valid keys per section, for unknown-key messages.
 const SECTIONS: &[(&str, &[&str])] = &[
     ("", &["model", "data", "lora", "train", "output"]),
-    ("model", &["path", "dtype", "device"]),
+    ("model", &["path", "task", "num_labels", "dtype", "device"]),
     (
         "data",
         &[
@@ -180,6 +200,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
             "format",
             "max_seq_len",
             "train_on_inputs",
+            "labels",
         ],
     ),
     ("lora", lorakit_adapter::config::LORA_FIELDS),
@@ -248,15 +269,24 @@ impl Recipe {
             })?
         };
         let mut recipe = recipe;
+        let cls = recipe.model.task == Task::SequenceClassification;
         if recipe.lora.target_modules.is_none() {
-            recipe.lora.target_modules =
-                Some(ModuleSpec::List(vec!["q_proj".into(), "v_proj".into()]));
+            let (q, v) = if cls {
+                ("query", "value")
+            } else {
+                ("q_proj", "v_proj")
+            };
+            recipe.lora.target_modules = Some(ModuleSpec::List(vec![q.into(), v.into()]));
+        }
+        if cls && recipe.lora.modules_to_save.is_none() {
+            // the classification head is trained whole and saved with the adapter, as PEFT does
+            recipe.lora.modules_to_save = Some(vec!["classifier".into()]);
         }
         if recipe.lora.base_model_name_or_path.is_none() {
             recipe.lora.base_model_name_or_path = Some(recipe.model.path.display().to_string());
         }
         if recipe.lora.task_type.is_none() {
-            recipe.lora.task_type = Some("CAUSAL_LM".into());
+            recipe.lora.task_type = Some(if cls { "SEQ_CLS" } else { "CAUSAL_LM" }.into());
         }
         recipe.validate(file, text)?;
         Ok(recipe)
@@ -276,6 +306,42 @@ impl Recipe {
             }
         };
         let t = &self.train;
+        let cls = self.model.task == Task::SequenceClassification;
+        if cls != (self.data.format == DataFormat::Classification) {
+            return Err(bad(
+                "data.format",
+                if cls {
+                    "task sequence_classification reads format: classification ({\"text\", \"label\"})".into()
+                } else {
+                    "format classification needs model.task: sequence_classification".into()
+                },
+            ));
+        }
+        if let Some(labels) = &self.data.labels {
+            let mut seen = std::collections::HashSet::new();
+            if labels.len() < 2 || labels.iter().any(|l| l.is_empty() || !seen.insert(l)) {
+                return Err(bad(
+                    "data.labels",
+                    "needs at least two distinct, non-empty labels".into(),
+                ));
+            }
+            if self.model.num_labels.is_some_and(|n| n != labels.len()) {
+                return Err(bad(
+                    "model.num_labels",
+                    format!(
+                        "is {:?} but data.labels lists {}",
+                        self.model.num_labels,
+                        labels.len()
+                    ),
+                ));
+            }
+        }
+        if self.model.num_labels.is_some() && !cls {
+            return Err(bad(
+                "model.num_labels",
+                "only applies to task: sequence_classification".into(),
+            ));
+        }
         if !matches!(self.model.dtype.as_str(), "auto" | "f32" | "bf16" | "f16") {
             return Err(bad(
                 "model.dtype",

@@ -1,5 +1,5 @@
-//! The model directory's tokenizer: `tokenizer.json`, plus special tokens and the Jinja chat
-//! template from `tokenizer_config.json`.
+//! The model's tokenizer: `tokenizer.json`, plus special tokens and the Jinja chat template
+//! from `tokenizer_config.json` — or, for a GGUF file, all of that from its metadata.
 use crate::error::{Result, TrainError};
 use std::path::{Path, PathBuf};
 
@@ -27,6 +27,32 @@ fn token_string(v: Option<&serde_json::Value>) -> Option<String> {
 }
 
 impl TextTokenizer {
+    /// The tokenizer of a model directory or a `.gguf` file.
+    pub fn open(path: &Path) -> Result<Self> {
+        if lorakit_models::is_gguf(path) {
+            Self::from_gguf(path)
+        } else {
+            Self::from_model_dir(path)
+        }
+    }
+
+    /// From a GGUF's `tokenizer.ggml.*` metadata and `tokenizer.chat_template`.
+    pub fn from_gguf(path: &Path) -> Result<Self> {
+        let header = lorakit_models::gguf::GgufHeader::from_file(path)?;
+        let g = crate::gguf_tokenizer::from_header(&header)
+            .map_err(|(key, m)| TrainError::io(path, format!("`{key}`: {m}")))?;
+        let name = |id: Option<u32>| id.and_then(|i| g.tokenizer.id_to_token(i));
+        Ok(TextTokenizer {
+            bos: name(g.bos_id),
+            eos: name(g.eos_id),
+            eos_id: g.eos_id,
+            pad_id: g.pad_id.or(g.eos_id).unwrap_or(0),
+            chat_template: g.chat_template.clone(),
+            inner: g.tokenizer,
+            config_file: path.to_path_buf(),
+        })
+    }
+
     pub fn from_model_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.is_file() {
@@ -101,6 +127,18 @@ impl TextTokenizer {
             .encode(text, false)
             .map_err(|e| TrainError::io("tokenizer.json", e))?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
+    /// Text of `ids`, special tokens included (so a chat transcript reads as the model saw it).
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| TrainError::io(&self.config_file, e))
+    }
+
+    /// The id of a token string, if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
     }
 
     pub fn vocab_size(&self) -> usize {

@@ -5,17 +5,19 @@ use crate::checkpoint::{self, TrainState};
 use crate::data::{self, Dataset};
 use crate::error::{Result, TrainError};
 use crate::eval::{evaluate, EvalResult};
-use crate::loss::{summed_loss, Batch};
+use crate::loss::Batch;
 use crate::metrics::{self, MetricsRow};
 use crate::optim::{clip_grad_norm, AdamW};
 use crate::recipe::Recipe;
+use crate::recipe::{DataFormat, Task};
 use crate::runtime;
 use crate::schedule::lr_at;
+use crate::task_model::TaskModel;
 use crate::tokenizer::TextTokenizer;
 use candle_core::{Tensor, Var};
 use candle_nn::VarMap;
 use lorakit_adapter::fsutil::AtomicDir;
-use lorakit_adapter::{save_adapter, AdapterError, Adapters, StepSeed};
+use lorakit_adapter::{save_adapter_with, AdapterError, Adapters, StepSeed};
 use lorakit_models::ModelDir;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -98,17 +100,22 @@ fn dir_bytes(dir: &Path) -> u64 {
 }
 
 /// Loads data, returning (train, eval).
-fn datasets(recipe: &Recipe, tok: &TextTokenizer) -> Result<(Dataset, Option<Dataset>)> {
+fn datasets(
+    recipe: &Recipe,
+    tok: &TextTokenizer,
+    labels: &[String],
+) -> Result<(Dataset, Option<Dataset>)> {
     let d = &recipe.data;
-    let mut train = data::load(&d.train, d.format, tok, d.max_seq_len, d.train_on_inputs)?;
+    let read = |p: &Path| -> Result<Dataset> {
+        if d.format == DataFormat::Classification {
+            data::load_labelled(p, tok, d.max_seq_len, labels)
+        } else {
+            data::load(p, d.format, tok, d.max_seq_len, d.train_on_inputs)
+        }
+    };
+    let mut train = read(&d.train)?;
     let eval = match (&d.eval, d.eval_split) {
-        (Some(p), _) => Some(data::load(
-            p,
-            d.format,
-            tok,
-            d.max_seq_len,
-            d.train_on_inputs,
-        )?),
+        (Some(p), _) => Some(read(p)?),
         (None, Some(frac)) => {
             let n = train.examples.len();
             let k = ((n as f64 * frac).round() as usize).clamp(1, n.saturating_sub(1));
@@ -146,9 +153,33 @@ pub fn train(
     let out = recipe.output.dir.clone();
     let device = runtime::device(&recipe.model.device)?;
     let dtype = runtime::dtype(&recipe.model.dtype, &device);
-    let model_dir = ModelDir::open(&recipe.model.path)?;
-    let tok = TextTokenizer::from_model_dir(&recipe.model.path)?;
-    let (train_ds, eval_ds) = datasets(recipe, &tok)?;
+    let model_path = lorakit_models::hub::resolve(&recipe.model.path)?;
+    let classify = recipe.model.task == Task::SequenceClassification;
+    // BERT directories are opened when building; Llama-family ones are checked right away.
+    let model_dir = if classify {
+        None
+    } else {
+        Some(ModelDir::open(&model_path)?)
+    };
+    let tok = TextTokenizer::open(&model_path)?;
+    let labels: Vec<String> = match (&recipe.data.labels, classify) {
+        (Some(l), true) => l.clone(),
+        (None, true) => data::scan_labels(&recipe.data.train)?,
+        _ => Vec::new(),
+    };
+    if classify && recipe.model.num_labels.is_some_and(|n| n != labels.len()) {
+        return Err(TrainError::InvalidRecipe {
+            file: recipe.data.train.display().to_string(),
+            field: "model.num_labels".into(),
+            message: format!(
+                "is {:?} but the training data has {} labels ({})",
+                recipe.model.num_labels,
+                labels.len(),
+                labels.join(", ")
+            ),
+        });
+    }
+    let (train_ds, eval_ds) = datasets(recipe, &tok, &labels)?;
 
     // Output directory and resume point.
     if let Some(pid) = crate::run_lock::holder(&out) {
@@ -213,16 +244,28 @@ pub fn train(
         ));
     }
     let dropout_seed = StepSeed::default();
-    let (model, report) = model_dir.load(
-        Adapters::Train {
-            config: recipe.lora.clone(),
-            varmap: varmap.clone(),
-            seed: t.seed,
-            dropout_seed: dropout_seed.clone(),
-        },
-        dtype,
-        &device,
-    )?;
+    let adapters = Adapters::Train {
+        config: recipe.lora.clone(),
+        varmap: varmap.clone(),
+        seed: t.seed,
+        dropout_seed: dropout_seed.clone(),
+    };
+    let (model, report) = match model_dir {
+        Some(dir) => {
+            let (m, r) = dir.load(adapters, dtype, &device)?;
+            (TaskModel::CausalLm(m), r)
+        }
+        None => {
+            let (m, r) = lorakit_models::bert::load_classifier(
+                &model_path,
+                labels.len(),
+                adapters,
+                dtype,
+                &device,
+            )?;
+            (TaskModel::Classifier(m), r)
+        }
+    };
     // All inputs are good: now write, holding the directory's lock.
     if start_over {
         std::fs::remove_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
@@ -241,11 +284,11 @@ pub fn train(
         let _ = std::fs::remove_file(&metrics_path);
     }
 
-    if tok.vocab_size() > model.config().vocab_size {
+    if tok.vocab_size() > model.vocab_size() {
         reporter.message(&format!(
             "note: the tokenizer has {} tokens, the model {}",
             tok.vocab_size(),
-            model.config().vocab_size
+            model.vocab_size()
         ));
     }
     let vars: BTreeMap<String, Var> = varmap
@@ -272,7 +315,7 @@ pub fn train(
     reporter.message(&format!(
         "model {} ({}, {:?} on {}), {} adapted modules, {} trainable parameters; {} train / {} eval examples ({} truncated to {} tokens); {} steps ({} per epoch)",
         recipe.model.path.display(),
-        model.config().arch.name(),
+        model.arch(),
         dtype,
         if device.is_cuda() { "cuda" } else { "cpu" },
         report.wrapped().count(),
@@ -286,19 +329,36 @@ pub fn train(
     ));
     reporter.start(total, state.step);
 
-    let metadata: HashMap<String, String> =
+    let mut metadata: HashMap<String, String> =
         HashMap::from([("lorakit_version".into(), env!("CARGO_PKG_VERSION").into())]);
+    if classify {
+        // the class names in index order, for `lorakit eval` on this adapter
+        metadata.insert(
+            crate::LABELS_METADATA.into(),
+            serde_json::to_string(&labels).unwrap_or_default(),
+        );
+    }
     let save_to = |dir: &Path| -> Result<()> {
         let modules = report.trained_modules(&varmap)?;
+        let whole = report.trained_whole(&varmap)?;
         let tmp = AtomicDir::create(dir, true)?;
-        save_adapter(tmp.path(), &recipe.lora, &modules, &metadata)?;
+        save_adapter_with(tmp.path(), &recipe.lora, &modules, &whole, &metadata)?;
         tmp.commit()?;
         Ok(())
     };
     let save_checkpoint = |state: &TrainState, opt: &AdamW| -> Result<()> {
         let modules = report.trained_modules(&varmap)?;
+        let whole = report.trained_whole(&varmap)?;
         let dir = out.join("checkpoints").join(format!("step-{}", state.step));
-        checkpoint::save(&dir, &recipe.lora, &modules, &opt.state(), state, &metadata)
+        checkpoint::save(
+            &dir,
+            &recipe.lora,
+            &modules,
+            &whole,
+            &opt.state(),
+            state,
+            &metadata,
+        )
     };
     let run_eval =
         |state: &mut TrainState, reporter: &mut dyn Reporter| -> Result<Option<EvalResult>> {
@@ -335,6 +395,7 @@ pub fn train(
                     tokens_per_s: None,
                     eval_loss: Some(r.loss),
                     eval_perplexity: Some(r.perplexity),
+                    eval_accuracy: r.accuracy,
                 },
             )?;
         }
@@ -368,8 +429,7 @@ pub fn train(
             let mut loss_sum = 0f64;
             for (mi, batch) in batches.iter().enumerate() {
                 dropout_seed.set(t.seed, state.step as u64, mi as u64);
-                let logits = model.forward(&batch.ids, Some(&batch.attention), true)?;
-                let loss = (summed_loss(&logits, batch)? / targets as f64)?;
+                let loss = (model.summed_loss(batch, true)? / targets as f64)?;
                 loss_sum += loss.to_scalar::<f32>()? as f64;
                 let grads = loss.backward()?;
                 if !checked_grads {
@@ -436,6 +496,7 @@ pub fn train(
                 tokens_per_s: Some(tps),
                 eval_loss: None,
                 eval_perplexity: None,
+                eval_accuracy: None,
             };
             if t.eval_every.is_some_and(|e| state.step.is_multiple_of(e))
                 || epoch_done
@@ -444,6 +505,7 @@ pub fn train(
                 if let Some(r) = run_eval(&mut state, reporter)? {
                     row.eval_loss = Some(r.loss);
                     row.eval_perplexity = Some(r.perplexity);
+                    row.eval_accuracy = r.accuracy;
                 }
             }
             if state.step.is_multiple_of(t.log_every)

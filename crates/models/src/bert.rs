@@ -1,0 +1,394 @@
+//! BERT encoders (all-MiniLM-L6-v2, bert-base, ...) with a sequence-classification head, as
+//! transformers' `BertForSequenceClassification`: embeddings → post-LayerNorm encoder → pooler
+//! (tanh dense on [CLS]) → `classifier`. Module paths follow that class (`bert.encoder.layer.0.
+//! attention.self.query`, `classifier`) so adapters are interchangeable with PEFT's `SEQ_CLS`;
+//! checkpoints of a bare `BertModel` (no `bert.` prefix, no head) are read too. Dropout of the
+//! base model is off: only LoRA dropout applies.
+use crate::error::{ModelError, Result};
+use candle_core::{DType, Device, Shape, Tensor, D};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use lorakit_adapter::frozen::{frozen_add, frozen_mul};
+use lorakit_adapter::{Adapters, BuildReport, Checkpoint, LayerBuilder, LoraLinear};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Activation {
+    /// erf-based GELU (`gelu`).
+    Gelu,
+    /// tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
+    GeluTanh,
+    Relu,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub hidden_act: Activation,
+    pub max_position_embeddings: usize,
+    pub type_vocab_size: usize,
+    pub layer_norm_eps: f64,
+}
+
+impl BertConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| ModelError::Json {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Self::from_json(&v, path)
+    }
+
+    pub fn from_json(v: &Value, file: &Path) -> Result<Self> {
+        let err = |key: &str, message: String| ModelError::Config {
+            file: file.to_path_buf(),
+            key: key.into(),
+            message,
+        };
+        let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
+        if model_type != "bert" {
+            return Err(err(
+                "model_type",
+                format!("{model_type:?}: expected \"bert\" for task sequence_classification"),
+            ));
+        }
+        let num = |k: &str| -> Result<usize> {
+            match v.get(k).and_then(Value::as_u64) {
+                Some(n) if n > 0 => Ok(n as usize),
+                _ => Err(err(k, "missing or not a positive integer".into())),
+            }
+        };
+        let hidden_act = match v
+            .get("hidden_act")
+            .and_then(Value::as_str)
+            .unwrap_or("gelu")
+        {
+            "gelu" => Activation::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" => Activation::GeluTanh,
+            "relu" => Activation::Relu,
+            other => {
+                return Err(err(
+                    "hidden_act",
+                    format!("{other:?} is not supported (gelu, gelu_new, relu)"),
+                ))
+            }
+        };
+        if let Some(p) = v.get("position_embedding_type").and_then(Value::as_str) {
+            if p != "absolute" {
+                return Err(err(
+                    "position_embedding_type",
+                    format!("{p:?} is not supported (absolute)"),
+                ));
+            }
+        }
+        let cfg = BertConfig {
+            vocab_size: num("vocab_size")?,
+            hidden_size: num("hidden_size")?,
+            num_hidden_layers: num("num_hidden_layers")?,
+            num_attention_heads: num("num_attention_heads")?,
+            intermediate_size: num("intermediate_size")?,
+            hidden_act,
+            max_position_embeddings: num("max_position_embeddings")?,
+            type_vocab_size: num("type_vocab_size").unwrap_or(2),
+            layer_norm_eps: v
+                .get("layer_norm_eps")
+                .and_then(Value::as_f64)
+                .unwrap_or(1e-12),
+        };
+        if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
+            return Err(err(
+                "num_attention_heads",
+                format!(
+                    "{} does not divide hidden_size {}",
+                    cfg.num_attention_heads, cfg.hidden_size
+                ),
+            ));
+        }
+        Ok(cfg)
+    }
+}
+
+/// LayerNorm over the last dimension in f32, with frozen weight and bias.
+fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centered
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .to_dtype(dtype)?;
+    frozen_add(&frozen_mul(&normed, w)?, b)
+}
+
+struct Norm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Norm {
+    fn new(lb: &LayerBuilder, n: usize) -> Result<Self> {
+        Ok(Norm {
+            weight: lb.tensor(n, "weight")?,
+            bias: lb.tensor(n, "bias")?,
+        })
+    }
+}
+
+struct Layer {
+    query: LoraLinear,
+    key: LoraLinear,
+    value: LoraLinear,
+    attn_out: LoraLinear,
+    attn_norm: Norm,
+    intermediate: LoraLinear,
+    output: LoraLinear,
+    out_norm: Norm,
+}
+
+/// A BERT encoder with a sequence-classification head.
+pub struct BertClassifier {
+    cfg: BertConfig,
+    word: Tensor,
+    position: Tensor,
+    token_type: Tensor,
+    emb_norm: Norm,
+    layers: Vec<Layer>,
+    pooler: LoraLinear,
+    /// `None` for a bare encoder with no head from the base or an adapter (encode only).
+    classifier: Option<LoraLinear>,
+    num_labels: usize,
+}
+
+impl BertClassifier {
+    pub fn new(cfg: &BertConfig, num_labels: usize, lb: &LayerBuilder) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let bert = lb.pp("bert");
+        let e = bert.pp("embeddings");
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for n in 0..cfg.num_hidden_layers {
+            let l = bert.pp("encoder").pp("layer").pp(n);
+            let a = l.pp("attention");
+            layers.push(Layer {
+                query: a.pp("self").pp("query").linear(h, h, true)?,
+                key: a.pp("self").pp("key").linear(h, h, true)?,
+                value: a.pp("self").pp("value").linear(h, h, true)?,
+                attn_out: a.pp("output").pp("dense").linear(h, h, true)?,
+                attn_norm: Norm::new(&a.pp("output").pp("LayerNorm"), h)?,
+                intermediate: l.pp("intermediate").pp("dense").linear(h, i, true)?,
+                output: l.pp("output").pp("dense").linear(i, h, true)?,
+                out_norm: Norm::new(&l.pp("output").pp("LayerNorm"), h)?,
+            });
+        }
+        Ok(BertClassifier {
+            cfg: cfg.clone(),
+            word: e.pp("word_embeddings").embedding(cfg.vocab_size, h)?,
+            position: e
+                .pp("position_embeddings")
+                .tensor((cfg.max_position_embeddings, h), "weight")?,
+            token_type: e
+                .pp("token_type_embeddings")
+                .tensor((cfg.type_vocab_size, h), "weight")?,
+            emb_norm: Norm::new(&e.pp("LayerNorm"), h)?,
+            layers,
+            pooler: bert.pp("pooler").pp("dense").linear(h, h, true)?,
+            classifier: match lb.adapters() {
+                Adapters::None if !lb.pp("classifier").contains_tensor("weight") => None,
+                _ => Some(lb.pp("classifier").saved_linear(h, num_labels)?),
+            },
+            num_labels,
+        })
+    }
+
+    pub fn config(&self) -> &BertConfig {
+        &self.cfg
+    }
+
+    pub fn num_labels(&self) -> usize {
+        self.num_labels
+    }
+
+    /// The encoder's last hidden states `[b, s, hidden]` (`attention_mask`: 1 = token, 0 = pad).
+    pub fn encode(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        if attention_mask.dims() != [b, s] {
+            return Err(ModelError::Input(format!(
+                "attention mask has shape {:?}, input ids {:?}",
+                attention_mask.dims(),
+                [b, s]
+            )));
+        }
+        if s == 0 || s > self.cfg.max_position_embeddings {
+            return Err(ModelError::Input(format!(
+                "sequence length {s} is outside 1..={}",
+                self.cfg.max_position_embeddings
+            )));
+        }
+        let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
+        let max_id = ids.max(0)?.to_scalar::<u32>()? as usize;
+        if max_id >= self.cfg.vocab_size {
+            return Err(ModelError::Input(format!(
+                "token id {max_id} is outside the vocabulary of {}",
+                self.cfg.vocab_size
+            )));
+        }
+        let h = self.cfg.hidden_size;
+        let x = self.word.index_select(&ids, 0)?.reshape((b, s, h))?;
+        let x = x.broadcast_add(&self.position.narrow(0, 0, s)?.unsqueeze(0)?)?;
+        let x = x.broadcast_add(&self.token_type.narrow(0, 0, 1)?.unsqueeze(0)?)?;
+        let eps = self.cfg.layer_norm_eps;
+        let mut x = layer_norm(&x, &self.emb_norm.weight, &self.emb_norm.bias, eps)?;
+        // padding keys get a large negative score
+        let bias =
+            ((attention_mask.to_dtype(DType::F32)? - 1.0)? * 1.0e9)?.reshape((b, 1, 1, s))?;
+        let heads = self.cfg.num_attention_heads;
+        let d = h / heads;
+        let split = |t: Tensor| -> candle_core::Result<Tensor> {
+            t.reshape((b, s, heads, d))?.transpose(1, 2)?.contiguous()
+        };
+        for l in &self.layers {
+            let q = split(l.query.forward_t(&x, train)?)?;
+            let k = split(l.key.forward_t(&x, train)?)?;
+            let v = split(l.value.forward_t(&x, train)?)?;
+            let scores = (q.matmul(&k.t()?.contiguous()?)? / (d as f64).sqrt())?
+                .to_dtype(DType::F32)?
+                .broadcast_add(&bias)?;
+            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(v.dtype())?;
+            let ctx = probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((b, s, h))?;
+            let a = (l.attn_out.forward_t(&ctx, train)? + &x)?;
+            x = layer_norm(&a, &l.attn_norm.weight, &l.attn_norm.bias, eps)?;
+            let inter = l.intermediate.forward_t(&x, train)?;
+            let inter = match self.cfg.hidden_act {
+                Activation::Gelu => inter.gelu_erf()?,
+                Activation::GeluTanh => inter.gelu()?,
+                Activation::Relu => inter.relu()?,
+            };
+            let o = (l.output.forward_t(&inter, train)? + &x)?;
+            x = layer_norm(&o, &l.out_norm.weight, &l.out_norm.bias, eps)?;
+        }
+        Ok(x)
+    }
+
+    /// Class logits `[b, num_labels]` (f32) from the pooled [CLS] state.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        let x = self.encode(input_ids, attention_mask, train)?;
+        let cls = x.narrow(1, 0, 1)?.squeeze(1)?;
+        let pooled = self.pooler.forward_t(&cls, train)?.tanh()?;
+        let head = self.classifier.as_ref().ok_or_else(|| {
+            ModelError::Input("the base model has no `classifier` head and no adapter provides one (train one with task: sequence_classification, or pass --adapter)".into())
+        })?;
+        Ok(head.forward_t(&pooled, train)?.to_dtype(DType::F32)?)
+    }
+}
+
+/// Serves `bert.X` from a checkpoint that stores a bare `BertModel` as `X`.
+struct AddBertPrefix(Checkpoint);
+
+impl AddBertPrefix {
+    fn name<'a>(&self, name: &'a str) -> &'a str {
+        name.strip_prefix("bert.").unwrap_or(name)
+    }
+}
+
+impl SimpleBackend for AddBertPrefix {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.0.get(s, self.name(name), h, dtype, dev)
+    }
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.get_unchecked(self.name(name), dtype, dev)
+    }
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains_tensor(self.name(name))
+    }
+}
+
+/// Opens a BERT model directory and builds the classifier with `adapters`.
+pub fn load_classifier(
+    dir: &Path,
+    num_labels: usize,
+    adapters: Adapters,
+    dtype: DType,
+    device: &Device,
+) -> Result<(BertClassifier, BuildReport)> {
+    let cfg = BertConfig::from_file(&dir.join("config.json"))?;
+    let checkpoint = Checkpoint::open_dir(dir)?;
+    let names: Vec<String> = checkpoint.names().map(String::from).collect();
+    let describe = checkpoint.describe();
+    let prefixed = names.iter().any(|n| n.starts_with("bert."));
+    let backend: Box<dyn SimpleBackend> = if prefixed {
+        Box::new(checkpoint)
+    } else {
+        Box::new(AddBertPrefix(checkpoint))
+    };
+    let lb = LayerBuilder::new(
+        VarBuilder::from_backend(backend, dtype, device.clone()),
+        adapters,
+    )?;
+    let model = BertClassifier::new(&cfg, num_labels, &lb)?;
+    let report = lb.finish()?;
+    // A checkpoint tensor nobody asked for means config and weights disagree.
+    let used: std::collections::HashSet<String> = report
+        .frozen
+        .iter()
+        .map(|(n, _)| {
+            if prefixed {
+                n.clone()
+            } else {
+                n.strip_prefix("bert.").unwrap_or(n).to_string()
+            }
+        })
+        .collect();
+    let unused: Vec<&String> = names
+        .iter()
+        .filter(|n| !used.contains(*n))
+        .filter(|n| {
+            !n.ends_with("position_ids") && !n.starts_with("classifier.") && !n.starts_with("cls.")
+        })
+        .collect();
+    if !unused.is_empty() {
+        return Err(ModelError::Config {
+            file: PathBuf::from(describe),
+            key: unused.iter().take(3).map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
+            message: format!("{} tensor(s) are not used by a BERT model with this config.json (num_hidden_layers = {}); do config.json and the weights belong together?", unused.len(), cfg.num_hidden_layers),
+        });
+    }
+    Ok((model, report))
+}
+
+/// Whether a model directory holds a BERT model (`model_type: bert` in config.json).
+pub fn is_bert_dir(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .is_some_and(|v| v.get("model_type").and_then(Value::as_str) == Some("bert"))
+}

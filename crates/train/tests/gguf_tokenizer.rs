@@ -1,0 +1,201 @@
+//! The tokenizer lorakit builds from GGUF metadata encodes exactly like the reference: the tiny
+//! model's own tokenizer.json (written into a GGUF the way llama.cpp's converter does), and
+//! transformers' reading of the real SmolLM2 GGUF (fixture made by make_real_fixtures.py).
+use lorakit_train::TextTokenizer;
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Writes GGUF v3 metadata (no tensors): strings, u32s, string arrays, i32 arrays.
+fn write_gguf(path: &Path, meta: &[(&str, serde_json::Value)]) {
+    let mut b: Vec<u8> = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(0u64.to_le_bytes());
+    b.extend((meta.len() as u64).to_le_bytes());
+    let s = |b: &mut Vec<u8>, t: &str| {
+        b.extend((t.len() as u64).to_le_bytes());
+        b.extend(t.as_bytes());
+    };
+    for (k, v) in meta {
+        s(&mut b, k);
+        match v {
+            serde_json::Value::String(t) => {
+                b.extend(8u32.to_le_bytes());
+                s(&mut b, t);
+            }
+            serde_json::Value::Bool(x) => {
+                b.extend(7u32.to_le_bytes());
+                b.push(*x as u8);
+            }
+            serde_json::Value::Number(n) => {
+                b.extend(4u32.to_le_bytes());
+                b.extend((n.as_u64().unwrap() as u32).to_le_bytes());
+            }
+            serde_json::Value::Array(a) => {
+                b.extend(9u32.to_le_bytes());
+                if a.first().is_some_and(|x| x.is_string()) {
+                    b.extend(8u32.to_le_bytes());
+                    b.extend((a.len() as u64).to_le_bytes());
+                    for x in a {
+                        s(&mut b, x.as_str().unwrap());
+                    }
+                } else {
+                    b.extend(5u32.to_le_bytes()); // i32
+                    b.extend((a.len() as u64).to_le_bytes());
+                    for x in a {
+                        b.extend((x.as_i64().unwrap() as i32).to_le_bytes());
+                    }
+                }
+            }
+            _ => unreachable!(),
+        }
+    }
+    std::fs::write(path, b).unwrap();
+}
+
+/// The tiny model's tokenizer as llama.cpp's converter stores it.
+fn tiny_meta(pre: &str) -> Vec<(&'static str, serde_json::Value)> {
+    let dir = root().join("examples/tiny-llama");
+    let t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap())
+            .unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    let vocab = t["model"]["vocab"].as_object().unwrap();
+    let mut tokens = vec![String::new(); vocab.len()];
+    for (k, v) in vocab {
+        tokens[v.as_u64().unwrap() as usize] = k.clone();
+    }
+    let special: Vec<u64> = t["added_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["id"].as_u64().unwrap())
+        .collect();
+    let types: Vec<serde_json::Value> = (0..tokens.len() as u64)
+        .map(|i| serde_json::json!(if special.contains(&i) { 3 } else { 1 }))
+        .collect();
+    let merges: Vec<serde_json::Value> = t["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            serde_json::json!(format!(
+                "{} {}",
+                m[0].as_str().unwrap(),
+                m[1].as_str().unwrap()
+            ))
+        })
+        .collect();
+    vec![
+        ("general.architecture", "llama".into()),
+        ("tokenizer.ggml.model", "gpt2".into()),
+        ("tokenizer.ggml.pre", pre.into()),
+        ("tokenizer.ggml.tokens", tokens.into()),
+        ("tokenizer.ggml.token_type", types.into()),
+        ("tokenizer.ggml.merges", merges.into()),
+        ("tokenizer.ggml.eos_token_id", 2.into()),
+        ("tokenizer.ggml.add_bos_token", false.into()),
+        ("tokenizer.chat_template", cfg["chat_template"].clone()),
+    ]
+}
+
+const SAMPLES: &[&str] = &[
+    "The capital of France is Paris.",
+    "<|im_start|>user\nWhat is the capital of Peru?<|im_end|>\n<|im_start|>assistant\nLima<|im_end|>\n",
+    "  spaces,\ttabs\n\nand 2024 digits; it's fine — naïve",
+    "",
+];
+
+#[test]
+fn gguf_tokenizer_encodes_like_the_models_tokenizer_json() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("tiny.gguf");
+    write_gguf(&path, &tiny_meta("gpt2"));
+    let ours = TextTokenizer::open(&path).unwrap();
+    let reference = TextTokenizer::from_model_dir(&root().join("examples/tiny-llama")).unwrap();
+    for text in SAMPLES {
+        let a = ours.encode_with_offsets(text).unwrap();
+        let b = reference.encode_with_offsets(text).unwrap();
+        assert_eq!(a, b, "{text:?}");
+        assert_eq!(ours.decode(&a.0).unwrap(), reference.decode(&b.0).unwrap());
+    }
+    assert!(!ours.encode(SAMPLES[1], false).unwrap().is_empty());
+    assert_eq!(ours.eos_id, reference.eos_id);
+    assert_eq!(ours.eos.as_deref(), Some("<|im_end|>"));
+    assert_eq!(ours.chat_template, reference.chat_template);
+    assert_eq!(ours.vocab_size(), reference.vocab_size());
+}
+
+#[test]
+fn unsupported_gguf_tokenizers_are_named() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("t.gguf");
+    write_gguf(&path, &tiny_meta("falcon"));
+    let e = TextTokenizer::open(&path).err().unwrap().to_string();
+    assert!(
+        e.contains("tokenizer.ggml.pre") && e.contains("falcon") && e.contains("smollm"),
+        "{e}"
+    );
+    let mut meta = tiny_meta("gpt2");
+    meta[1].1 = "llama".into();
+    write_gguf(&path, &meta);
+    let e = TextTokenizer::open(&path).err().unwrap().to_string();
+    assert!(
+        e.contains("tokenizer.ggml.model") && e.contains("SentencePiece"),
+        "{e}"
+    );
+    write_gguf(&path, &meta[..1]);
+    let e = TextTokenizer::open(&path).err().unwrap().to_string();
+    assert!(
+        e.contains("tokenizer.ggml.model") && e.contains("missing"),
+        "{e}"
+    );
+}
+
+/// Real-model tests need `bash scripts/fetch-real.sh`; without it they say so and pass.
+pub fn real_cache() -> Option<PathBuf> {
+    let c = std::env::var_os("LORAKIT_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".cache/lorakit"));
+    if c.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").is_file() {
+        Some(c)
+    } else {
+        eprintln!(
+            "SKIPPED: {} has no real models; run `bash scripts/fetch-real.sh` (CI does)",
+            c.display()
+        );
+        None
+    }
+}
+
+#[test]
+fn smollm2_gguf_tokenizer_matches_transformers() {
+    let Some(cache) = real_cache() else { return };
+    let tok = TextTokenizer::open(&cache.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
+    let fx: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/real/smollm2_tokens.json")).unwrap(),
+    )
+    .unwrap();
+    for case in fx["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(tok.encode(text, false).unwrap(), want, "{text:?}");
+        assert_eq!(tok.decode(&want).unwrap(), text);
+    }
+    assert_eq!(tok.eos_id, Some(2));
+    assert_eq!(tok.eos.as_deref(), Some("<|im_end|>"));
+    assert!(tok
+        .chat_template
+        .as_deref()
+        .unwrap()
+        .contains("<|im_start|>"));
+}
