@@ -4,6 +4,7 @@
 pub mod bert;
 pub mod config;
 pub mod error;
+pub mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod hub;

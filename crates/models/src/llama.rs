@@ -3,7 +3,7 @@
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::ops::{apply_rope, attention_bias, repeat_kv, rms_norm, rope_tables};
-use candle_core::{DType, Module, Tensor, D};
+use candle_core::{DType, Module, Tensor};
 use lorakit_adapter::{LayerBuilder, LoraLinear};
 
 struct Attention {
@@ -67,7 +67,7 @@ impl Attention {
         let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?
             .to_dtype(DType::F32)?
             .broadcast_add(bias)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(v.dtype())?;
+        let probs = crate::fused::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((
             b,
             s,
@@ -94,9 +94,10 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let gate = self.gate_proj.forward_t(x, train)?.silu()?;
+        let gate = self.gate_proj.forward_t(x, train)?;
         let up = self.up_proj.forward_t(x, train)?;
-        Ok(self.down_proj.forward_t(&(gate * up)?, train)?)
+        let h = crate::fused::swiglu(&gate, &up)?;
+        Ok(self.down_proj.forward_t(&h, train)?)
     }
 }
 

@@ -5,6 +5,9 @@ use lorakit_adapter::frozen::frozen_mul;
 
 /// HF-style RMSNorm: normalise in f32, cast back, scale by the frozen weight.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if let Some(y) = crate::fused::rms_norm(x, weight, eps) {
+        return y;
+    }
     let dtype = x.dtype();
     let x32 = x.to_dtype(DType::F32)?;
     let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
@@ -39,6 +42,9 @@ pub fn rope_tables(
 /// Rotary embedding on `[b, heads, seq, head_dim]` (non-interleaved halves, as in HF). Tables
 /// are `[seq, head_dim / 2]`, or `[b, 1, seq, head_dim / 2]` when rows have their own positions.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if let Some(y) = crate::fused::rope(x, cos, sin) {
+        return y;
+    }
     if cos.rank() == 2 {
         return candle_nn::rotary_emb::rope_slow(&x.contiguous()?, cos, sin);
     }

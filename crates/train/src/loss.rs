@@ -1,6 +1,6 @@
 //! Causal-LM loss: mean next-token cross-entropy over the target (non-masked) tokens.
 use crate::data::Example;
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor};
 
 /// A padded batch: ids `[b, s]`, attention mask `[b, s]` (1 = token), and the predicted
 /// positions: `positions[k]` (a flat index into `b × s`) must predict token `labels[k]` — or,
@@ -61,8 +61,7 @@ impl Batch {
 
 /// Sum of cross-entropies of `logits` `[n, vocab]` against `labels` `[n]`.
 pub fn summed_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
-    logp.gather(&labels.unsqueeze(1)?, 1)?.neg()?.sum_all()
+    lorakit_models::fused::cross_entropy(&logits.to_dtype(DType::F32)?, labels)?.sum_all()
 }
 
 #[cfg(test)]

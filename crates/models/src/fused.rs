@@ -1,0 +1,628 @@
+//! Fused CPU kernels with their own backward, for the ops whose composed candle versions cost
+//! the most passes over memory: RMSNorm (frozen weight: gradient for x only), cross-entropy
+//! over a large vocabulary (softmax, log and gather in one pass; the backward writes
+//! `softmax − one-hot` directly), softmax over the last dimension, SwiGLU (`silu(gate)·up`) and
+//! rotary embeddings (the backward is the inverse rotation). Each is checked against the composed version (values and
+//! gradients) in the tests below. On other devices or dtypes the composed versions run: CUDA
+//! kernels are not written yet.
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
+};
+use rayon::prelude::*;
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{what}: expected f32");
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{what}: expected a contiguous tensor"),
+    }
+}
+
+fn contiguous_u32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [u32]> {
+    let CpuStorage::U32(v) = s else {
+        candle_core::bail!("{what}: expected u32");
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{what}: expected a contiguous tensor"),
+    }
+}
+
+/// Per-row cross-entropy `[n]` of logits `[n, vocab]` against labels `[n]`.
+struct CrossEntropy;
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "fused-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, v) = l1.shape().dims2()?;
+        let x = contiguous_f32(s1, l1, "logits")?;
+        let y = contiguous_u32(s2, l2, "labels")?;
+        let out: Vec<f32> = x
+            .par_chunks(v)
+            .zip(y.par_iter())
+            .map(|(row, &label)| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f64 = row.iter().map(|a| (a - max).exp() as f64).sum();
+                (sum.ln() as f32) + max - row.get(label as usize).copied().unwrap_or(f32::NAN)
+            })
+            .collect();
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = logits.apply_op3_no_bwd(labels, &grad.contiguous()?, &CrossEntropyGrad)?;
+        Ok((Some(g), None))
+    }
+}
+
+/// `grad[i] · (softmax(logits[i]) − onehot(labels[i]))`.
+struct CrossEntropyGrad;
+
+impl CustomOp3 for CrossEntropyGrad {
+    fn name(&self) -> &'static str {
+        "fused-cross-entropy-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, v) = l1.shape().dims2()?;
+        let x = contiguous_f32(s1, l1, "logits")?;
+        let y = contiguous_u32(s2, l2, "labels")?;
+        let g = contiguous_f32(s3, l3, "grad")?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(v)
+            .zip(x.par_chunks(v))
+            .zip(y.par_iter().zip(g.par_iter()))
+            .for_each(|((o, row), (&label, &gi))| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f64;
+                for (oj, a) in o.iter_mut().zip(row) {
+                    *oj = (a - max).exp();
+                    sum += *oj as f64;
+                }
+                let scale = (gi as f64 / sum) as f32;
+                for oj in o.iter_mut() {
+                    *oj *= scale;
+                }
+                if let Some(t) = o.get_mut(label as usize) {
+                    *t -= gi;
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Per-row cross-entropy of `logits` `[n, vocab]` against `labels` `[n]` (u32), differentiable
+/// in the logits. Fused on the CPU for f32; composed elsewhere.
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let labels = labels.to_dtype(DType::U32)?;
+    if logits.device().is_cpu() && logits.dtype() == DType::F32 {
+        return logits
+            .contiguous()?
+            .apply_op2(&labels.contiguous()?, CrossEntropy);
+    }
+    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    logp.gather(&labels.unsqueeze(1)?, 1)?.squeeze(1)?.neg()
+}
+
+/// RMSNorm with a frozen weight: `x / sqrt(mean(x²) + eps) · w`, gradient for `x` only.
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = l1.shape().dims().last().copied().unwrap_or(1);
+        let x = contiguous_f32(s1, l1, "x")?;
+        let w = contiguous_f32(s2, l2, "weight")?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(o, row)| {
+                let ms =
+                    (row.iter().map(|a| (*a as f64) * (*a as f64)).sum::<f64>() / d as f64) as f32;
+                let r = 1.0 / (ms + self.eps).sqrt();
+                for ((oj, a), wj) in o.iter_mut().zip(row).zip(w) {
+                    *oj = a * r * wj;
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = x.apply_op3_no_bwd(w, &grad.contiguous()?, &RmsNormGrad { eps: self.eps })?;
+        Ok((Some(dx), None))
+    }
+}
+
+/// dx = r·(w∘g) − x·r³·mean(w∘g∘x), r = 1/sqrt(mean(x²) + eps).
+struct RmsNormGrad {
+    eps: f32,
+}
+
+impl CustomOp3 for RmsNormGrad {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = l1.shape().dims().last().copied().unwrap_or(1);
+        let x = contiguous_f32(s1, l1, "x")?;
+        let w = contiguous_f32(s2, l2, "weight")?;
+        let g = contiguous_f32(s3, l3, "grad")?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d).zip(g.par_chunks(d)))
+            .for_each(|(o, (row, gr))| {
+                let ms =
+                    (row.iter().map(|a| (*a as f64) * (*a as f64)).sum::<f64>() / d as f64) as f32;
+                let r = 1.0 / (ms + self.eps).sqrt();
+                let dot = row
+                    .iter()
+                    .zip(gr)
+                    .zip(w)
+                    .map(|((a, b), c)| (a * b * c) as f64)
+                    .sum::<f64>()
+                    / d as f64;
+                let k = (dot as f32) * r * r * r;
+                for (((oj, a), gj), wj) in o.iter_mut().zip(row).zip(gr).zip(w) {
+                    *oj = r * wj * gj - a * k;
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Fused RMSNorm when `x` is f32 on the CPU (else `None`: use the composed version).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Option<Result<Tensor>> {
+    if !(x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32) {
+        return None;
+    }
+    Some((|| {
+        x.contiguous()?
+            .apply_op2(&weight.contiguous()?, RmsNorm { eps: eps as f32 })
+    })())
+}
+
+/// Softmax over the last dimension; backward `y ∘ (g − Σ g∘y)` from the saved output.
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "fused-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = l.shape().dims().last().copied().unwrap_or(1);
+        let x = contiguous_f32(s, l, "x")?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(o, row)| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f64;
+                for (oj, a) in o.iter_mut().zip(row) {
+                    *oj = (a - max).exp();
+                    sum += *oj as f64;
+                }
+                let inv = (1.0 / sum) as f32;
+                o.iter_mut().for_each(|v| *v *= inv);
+            });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad)?))
+    }
+}
+
+struct SoftmaxGrad;
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "fused-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = l1.shape().dims().last().copied().unwrap_or(1);
+        let y = contiguous_f32(s1, l1, "y")?;
+        let g = contiguous_f32(s2, l2, "grad")?;
+        let mut out = vec![0f32; y.len()];
+        out.par_chunks_mut(d)
+            .zip(y.par_chunks(d).zip(g.par_chunks(d)))
+            .for_each(|(o, (yr, gr))| {
+                let dot = yr.iter().zip(gr).map(|(a, b)| (a * b) as f64).sum::<f64>() as f32;
+                for ((oj, a), b) in o.iter_mut().zip(yr).zip(gr) {
+                    *oj = a * (b - dot);
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Softmax over the last dimension, differentiable; fused on the CPU for f32.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op1(Softmax);
+    }
+    candle_nn::ops::softmax(x, D::Minus1)
+}
+
+/// `silu(gate) · up`.
+struct SwiGlu;
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "fused-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = contiguous_f32(s1, l1, "gate")?;
+        let u = contiguous_f32(s2, l2, "up")?;
+        let out: Vec<f32> = g
+            .par_iter()
+            .zip(u.par_iter())
+            .map(|(a, b)| a * sigmoid(*a) * b)
+            .collect();
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let both = gate.apply_op3_no_bwd(up, &grad.contiguous()?, &SwiGluGrad)?;
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
+/// `[d_gate, d_up]` stacked: d_gate = g·up·silu'(gate), d_up = g·silu(gate).
+struct SwiGluGrad;
+
+impl CustomOp3 for SwiGluGrad {
+    fn name(&self) -> &'static str {
+        "fused-swiglu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = contiguous_f32(s1, l1, "gate")?;
+        let u = contiguous_f32(s2, l2, "up")?;
+        let d = contiguous_f32(s3, l3, "grad")?;
+        let n = g.len();
+        let mut out = vec![0f32; 2 * n];
+        let (dg, du) = out.split_at_mut(n);
+        dg.par_iter_mut()
+            .zip(du.par_iter_mut())
+            .zip(g.par_iter().zip(u.par_iter()).zip(d.par_iter()))
+            .for_each(|((dgi, dui), ((a, b), gi))| {
+                let s = sigmoid(*a);
+                *dgi = gi * b * s * (1.0 + a * (1.0 - s));
+                *dui = gi * a * s;
+            });
+        let mut dims = vec![2];
+        dims.extend(l1.shape().dims());
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+/// `silu(gate) · up`, differentiable in both; fused on the CPU for f32.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.device().is_cpu() && gate.dtype() == DType::F32 && gate.dims() == up.dims() {
+        return gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu);
+    }
+    gate.silu()? * up
+}
+
+/// Rotary embedding over `[b, h, s, d]` with tables `[s, d/2]` (non-interleaved halves).
+struct Rope {
+    inverse: bool,
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "fused-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, _, s, d) = l1.shape().dims4()?;
+        let x = contiguous_f32(s1, l1, "x")?;
+        let cos = contiguous_f32(s2, l2, "cos")?;
+        let sin = contiguous_f32(s3, l3, "sin")?;
+        let half = d / 2;
+        let sign = if self.inverse { -1.0 } else { 1.0 };
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .enumerate()
+            .for_each(|(i, (o, row))| {
+                let t = i % s;
+                let (c, sn) = (
+                    &cos[t * half..(t + 1) * half],
+                    &sin[t * half..(t + 1) * half],
+                );
+                for j in 0..half {
+                    let (a, b) = (row[j], row[j + half]);
+                    let sj = sign * sn[j];
+                    o[j] = a * c[j] - b * sj;
+                    o[j + half] = b * c[j] + a * sj;
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let inverse = Rope {
+            inverse: !self.inverse,
+        };
+        let dx = grad.contiguous()?.apply_op3_no_bwd(cos, sin, &inverse)?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+/// Rotary embedding of `x` `[b, h, s, d]` with `[s, d/2]` tables, differentiable in `x`; fused
+/// on the CPU for f32 (else `None`).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Option<Result<Tensor>> {
+    let ok = x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && cos.dtype() == DType::F32
+        && x.rank() == 4
+        && cos.rank() == 2
+        && x.dim(2).ok() == cos.dim(0).ok();
+    if !ok {
+        return None;
+    }
+    Some((|| {
+        x.contiguous()?.apply_op3(
+            &cos.contiguous()?,
+            &sin.contiguous()?,
+            Rope { inverse: false },
+        )
+    })())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn cross_entropy_matches_the_composed_version_and_its_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&(Tensor::randn(0f32, 3., (7, 301), &dev)?))?;
+        let labels = Tensor::new(&[0u32, 5, 300, 17, 17, 42, 299], &dev)?;
+        let weights = Tensor::randn(0f32, 1., 7, &dev)?; // a non-uniform upstream gradient
+        let fused = cross_entropy(x.as_tensor(), &labels)?;
+        let logp = candle_nn::ops::log_softmax(x.as_tensor(), D::Minus1)?;
+        let composed = logp.gather(&labels.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
+        assert!(max_diff(&fused, &composed) < 1e-5);
+        let g1 = (fused * &weights)?.sum_all()?.backward()?;
+        let g2 = (composed * &weights)?.sum_all()?.backward()?;
+        let (a, b) = (
+            g1.get(x.as_tensor()).unwrap(),
+            g2.get(x.as_tensor()).unwrap(),
+        );
+        assert!(max_diff(a, b) < 1e-6, "{}", max_diff(a, b));
+        Ok(())
+    }
+
+    #[test]
+    fn rms_norm_matches_the_composed_version_and_its_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&(Tensor::randn(0f32, 2., (3, 5, 64), &dev)?))?;
+        let w = Tensor::randn(1f32, 0.3, 64, &dev)?;
+        let up = Tensor::randn(0f32, 1., (3, 5, 64), &dev)?;
+        let fused = rms_norm(x.as_tensor(), &w, 1e-5).unwrap()?;
+        let var = x.as_tensor().sqr()?.mean_keepdim(D::Minus1)?;
+        let composed = x
+            .as_tensor()
+            .broadcast_div(&(var + 1e-5)?.sqrt()?)?
+            .broadcast_mul(&w)?;
+        assert!(max_diff(&fused, &composed) < 1e-5);
+        let g1 = (fused * &up)?.sum_all()?.backward()?;
+        let g2 = (composed * &up)?.sum_all()?.backward()?;
+        let (a, b) = (
+            g1.get(x.as_tensor()).unwrap(),
+            g2.get(x.as_tensor()).unwrap(),
+        );
+        assert!(max_diff(a, b) < 1e-5, "{}", max_diff(a, b));
+        // the frozen weight gets no gradient
+        assert!(g1.get(&w).is_none());
+        // other dtypes fall back
+        assert!(rms_norm(&x.as_tensor().to_dtype(DType::BF16)?, &w, 1e-5).is_none());
+        Ok(())
+    }
+
+    /// Values and gradients (under a random upstream gradient) of `f` and `g` agree.
+    fn same_grads(
+        f: impl Fn(&[&Tensor]) -> Result<Tensor>,
+        g: impl Fn(&[&Tensor]) -> Result<Tensor>,
+        inputs: &[Var],
+        tol: f32,
+    ) -> Result<()> {
+        let ts: Vec<&Tensor> = inputs.iter().map(|v| v.as_tensor()).collect();
+        let (a, b) = (f(&ts)?, g(&ts)?);
+        assert!(max_diff(&a, &b) < tol, "values {}", max_diff(&a, &b));
+        let up = Tensor::randn(0f32, 1., a.shape(), a.device())?;
+        let ga = (a * &up)?.sum_all()?.backward()?;
+        let gb = (b * &up)?.sum_all()?.backward()?;
+        for t in ts {
+            let d = max_diff(ga.get(t).unwrap(), gb.get(t).unwrap());
+            assert!(d < tol, "gradient {d}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn softmax_swiglu_and_rope_match_the_composed_versions() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 2., (2, 3, 5, 16), &dev)?)?;
+        same_grads(
+            |t| softmax_last_dim(t[0]),
+            |t| candle_nn::ops::softmax(t[0], D::Minus1),
+            std::slice::from_ref(&x),
+            1e-5,
+        )?;
+        let gate = Var::from_tensor(&Tensor::randn(0f32, 2., (4, 7, 24), &dev)?)?;
+        let up = Var::from_tensor(&Tensor::randn(0f32, 2., (4, 7, 24), &dev)?)?;
+        same_grads(
+            |t| swiglu(t[0], t[1]),
+            |t| t[0].silu()? * t[1],
+            &[gate, up],
+            1e-5,
+        )?;
+        let inv: Vec<f64> = (0..8)
+            .map(|i| 1.0 / 10000f64.powf(i as f64 / 8.0))
+            .collect();
+        let (cos, sin) = crate::ops::rope_tables(&inv, 1.0, 5, DType::F32, &dev)?;
+        same_grads(
+            |t| rope(t[0], &cos, &sin).unwrap(),
+            |t| candle_nn::rotary_emb::rope_slow(t[0], &cos, &sin),
+            &[x],
+            1e-5,
+        )?;
+        Ok(())
+    }
+
+    /// Real models have a few huge activations (SmolLM2: thousands) and 49k-token rows: the
+    /// reductions must not lose precision to sequential f32 summation (a 1e-4 shift of
+    /// SmolLM2's loss before they accumulated in f64).
+    #[test]
+    fn reductions_keep_precision_on_large_rows() -> Result<()> {
+        let dev = Device::Cpu;
+        let d = 576;
+        let mut row: Vec<f32> = (0..d)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+            .collect();
+        row[3] = 3000.0;
+        row[200] = -2500.0;
+        let ms: f64 = row.iter().map(|a| (*a as f64).powi(2)).sum::<f64>() / d as f64;
+        let w = Tensor::ones(d, DType::F32, &dev)?;
+        let x = Tensor::from_vec(row.clone(), (1, d), &dev)?;
+        let y = rms_norm(&x, &w, 1e-5).unwrap()?.to_vec2::<f32>()?;
+        for (a, b) in row.iter().zip(&y[0]) {
+            let want = *a as f64 / (ms + 1e-5).sqrt();
+            assert!(
+                (*b as f64 - want).abs() <= 1e-6 * want.abs().max(1e-3),
+                "{b} vs {want}"
+            );
+        }
+        let v = 49152;
+        let logits: Vec<f32> = (0..v).map(|i| ((i * 7919 % 1000) as f32) / 100.0).collect();
+        let lse: f64 = {
+            let m = logits.iter().copied().fold(f32::MIN, f32::max) as f64;
+            m + logits
+                .iter()
+                .map(|a| (*a as f64 - m).exp())
+                .sum::<f64>()
+                .ln()
+        };
+        let t = Tensor::from_vec(logits.clone(), (1, v), &dev)?;
+        let ce = cross_entropy(&t, &Tensor::new(&[17u32], &dev)?)?.to_vec1::<f32>()?[0] as f64;
+        let want = lse - logits[17] as f64;
+        assert!((ce - want).abs() < 2e-6 * want.abs(), "{ce} vs {want}");
+        Ok(())
+    }
+}
