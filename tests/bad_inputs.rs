@@ -1030,6 +1030,12 @@ fn labelled_data() {
         &["bert", "--labels"],
     );
     check(
+        "convert a model directory",
+        &s,
+        &["convert", "model", "--out", "converted"],
+        &["model", "not a .gguf file"],
+    );
+    check(
         "generate with top-p out of range",
         &s,
         &[

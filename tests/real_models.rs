@@ -98,3 +98,91 @@ fn smollm2_classifies_labelled_chat_data() {
         confusion[0][0] + confusion[1][1]
     );
 }
+
+#[test]
+fn smollm2_gguf_converts_and_merges_into_a_hugging_face_directory() {
+    let Some(c) = cache() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let gguf = c.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let g = gguf.to_str().unwrap();
+    std::fs::write(
+        d.join("data.jsonl"),
+        "{\"text\": \"A gorgeous, witty, seductive movie.\"}\n{\"text\": \"Dull and overlong.\"}\n",
+    )
+    .unwrap();
+    let data = d.join("data.jsonl");
+    let eval = |model: &str, adapter: Option<&str>| -> f64 {
+        let mut args = vec![
+            "eval",
+            "--model",
+            model,
+            "--data",
+            data.to_str().unwrap(),
+            "--json",
+            "--device",
+            "cpu",
+        ];
+        if let Some(a) = adapter {
+            args.extend(["--adapter", a]);
+        }
+        let v: serde_json::Value = serde_json::from_str(&lorakit(&args)).unwrap();
+        v["loss"].as_f64().unwrap()
+    };
+    // convert: the directory computes exactly what the GGUF computes, tokenizer included
+    let hf = d.join("hf");
+    lorakit(&["convert", g, "--out", hf.to_str().unwrap()]);
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(hf.join(f).is_file(), "{f}");
+    }
+    assert_eq!(eval(hf.to_str().unwrap(), None), eval(g, None));
+    // a one-step adapter on the GGUF, merged with the GGUF as base
+    std::fs::write(
+        d.join("r.yaml"),
+        format!(
+            "model:\n  path: {g}\ndata:\n  train: {data}\n  format: completion\nlora:\n  r: 2\ntrain:\n  max_steps: 1\n  batch_size: 2\n  learning_rate: 1.0e-2\noutput:\n  dir: {out}\n",
+            data = data.display(),
+            out = d.join("run").display()
+        ),
+    )
+    .unwrap();
+    lorakit(&["train", d.join("r.yaml").to_str().unwrap()]);
+    let adapter = d.join("run/adapter");
+    let merged = d.join("merged");
+    lorakit(&[
+        "merge",
+        "--base",
+        g,
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    let with_adapter = eval(g, Some(adapter.to_str().unwrap()));
+    let base = eval(g, None);
+    let m = eval(merged.to_str().unwrap(), None);
+    assert!(
+        (m - with_adapter).abs() < 1e-4,
+        "merged {m} vs unmerged {with_adapter}"
+    );
+    assert!(
+        (with_adapter - base).abs() > 1e-3,
+        "the adapter changes the model"
+    );
+    // no temporary conversion left next to the output
+    let left: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        !left
+            .iter()
+            .any(|n| n.to_string_lossy().starts_with(".lorakit")),
+        "{left:?}"
+    );
+}

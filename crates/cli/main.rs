@@ -20,6 +20,7 @@ pub(crate) fn warn(text: &str) {
     note(&format!("warning: {text}"));
 }
 
+mod convert;
 mod eval;
 mod generate;
 mod inspect;
@@ -46,6 +47,8 @@ enum Command {
     Train(train::Args),
     /// Loss and perplexity of a model (optionally with an adapter) on a JSONL data set.
     Eval(eval::Args),
+    /// Write a llama GGUF as a Hugging Face model directory (safetensors, config, tokenizer).
+    Convert(convert::Args),
     /// Generate text from a model (optionally with an adapter), streamed to stdout.
     Generate(generate::Args),
     /// Show a model's architecture, size and linear modules, and which ones LoRA targets would wrap.
@@ -59,6 +62,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(a) => train::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Convert(a) => convert::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Merge(a) => merge::run(a),

@@ -19,7 +19,8 @@ pub enum DTypeArg {
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Base model directory (Hugging Face layout).
+    /// Base model: a Hugging Face model directory, or a llama .gguf file (converted first, as
+    /// `lorakit convert` does, so the output is an ordinary Hugging Face directory).
     #[arg(long)]
     pub base: PathBuf,
     /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
@@ -51,8 +52,31 @@ pub fn run(args: Args) -> Result<ExitCode> {
         DTypeArg::Bf16 => OutDType::Fixed(DType::BF16),
         DTypeArg::F16 => OutDType::Fixed(DType::F16),
     };
+    // A GGUF base is first written as a Hugging Face directory next to the output.
+    let converted = if lorakit_models::is_gguf(&args.base) {
+        let parent = args
+            .out
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".lorakit-gguf-")
+            .tempdir_in(parent)
+            .with_context(|| format!("creating a temporary directory in {}", parent.display()))?;
+        let dir = tmp.path().join("base");
+        crate::convert::convert(&args.base, &dir, DType::F32, false)?;
+        Some((tmp, dir))
+    } else {
+        None
+    };
+    let base: &Path = converted
+        .as_ref()
+        .map(|(_, d)| d.as_path())
+        .unwrap_or(&args.base);
     let summary = merge(
-        &args.base,
+        base,
         &adapter,
         &args.out,
         &MergeOptions {

@@ -328,6 +328,11 @@ pub fn hf_name(gguf: &str) -> Option<String> {
 
 /// The Hugging Face config of a llama GGUF, from its `llama.*` metadata.
 pub fn llama_config(header: &GgufHeader, path: &Path) -> Result<crate::LlamaConfig> {
+    crate::LlamaConfig::from_json(llama_config_json(header, path)?, path)
+}
+
+/// `config.json` of a llama GGUF as transformers writes it for `LlamaForCausalLM`.
+pub fn llama_config_json(header: &GgufHeader, path: &Path) -> Result<serde_json::Value> {
     let err = |key: &str, message: String| ModelError::Config {
         file: path.to_path_buf(),
         key: key.into(),
@@ -365,8 +370,12 @@ pub fn llama_config(header: &GgufHeader, path: &Path) -> Result<crate::LlamaConf
         "rope_theta": float("rope.freq_base").unwrap_or(10_000.0),
         "max_position_embeddings": num("context_length").unwrap_or(2048),
         "tie_word_embeddings": !header.tensors.iter().any(|t| t.name == "output.weight"),
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_act": "silu",
+        "bos_token_id": header.metadata.get("tokenizer.ggml.bos_token_id").and_then(Value::as_u64),
+        "eos_token_id": header.metadata.get("tokenizer.ggml.eos_token_id").and_then(Value::as_u64),
     });
-    crate::LlamaConfig::from_json(json, path)
+    Ok(json)
 }
 
 /// A llama GGUF as a Hugging Face model: the config from its metadata and its tensors,
