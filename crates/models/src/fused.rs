@@ -30,6 +30,23 @@ fn contiguous_u32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [
     }
 }
 
+/// `1 / sqrt(mean(row²) + eps)`, the sum taken in f64 (rows can hold values in the thousands).
+fn inv_rms(row: &[f32], eps: f32) -> f32 {
+    let ms = row.iter().map(|a| (*a as f64) * (*a as f64)).sum::<f64>() / row.len() as f64;
+    1.0 / (ms as f32 + eps).sqrt()
+}
+
+/// Writes `exp(row − max)` into `out` and returns `(max, Σ out)`, the sum in f64.
+fn exp_shifted(row: &[f32], out: &mut [f32]) -> (f32, f64) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f64;
+    for (o, a) in out.iter_mut().zip(row) {
+        *o = (a - max).exp();
+        sum += *o as f64;
+    }
+    (max, sum)
+}
+
 /// Per-row cross-entropy `[n]` of logits `[n, vocab]` against labels `[n]`.
 struct CrossEntropy;
 
@@ -98,12 +115,7 @@ impl CustomOp3 for CrossEntropyGrad {
             .zip(x.par_chunks(v))
             .zip(y.par_iter().zip(g.par_iter()))
             .for_each(|((o, row), (&label, &gi))| {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f64;
-                for (oj, a) in o.iter_mut().zip(row) {
-                    *oj = (a - max).exp();
-                    sum += *oj as f64;
-                }
+                let (_, sum) = exp_shifted(row, o);
                 let scale = (gi as f64 / sum) as f32;
                 for oj in o.iter_mut() {
                     *oj *= scale;
@@ -153,9 +165,7 @@ impl CustomOp2 for RmsNorm {
         out.par_chunks_mut(d)
             .zip(x.par_chunks(d))
             .for_each(|(o, row)| {
-                let ms =
-                    (row.iter().map(|a| (*a as f64) * (*a as f64)).sum::<f64>() / d as f64) as f32;
-                let r = 1.0 / (ms + self.eps).sqrt();
+                let r = inv_rms(row, self.eps);
                 for ((oj, a), wj) in o.iter_mut().zip(row).zip(w) {
                     *oj = a * r * wj;
                 }
@@ -202,9 +212,7 @@ impl CustomOp3 for RmsNormGrad {
         out.par_chunks_mut(d)
             .zip(x.par_chunks(d).zip(g.par_chunks(d)))
             .for_each(|(o, (row, gr))| {
-                let ms =
-                    (row.iter().map(|a| (*a as f64) * (*a as f64)).sum::<f64>() / d as f64) as f32;
-                let r = 1.0 / (ms + self.eps).sqrt();
+                let r = inv_rms(row, self.eps);
                 let dot = row
                     .iter()
                     .zip(gr)
@@ -247,12 +255,7 @@ impl CustomOp1 for Softmax {
         out.par_chunks_mut(d)
             .zip(x.par_chunks(d))
             .for_each(|(o, row)| {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f64;
-                for (oj, a) in o.iter_mut().zip(row) {
-                    *oj = (a - max).exp();
-                    sum += *oj as f64;
-                }
+                let (_, sum) = exp_shifted(row, o);
                 let inv = (1.0 / sum) as f32;
                 o.iter_mut().for_each(|v| *v *= inv);
             });
@@ -476,16 +479,7 @@ mod tests {
     use candle_core::{Device, Var};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
+        lorakit_adapter::compare::max_abs_diff(a, b).unwrap()
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! BERT sequence classification against PEFT's logits (tests/fixtures/make_bert_fixture.py),
 //! and the BERT encoder against candle-transformers' `bert` on the same weights (the tiny
 //! fixture, and the real all-MiniLM-L6-v2 when `scripts/fetch-real.sh` has run).
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use lorakit_adapter::{Adapters, PeftAdapter};
 use lorakit_models::bert::{load_classifier, BertConfig};
@@ -16,16 +16,7 @@ fn fixture() -> PathBuf {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(D::Minus1)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    lorakit_adapter::compare::max_abs_diff(a, b).unwrap()
 }
 
 /// Hidden states at real (unpadded) positions only.

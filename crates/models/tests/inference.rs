@@ -1,6 +1,6 @@
 //! The inference paths (KV cache, packed prompt + candidates) compute what the plain forward
 //! pass computes, on the PEFT fixtures (with an adapter, and with a sliding window).
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use lorakit_adapter::{Adapters, PeftAdapter};
 use lorakit_models::{CausalLm, ModelDir};
 use std::path::PathBuf;
@@ -18,16 +18,7 @@ fn model(case: &str, adapter: &str) -> CausalLm {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(D::Minus1)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    lorakit_adapter::compare::max_abs_diff(a, b).unwrap()
 }
 
 fn ids(v: &[u32]) -> Tensor {
