@@ -75,17 +75,16 @@ fn adapters_of(adapter: Option<&Path>) -> Result<Adapters> {
     })
 }
 
-/// Base model (resolving hub ids) with an optional adapter, in f32 on `device`.
+/// A causal LM (a local directory or GGUF: resolve hub ids first) with an optional adapter.
 pub fn load_model(
-    model: &Path,
+    path: &Path,
     adapter: Option<&Path>,
     device: &candle_core::Device,
 ) -> Result<(lorakit_models::CausalLm, TextTokenizer)> {
-    let path = lorakit_models::hub::resolve(model)?;
-    let tok = TextTokenizer::open(&path)?;
+    let tok = TextTokenizer::open(path)?;
     let adapters = adapters_of(adapter)?;
     let dtype = runtime::dtype("auto", device);
-    let (m, _) = ModelDir::open(&path)?.load(adapters, dtype, device)?;
+    let (m, _) = ModelDir::open(path)?.load(adapters, dtype, device)?;
     Ok((m, tok))
 }
 

@@ -51,7 +51,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
         bail!("--top-p must be in (0, 1], got {}", args.top_p);
     }
     let device = runtime::device(&args.device)?;
-    let (model, tok) = crate::eval::load_model(&args.model, args.adapter.as_deref(), &device)?;
+    let path = lorakit_models::hub::resolve(&args.model)?;
+    let (model, tok) = crate::eval::load_model(&path, args.adapter.as_deref(), &device)?;
     let ids = match (&args.prompt, &args.chat) {
         (Some(p), _) => tok.encode(p, true)?,
         (None, Some(user)) => {

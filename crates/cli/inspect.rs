@@ -145,11 +145,7 @@ fn summarize_gguf(path: &Path) -> Result<Summary> {
 
 pub fn run(mut args: Args) -> Result<ExitCode> {
     args.model = lorakit_models::hub::resolve(&args.model)?;
-    let is_gguf = args
-        .model
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
-    let m = if is_gguf {
+    let m = if lorakit_models::is_gguf(&args.model) {
         summarize_gguf(&args.model)?
     } else {
         summarize_dir(&args.model)?

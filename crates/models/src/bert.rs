@@ -37,15 +37,7 @@ pub struct BertConfig {
 
 impl BertConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| ModelError::Json {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        Self::from_json(&v, path)
+        Self::from_json(&crate::config::read_json(path)?, path)
     }
 
     pub fn from_json(v: &Value, file: &Path) -> Result<Self> {
@@ -387,8 +379,7 @@ pub fn load_classifier(
 
 /// Whether a model directory holds a BERT model (`model_type: bert` in config.json).
 pub fn is_bert_dir(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join("config.json"))
+    crate::config::read_json(&dir.join("config.json"))
         .ok()
-        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
         .is_some_and(|v| v.get("model_type").and_then(Value::as_str) == Some("bert"))
 }

@@ -3,7 +3,7 @@
 //! end-of-turn, as the data format renders them) it finds most likely after the prompt.
 //! All labels of an example are scored in one row: the prompt once, then every label placed
 //! right after it and attending only to the prompt and to itself.
-use crate::data::{tokenise, ChatTemplate};
+use crate::data::{read_records, tokenise, ChatTemplate};
 use crate::error::{Result, TrainError};
 use crate::recipe::DataFormat;
 use crate::tokenizer::TextTokenizer;
@@ -86,19 +86,13 @@ pub fn load(
         DataFormat::Chat => Some(ChatTemplate::new(tok)?),
         _ => None,
     };
-    let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
+    for (line, mut v) in read_records(path)? {
         let err = |message: String| TrainError::Data {
             file: path.into(),
-            line: i + 1,
+            line,
             message,
         };
-        if line.trim().is_empty() {
-            continue;
-        }
-        let mut v: Value =
-            serde_json::from_str(line).map_err(|e| err(format!("invalid JSON: {e}")))?;
         let slot = answer_slot(&mut v, format).map_err(err)?;
         let answer = slot
             .as_str()

@@ -59,15 +59,9 @@ pub fn load(
     parse(bytes, path, format, tok, max_seq_len, train_on_inputs)
 }
 
-/// Parses and tokenises JSON Lines `bytes`; `path` names them in messages.
-pub fn parse(
-    bytes: Vec<u8>,
-    path: &Path,
-    format: DataFormat,
-    tok: &TextTokenizer,
-    max_seq_len: usize,
-    train_on_inputs: bool,
-) -> Result<Dataset> {
+/// The records of a JSON Lines file as (line number, value), blank lines skipped. Invalid UTF-8,
+/// over-long lines and invalid JSON are errors naming `path` and the line.
+pub(crate) fn records(bytes: Vec<u8>, path: &Path) -> Result<Vec<(usize, Value)>> {
     let text = String::from_utf8(bytes).map_err(|e| {
         let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()]
             .iter()
@@ -79,16 +73,11 @@ pub fn parse(
             message: "not valid UTF-8".into(),
         }
     })?;
-    let mut ds = Dataset::default();
-    let template = match format {
-        DataFormat::Chat => Some(ChatTemplate::new(tok)?),
-        _ => None,
-    };
+    let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
-        let n = i + 1;
         let err = |message: String| TrainError::Data {
             file: path.into(),
-            line: n,
+            line: i + 1,
             message,
         };
         let line = line.trim();
@@ -98,7 +87,40 @@ pub fn parse(
         if line.len() > MAX_LINE_BYTES {
             return Err(err(format!("line is longer than {MAX_LINE_BYTES} bytes")));
         }
-        let v: Value = serde_json::from_str(line).map_err(|e| err(format!("invalid JSON: {e}")))?;
+        let v = serde_json::from_str(line).map_err(|e| err(format!("invalid JSON: {e}")))?;
+        out.push((i + 1, v));
+    }
+    Ok(out)
+}
+
+/// [`records`] of the file at `path`.
+pub(crate) fn read_records(path: &Path) -> Result<Vec<(usize, Value)>> {
+    records(
+        std::fs::read(path).map_err(|e| TrainError::io(path, e))?,
+        path,
+    )
+}
+
+/// Parses and tokenises JSON Lines `bytes`; `path` names them in messages.
+pub fn parse(
+    bytes: Vec<u8>,
+    path: &Path,
+    format: DataFormat,
+    tok: &TextTokenizer,
+    max_seq_len: usize,
+    train_on_inputs: bool,
+) -> Result<Dataset> {
+    let mut ds = Dataset::default();
+    let template = match format {
+        DataFormat::Chat => Some(ChatTemplate::new(tok)?),
+        _ => None,
+    };
+    for (n, v) in records(bytes, path)? {
+        let err = |message: String| TrainError::Data {
+            file: path.into(),
+            line: n,
+            message,
+        };
         let mut ex = tokenise(&v, format, tok, template.as_ref(), train_on_inputs).map_err(err)?;
         if ex.ids.len() > max_seq_len {
             ex.ids.truncate(max_seq_len);
@@ -144,20 +166,11 @@ pub(crate) fn tokenise(
 
 /// The sorted distinct `label` values of a `classification` file (the default label set).
 pub fn scan_labels(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
     let mut labels = std::collections::BTreeSet::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: Value = serde_json::from_str(line).map_err(|e| TrainError::Data {
-            file: path.into(),
-            line: i + 1,
-            message: format!("invalid JSON: {e}"),
-        })?;
+    for (line, v) in read_records(path)? {
         let label = field(&v, "label").map_err(|message| TrainError::Data {
             file: path.into(),
-            line: i + 1,
+            line,
             message,
         })?;
         labels.insert(label.to_string());
@@ -179,21 +192,13 @@ pub fn load_labelled(
     max_seq_len: usize,
     labels: &[String],
 ) -> Result<Dataset> {
-    let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
     let mut ds = Dataset::default();
-    for (i, line) in text.lines().enumerate() {
+    for (line, v) in read_records(path)? {
         let err = |message: String| TrainError::Data {
             file: path.into(),
-            line: i + 1,
+            line,
             message,
         };
-        if line.trim().is_empty() {
-            continue;
-        }
-        if line.len() > MAX_LINE_BYTES {
-            return Err(err(format!("line is longer than {MAX_LINE_BYTES} bytes")));
-        }
-        let v: Value = serde_json::from_str(line).map_err(|e| err(format!("invalid JSON: {e}")))?;
         let text = field(&v, "text").map_err(err)?;
         if text.trim().is_empty() {
             return Err(err("\"text\" is empty".into()));
