@@ -1,24 +1,7 @@
 //! `lorakit generate` through the binary: an adapter applied unmerged generates exactly the
 //! tokens the merged model generates; seeds reproduce samples; chat templates apply.
-use std::path::PathBuf;
-use std::process::Command;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn lorakit(args: &[&str]) -> String {
-    let o = Command::new(env!("CARGO_BIN_EXE_lorakit"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
+mod common;
+use common::{lorakit_ok as lorakit, root};
 
 #[test]
 fn adapter_and_merged_model_generate_the_same_tokens() {

@@ -2,12 +2,13 @@
 //! Instruct as a Q4_1 GGUF and all-MiniLM-L6-v2. Without the cache each test prints why it is
 //! skipped and passes.
 use std::path::PathBuf;
-use std::process::Command;
+mod common;
+use common::{lorakit_ok as lorakit, root};
 
 fn cache() -> Option<PathBuf> {
     let c = std::env::var_os("LORAKIT_CACHE")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/lorakit"));
+        .unwrap_or_else(|| root().join(".cache/lorakit"));
     let ok = c.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").is_file()
         && c.join("minilm/model.safetensors").is_file();
     if !ok {
@@ -17,19 +18,6 @@ fn cache() -> Option<PathBuf> {
         );
     }
     ok.then_some(c)
-}
-
-fn lorakit(args: &[&str]) -> String {
-    let o = Command::new(env!("CARGO_BIN_EXE_lorakit"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
 }
 
 #[test]
