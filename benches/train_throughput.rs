@@ -6,6 +6,7 @@
 //! `benches/train_throughput.sh` runs both and prints the ratio.
 //!
 //!   cargo bench --bench train_throughput -- PRESET [BATCH SEQ STEPS] [--device cpu|cuda] [--dtype f32|bf16]
+//!       [--checkpointing] (activation checkpointing) [--full-logits] (unchunked output head)
 //!   presets: tiny (hidden 64, 2 layers), small (hidden 512, 8 layers, 8/4 heads, vocab 32000),
 //!            1b (TinyLlama-1.1B's shape: hidden 2048, 22 layers, 32/4 heads, 5632, vocab 32000)
 use candle_core::{DType, Device, Tensor};
@@ -14,7 +15,9 @@ use lorakit_adapter::{Adapters, LoraConfig, ModuleSpec};
 use lorakit_models::{build, LlamaConfig};
 use lorakit_train::loss::summed_loss;
 use lorakit_train::optim::AdamW;
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 /// (hidden, layers, heads, kv heads, intermediate, vocab)
@@ -27,12 +30,78 @@ fn preset(name: &str) -> Option<(usize, usize, usize, usize, usize, usize)> {
     })
 }
 
+/// Counts live heap bytes and their high-water mark: peak RSS also holds freed memory the
+/// allocator kept, which hides what a memory-saving path saves.
+struct CountingAlloc;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = System.alloc(layout);
+        if !p.is_null() {
+            let now = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout);
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = System.realloc(ptr, layout, new_size);
+        if !p.is_null() {
+            LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+            let now = LIVE.fetch_add(new_size, Ordering::Relaxed) + new_size;
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+
 /// Peak resident memory of this process (Linux `VmHWM`), bytes.
 fn peak_rss() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// Peak bytes in use (the high-water mark) of the CUDA device's default memory pool, where
+/// candle allocates every tensor: the counterpart of `torch.cuda.max_memory_allocated`.
+#[cfg(feature = "cuda")]
+fn gpu_peak_bytes(device: &Device) -> Option<u64> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let Device::Cuda(dev) = device else {
+        return None;
+    };
+    let cu_device = dev.cuda_stream().context().cu_device();
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut high = 0u64;
+    // SAFETY: plain driver queries writing into the locals above.
+    unsafe {
+        if sys::cuDeviceGetDefaultMemPool(&mut pool, cu_device) != sys::CUresult::CUDA_SUCCESS {
+            return None;
+        }
+        let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+        let out = &mut high as *mut u64 as *mut std::ffi::c_void;
+        if sys::cuMemPoolGetAttribute(pool, attr, out) != sys::CUresult::CUDA_SUCCESS {
+            return None;
+        }
+    }
+    Some(high)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_peak_bytes(_: &Device) -> Option<u64> {
+    None
 }
 
 /// Seeded N(0, 0.02²)-ish values (sum of uniforms), so runs are comparable.
@@ -54,6 +123,7 @@ fn random(n: usize, seed: u64) -> Vec<f32> {
 
 fn main() -> anyhow::Result<()> {
     let launched = Instant::now();
+    lorakit_train::runtime::tune_process();
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a != "--bench")
@@ -174,6 +244,13 @@ fn main() -> anyhow::Result<()> {
         .collect();
     let positions = Tensor::from_vec(positions, n, &device)?;
     let labels = ids.narrow(1, 1, seq - 1)?.flatten_all()?;
+    let var_tensors: Vec<Tensor> = opt
+        .vars()
+        .iter()
+        .map(|(_, v)| v.as_tensor().clone())
+        .collect();
+    let checkpointing = args.iter().any(|a| a == "--checkpointing");
+    let full_logits = args.iter().any(|a| a == "--full-logits");
     // time per phase (synchronised), summed over the timed steps
     let mut phases = [0f64; 4];
     let mut step = |phases: &mut [f64; 4]| -> anyhow::Result<f32> {
@@ -184,28 +261,59 @@ fn main() -> anyhow::Result<()> {
             mark = Instant::now();
             Ok(())
         };
-        let logits = model.logits_at(&ids, None, true, &positions)?;
-        lap(0, phases)?;
-        let loss = (summed_loss(&logits, &labels)? / n as f64)?;
-        lap(1, phases)?;
-        let grads = loss.backward()?;
-        lap(2, phases)?;
-        let g: Vec<Tensor> = opt
-            .vars()
-            .iter()
-            .map(|(_, v)| {
-                grads
-                    .get(v.as_tensor())
-                    .cloned()
-                    .map(Ok)
-                    .unwrap_or_else(|| v.zeros_like())
-            })
+        let scale = 1.0 / n as f64;
+        let (loss, grads) = if checkpointing {
+            // forward, loss and the recomputing backward are one call: all counted as backward
+            let (loss, grads) = model.checkpointed_loss_and_grads(
+                &ids,
+                None,
+                &positions,
+                &labels,
+                scale,
+                &var_tensors,
+            )?;
+            lap(2, phases)?;
+            (loss, grads)
+        } else {
+            let loss = if full_logits {
+                let logits = model.logits_at(&ids, None, true, &positions)?;
+                lap(0, phases)?;
+                (summed_loss(&logits, &labels)? * scale)?
+            } else {
+                // the output head runs inside the chunked loss
+                let hidden = model.hidden_states(&ids, None, true)?;
+                lap(0, phases)?;
+                let (b, s, h) = hidden.dims3()?;
+                let rows = hidden.reshape((b * s, h))?.index_select(&positions, 0)?;
+                let head = model.output_head();
+                let chunk = lorakit_models::chunked_loss::chunk_rows(vocab);
+                (lorakit_models::chunked_loss::linear_cross_entropy(
+                    &rows,
+                    head.weight(),
+                    &labels,
+                    chunk,
+                    true,
+                )?
+                .sum_all()?
+                    * scale)?
+            };
+            lap(1, phases)?;
+            let store = loss.backward()?;
+            let grads = var_tensors.iter().map(|v| store.get(v).cloned()).collect();
+            lap(2, phases)?;
+            (loss.to_scalar::<f32>()?, grads)
+        };
+        let g: Vec<Tensor> = grads
+            .into_iter()
+            .zip(&var_tensors)
+            .map(|(g, v)| g.map(Ok).unwrap_or_else(|| v.zeros_like()))
             .collect::<candle_core::Result<_>>()?;
         opt.step(&g, 2e-4)?;
         lap(3, phases)?;
-        Ok(loss.to_scalar::<f32>()?)
+        Ok(loss)
     };
     let first_loss = step(&mut [0f64; 4])?; // warm-up, also the cold-start point
+
     device.synchronize()?;
     let cold_start = launched.elapsed().as_secs_f64();
     let t = Instant::now();
@@ -216,6 +324,10 @@ fn main() -> anyhow::Result<()> {
     device.synchronize()?;
     let secs = t.elapsed().as_secs_f64();
     let tokens = (batch * seq * steps) as f64;
+    let (peak, peak_kind) = match gpu_peak_bytes(&device) {
+        Some(b) => (Some(b), "peak bytes in use in the device's memory pool"),
+        None => (peak_rss(), "process peak RSS"),
+    };
     println!(
         "{}",
         serde_json::json!({
@@ -223,7 +335,9 @@ fn main() -> anyhow::Result<()> {
             "device": if device.is_cuda() { "cuda" } else { "cpu" }, "dtype": format!("{dtype:?}"),
             "trainable_params": trainable,
             "tokens_per_s": tokens / secs, "ms_per_step": 1e3 * secs / steps as f64,
-            "peak_bytes": peak_rss(), "peak_kind": "process peak RSS",
+            "peak_bytes": peak, "peak_kind": peak_kind,
+            "peak_heap_bytes": PEAK.load(Ordering::Relaxed),
+            "gradient_checkpointing": checkpointing, "full_logits": full_logits,
             "cold_start_s": cold_start,
             "phase_ms": {"forward": 1e3 * phases[0] / steps as f64, "loss": 1e3 * phases[1] / steps as f64,
                 "backward": 1e3 * phases[2] / steps as f64, "optimizer": 1e3 * phases[3] / steps as f64}, "first_loss": first_loss, "last_loss": last,

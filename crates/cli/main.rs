@@ -58,6 +58,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    lorakit_train::runtime::tune_process();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(a) => train::run(a),

@@ -29,8 +29,9 @@ impl LowRank {
         let rows = x.elem_count() / inner.max(1);
         // Folding leading dims into rows keeps the left operand 2-D and contiguous (DESIGN §3.6).
         let x2 = x.to_dtype(self.a.dtype())?.reshape((rows, inner))?;
-        let h = x2.matmul(&self.a.t()?)?.matmul(&self.b.t()?)?;
-        let h = (h * self.scaling)?;
+        // scaling applied to the rank-r intermediate: a pass over `rows × r` values instead of
+        // `rows × out`, in the forward and the backward pass
+        let h = (x2.matmul(&self.a.t()?)? * self.scaling)?.matmul(&self.b.t()?)?;
         let mut dims = x.dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = out;
@@ -82,6 +83,11 @@ impl LoraLinear {
 
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
+    }
+
+    /// Whether weight and bias are trained (a `modules_to_save` module).
+    pub fn is_trainable(&self) -> bool {
+        self.trainable
     }
 
     pub fn lora(&self) -> Option<&LowRank> {

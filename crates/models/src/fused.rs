@@ -3,12 +3,28 @@
 //! over a large vocabulary (softmax, log and gather in one pass; the backward writes
 //! `softmax − one-hot` directly), softmax over the last dimension, SwiGLU (`silu(gate)·up`) and
 //! rotary embeddings (the backward is the inverse rotation). Each is checked against the composed version (values and
-//! gradients) in the tests below. On other devices or dtypes the composed versions run: CUDA
-//! kernels are not written yet.
+//! gradients) in the tests below. With the `cuda` feature the same ops run the kernels of
+//! `kernels/fused.cu` (f32 and bf16; their element math is shared with `kernels/row_math.c`,
+//! which the tests below check against these CPU kernels). Elsewhere the composed versions run.
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
 };
 use rayon::prelude::*;
+
+#[cfg(feature = "cuda")]
+use crate::cuda_kernels as gpu;
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
+
+/// Whether `t` has a fused kernel: on the CPU for `cpu` dtypes, on CUDA (built with the `cuda`
+/// feature) for `cuda` dtypes.
+fn fused_for(t: &Tensor, cpu: &[DType], cuda: &[DType]) -> bool {
+    match t.device() {
+        candle_core::Device::Cpu => cpu.contains(&t.dtype()),
+        candle_core::Device::Cuda(_) => cfg!(feature = "cuda") && cuda.contains(&t.dtype()),
+        _ => false,
+    }
+}
 
 fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
@@ -55,6 +71,18 @@ impl CustomOp2 for CrossEntropy {
         "fused-cross-entropy"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let n = l1.shape().dims2()?.0;
+        Ok((gpu::cross_entropy(s1, l1, s2, l2, None)?, Shape::from(n)))
+    }
+
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -97,6 +125,20 @@ impl CustomOp3 for CrossEntropyGrad {
         "fused-cross-entropy-grad"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let out = gpu::cross_entropy(s1, l1, s2, l2, Some((s3, l3)))?;
+        Ok((out, l1.shape().clone()))
+    }
+
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -132,13 +174,31 @@ impl CustomOp3 for CrossEntropyGrad {
 /// in the logits. Fused on the CPU for f32; composed elsewhere.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let labels = labels.to_dtype(DType::U32)?;
-    if logits.device().is_cpu() && logits.dtype() == DType::F32 {
+    if fused_for(logits, &[DType::F32], &[DType::F32]) {
         return logits
             .contiguous()?
             .apply_op2(&labels.contiguous()?, CrossEntropy);
     }
     let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
     logp.gather(&labels.unsqueeze(1)?, 1)?.squeeze(1)?.neg()
+}
+
+/// `scale[i] · (softmax(logits[i]) − onehot(labels[i]))` `[n, vocab]`, the gradient of
+/// [`cross_entropy`] under an upstream gradient `scale` `[n]`, without building a graph.
+pub fn cross_entropy_grad(logits: &Tensor, labels: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    let labels = labels.to_dtype(DType::U32)?.contiguous()?;
+    if fused_for(logits, &[DType::F32], &[DType::F32]) {
+        return logits.contiguous()?.apply_op3_no_bwd(
+            &labels,
+            &scale.to_dtype(DType::F32)?.contiguous()?,
+            &CrossEntropyGrad,
+        );
+    }
+    let logits = logits.to_dtype(DType::F32)?.detach();
+    let p = candle_nn::ops::softmax_last_dim(&logits)?;
+    let minus_one = Tensor::full(-1f32, (labels.dim(0)?, 1), logits.device())?;
+    p.scatter_add(&labels.unsqueeze(1)?, &minus_one, 1)?
+        .broadcast_mul(&scale.to_dtype(DType::F32)?.unsqueeze(1)?)
 }
 
 /// RMSNorm with a frozen weight: `x / sqrt(mean(x²) + eps) · w`, gradient for `x` only.
@@ -149,6 +209,18 @@ struct RmsNorm {
 impl CustomOp2 for RmsNorm {
     fn name(&self) -> &'static str {
         "fused-rms-norm"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let out = gpu::rms_norm(s1, l1, s2, l2, None, self.eps)?;
+        Ok((out, l1.shape().clone()))
     }
 
     fn cpu_fwd(
@@ -195,6 +267,20 @@ impl CustomOp3 for RmsNormGrad {
         "fused-rms-norm-grad"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let out = gpu::rms_norm(s1, l1, s2, l2, Some((s3, l3)), self.eps)?;
+        Ok((out, l1.shape().clone()))
+    }
+
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -231,7 +317,7 @@ impl CustomOp3 for RmsNormGrad {
 
 /// Fused RMSNorm when `x` is f32 on the CPU (else `None`: use the composed version).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Option<Result<Tensor>> {
-    if !(x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32) {
+    if !fused_for(x, &[DType::F32], &[DType::F32, DType::BF16]) || weight.dtype() != x.dtype() {
         return None;
     }
     Some((|| {
@@ -246,6 +332,11 @@ struct Softmax;
 impl CustomOp1 for Softmax {
     fn name(&self) -> &'static str {
         "fused-softmax"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        Ok((gpu::softmax(s, l, None)?, l.shape().clone()))
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -274,6 +365,17 @@ impl CustomOp2 for SoftmaxGrad {
         "fused-softmax-grad"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        Ok((gpu::softmax(s1, l1, Some((s2, l2)))?, l1.shape().clone()))
+    }
+
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -299,7 +401,7 @@ impl CustomOp2 for SoftmaxGrad {
 
 /// Softmax over the last dimension, differentiable; fused on the CPU for f32.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if fused_for(x, &[DType::F32], &[DType::F32]) {
         return x.contiguous()?.apply_op1(Softmax);
     }
     candle_nn::ops::softmax(x, D::Minus1)
@@ -315,6 +417,17 @@ fn sigmoid(x: f32) -> f32 {
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
         "fused-swiglu"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        Ok((gpu::swiglu(s1, l1, s2, l2, None)?, l1.shape().clone()))
     }
 
     fn cpu_fwd(
@@ -354,6 +467,22 @@ impl CustomOp3 for SwiGluGrad {
         "fused-swiglu-grad"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let out = gpu::swiglu(s1, l1, s2, l2, Some((s3, l3)))?;
+        let mut dims = vec![2];
+        dims.extend(l1.shape().dims());
+        Ok((out, Shape::from(dims)))
+    }
+
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -385,7 +514,8 @@ impl CustomOp3 for SwiGluGrad {
 
 /// `silu(gate) · up`, differentiable in both; fused on the CPU for f32.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if gate.device().is_cpu() && gate.dtype() == DType::F32 && gate.dims() == up.dims() {
+    let same = gate.dims() == up.dims() && gate.dtype() == up.dtype();
+    if same && fused_for(gate, &[DType::F32], &[DType::F32, DType::BF16]) {
         return gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu);
     }
     gate.silu()? * up
@@ -399,6 +529,20 @@ struct Rope {
 impl CustomOp3 for Rope {
     fn name(&self) -> &'static str {
         "fused-rope"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let out = gpu::rope(s1, l1, s2, l2, s3, l3, self.inverse)?;
+        Ok((out, l1.shape().clone()))
     }
 
     fn cpu_fwd(
@@ -455,9 +599,9 @@ impl CustomOp3 for Rope {
 /// Rotary embedding of `x` `[b, h, s, d]` with `[s, d/2]` tables, differentiable in `x`; fused
 /// on the CPU for f32 (else `None`).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Option<Result<Tensor>> {
-    let ok = x.device().is_cpu()
-        && x.dtype() == DType::F32
-        && cos.dtype() == DType::F32
+    let ok = fused_for(x, &[DType::F32], &[DType::F32, DType::BF16])
+        && cos.dtype() == x.dtype()
+        && sin.dtype() == x.dtype()
         && x.rank() == 4
         && cos.rank() == 2
         && x.dim(2).ok() == cos.dim(0).ok();
@@ -617,6 +761,129 @@ mod tests {
         let ce = cross_entropy(&t, &Tensor::new(&[17u32], &dev)?)?.to_vec1::<f32>()?[0] as f64;
         let want = lse - logits[17] as f64;
         assert!((ce - want).abs() < 2e-6 * want.abs(), "{ce} vs {want}");
+        Ok(())
+    }
+
+    // The element math of the CUDA kernels (kernels/row_math.h), built for the CPU by build.rs.
+    extern "C" {
+        fn lk_c_rms_norm(x: *const f32, w: *const f32, y: *mut f32, rows: usize, d: i32, eps: f32);
+        fn lk_c_rms_norm_grad(
+            x: *const f32,
+            w: *const f32,
+            g: *const f32,
+            dx: *mut f32,
+            rows: usize,
+            d: i32,
+            eps: f32,
+        );
+        fn lk_c_swiglu(gate: *const f32, up: *const f32, out: *mut f32, n: usize);
+        fn lk_c_swiglu_grad(
+            gate: *const f32,
+            up: *const f32,
+            g: *const f32,
+            out: *mut f32,
+            n: usize,
+        );
+        fn lk_c_rope(
+            x: *const f32,
+            cos: *const f32,
+            sin: *const f32,
+            out: *mut f32,
+            rows: usize,
+            s: i32,
+            d: i32,
+            sign: f32,
+        );
+    }
+
+    fn flat(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    fn worst(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs() / y.abs().max(1.0))
+            .fold(0f32, f32::max)
+    }
+
+    /// The formulas and indexing the CUDA kernels use give what the CPU kernels give (values and
+    /// gradients), so the GPU path is checked without a GPU; only the order of the f32 sums
+    /// differs.
+    #[test]
+    fn cuda_row_math_matches_the_cpu_kernels() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, h, s, d) = (2, 3, 5, 64);
+        let rows = b * h * s;
+        let x = Tensor::randn(0f32, 2., (b, h, s, d), &dev)?;
+        let g = Tensor::randn(0f32, 1., (b, h, s, d), &dev)?;
+        let w = Tensor::randn(1f32, 0.3, d, &dev)?;
+        let (xv, gv, wv) = (flat(&x), flat(&g), flat(&w));
+        let mut out = vec![0f32; xv.len()];
+
+        unsafe {
+            lk_c_rms_norm(
+                xv.as_ptr(),
+                wv.as_ptr(),
+                out.as_mut_ptr(),
+                rows,
+                d as i32,
+                1e-5,
+            )
+        };
+        assert!(worst(&out, &flat(&rms_norm(&x, &w, 1e-5).unwrap()?)) < 1e-5);
+        let want = x.apply_op3_no_bwd(&w, &g, &RmsNormGrad { eps: 1e-5 })?;
+        unsafe {
+            lk_c_rms_norm_grad(
+                xv.as_ptr(),
+                wv.as_ptr(),
+                gv.as_ptr(),
+                out.as_mut_ptr(),
+                rows,
+                d as i32,
+                1e-5,
+            )
+        };
+        assert!(worst(&out, &flat(&want)) < 1e-5);
+
+        let up = Tensor::randn(0f32, 1., (b, h, s, d), &dev)?;
+        let uv = flat(&up);
+        unsafe { lk_c_swiglu(xv.as_ptr(), uv.as_ptr(), out.as_mut_ptr(), xv.len()) };
+        assert!(worst(&out, &flat(&swiglu(&x, &up)?)) < 1e-6);
+        let want = x.apply_op3_no_bwd(&up, &g, &SwiGluGrad)?;
+        let mut both = vec![0f32; 2 * xv.len()];
+        unsafe {
+            lk_c_swiglu_grad(
+                xv.as_ptr(),
+                uv.as_ptr(),
+                gv.as_ptr(),
+                both.as_mut_ptr(),
+                xv.len(),
+            )
+        };
+        assert!(worst(&both, &flat(&want)) < 1e-6);
+
+        let cos = Tensor::randn(0f32, 1., (s, d / 2), &dev)?;
+        let sin = Tensor::randn(0f32, 1., (s, d / 2), &dev)?;
+        let (cv, sv) = (flat(&cos), flat(&sin));
+        for inverse in [false, true] {
+            let sign = if inverse { -1.0 } else { 1.0 };
+            unsafe {
+                lk_c_rope(
+                    xv.as_ptr(),
+                    cv.as_ptr(),
+                    sv.as_ptr(),
+                    out.as_mut_ptr(),
+                    rows,
+                    s as i32,
+                    d as i32,
+                    sign,
+                )
+            };
+            let want = x.apply_op3_no_bwd(&cos, &sin, &Rope { inverse })?;
+            assert!(worst(&out, &flat(&want)) < 1e-6, "inverse {inverse}");
+        }
         Ok(())
     }
 }

@@ -2,7 +2,10 @@
 //! `lorakit_adapter::LayerBuilder`, so every linear layer can carry a LoRA adapter. Full-sequence
 //! logits, causal + padding masks, GQA, tied embeddings. Never mentions rank, alpha or merging.
 pub mod bert;
+pub mod chunked_loss;
 pub mod config;
+#[cfg(feature = "cuda")]
+mod cuda_kernels;
 pub mod error;
 pub mod fused;
 pub mod generate;

@@ -1,9 +1,11 @@
 //! Llama, Mistral and Qwen2 decoders (one file: they differ only in biases and the attention
 //! window), differentiable end to end and returning logits for every position.
+use crate::chunked_loss::{chunk_rows, linear_cross_entropy};
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::ops::{apply_rope, attention_bias, repeat_kv, rms_norm, rope_tables};
-use candle_core::{DType, Module, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Module, Tensor, Var};
 use lorakit_adapter::{LayerBuilder, LoraLinear};
 
 struct Attention {
@@ -108,6 +110,32 @@ struct DecoderLayer {
     mlp: Mlp,
 }
 
+/// What every layer of one forward pass shares: rotary tables and the attention bias.
+struct Rope<'a> {
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    bias: &'a Tensor,
+}
+
+impl DecoderLayer {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        eps: f64,
+        train: bool,
+        slot: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let h = rms_norm(x, &self.input_layernorm, eps)?;
+        let attn = self
+            .self_attn
+            .forward(&h, rope.cos, rope.sin, rope.bias, train, slot)?;
+        let x = (x + attn)?;
+        let h = rms_norm(&x, &self.post_attention_layernorm, eps)?;
+        Ok((&x + self.mlp.forward(&h, train)?)?)
+    }
+}
+
 /// Keys and values (after RoPE, before head repetition) of the tokens seen so far, per layer.
 #[derive(Clone)]
 pub struct KvCache {
@@ -161,6 +189,11 @@ impl CausalLm {
             lm_head,
             inv_freq: cfg.inv_freq(),
         })
+    }
+
+    /// The output head (`lm_head`, or the embeddings when tied).
+    pub fn output_head(&self) -> &LoraLinear {
+        &self.lm_head
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -251,14 +284,124 @@ impl CausalLm {
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps;
+        let rope = Rope { cos, sin, bias };
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let h = rms_norm(&x, &layer.input_layernorm, eps)?;
-            x = (x + layer.self_attn.forward(&h, cos, sin, bias, train, slot)?)?;
-            let h = rms_norm(&x, &layer.post_attention_layernorm, eps)?;
-            x = (x + layer.mlp.forward(&h, train)?)?;
+            x = layer.forward(&x, &rope, eps, train, slot)?;
         }
         Ok(rms_norm(&x, &self.norm, eps)?)
+    }
+
+    /// Summed next-token cross-entropy of the hidden states at `positions` (flat indices into
+    /// `batch × seq`) against `labels`. A frozen output head runs in chunks
+    /// ([`linear_cross_entropy`]): the `[n, vocab]` logits never exist at once.
+    pub fn summed_loss(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+        positions: &Tensor,
+        labels: &Tensor,
+    ) -> Result<Tensor> {
+        let hidden = self.hidden_states(input_ids, attention_mask, train)?;
+        self.head_loss(&hidden, positions, labels, train)
+    }
+
+    fn head_loss(
+        &self,
+        hidden: &Tensor,
+        positions: &Tensor,
+        labels: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, s, d) = hidden.dims3()?;
+        let rows = hidden.reshape((b * s, d))?.index_select(positions, 0)?;
+        let head = &self.lm_head;
+        let loss = if head.lora().is_none() && head.bias().is_none() && !head.is_trainable() {
+            let chunk = chunk_rows(self.cfg.vocab_size);
+            linear_cross_entropy(&rows, head.weight(), labels, chunk, train)?
+        } else {
+            let logits = head.forward_t(&rows, train)?.to_dtype(DType::F32)?;
+            crate::fused::cross_entropy(&logits, labels)?
+        };
+        Ok(loss.sum_all()?)
+    }
+
+    /// `scale ×` [`CausalLm::summed_loss`] (training mode) and the gradients of `vars` (in
+    /// their order; `None` where none arrived), computed with activation checkpointing: the
+    /// forward pass keeps only each layer's input; the backward pass recomputes one layer at a
+    /// time and backpropagates through it, so at most one layer's activations are alive. Costs
+    /// one more forward pass of the layers. LoRA dropout masks are a function of the step seed,
+    /// so the recomputed layer is the same function.
+    pub fn checkpointed_loss_and_grads(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        positions: &Tensor,
+        labels: &Tensor,
+        scale: f64,
+        vars: &[Tensor],
+    ) -> Result<(f32, Vec<Option<Tensor>>)> {
+        let (b, s) = input_ids.dims2()?;
+        let x = self.embed(input_ids)?;
+        let dev = self.embed_tokens.device();
+        let (cos, sin) = rope_tables(&self.inv_freq, self.cfg.position_scale(), s, x.dtype(), dev)?;
+        let bias = attention_bias(b, s, attention_mask, self.cfg.sliding_window, dev)?;
+        let rope = Rope {
+            cos: &cos,
+            sin: &sin,
+            bias: &bias,
+        };
+        let eps = self.cfg.rms_norm_eps;
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut x = x.detach();
+        for layer in &self.layers {
+            let out = layer.forward(&x, &rope, eps, true, None)?.detach();
+            inputs.push(std::mem::replace(&mut x, out));
+        }
+        let top = Var::from_tensor(&x)?;
+        drop(x);
+        let hidden = rms_norm(top.as_tensor(), &self.norm, eps)?;
+        let loss = (self.head_loss(&hidden, positions, labels, true)? * scale)?;
+        let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        // Only the wanted gradients are kept from each backward pass: a GradStore also holds
+        // gradients of untracked operands (e.g. a broadcast attention bias), views that keep
+        // that layer's activation buffers alive.
+        let mut wanted: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let mut collect = |store: &GradStore| -> Result<()> {
+            for (slot, v) in wanted.iter_mut().zip(vars) {
+                if let Some(g) = store.get(v) {
+                    *slot = Some(match slot.take() {
+                        Some(a) => (a + g)?,
+                        None => g.clone(),
+                    });
+                }
+            }
+            Ok(())
+        };
+        let lost =
+            || ModelError::Input("checkpointed backward: no gradient reached a layer".into());
+        let mut grads = loss.backward()?;
+        drop(loss);
+        collect(&grads)?;
+        let mut g = grads.remove(top.as_tensor()).ok_or_else(lost)?;
+        drop(grads);
+        for (i, (layer, input)) in self.layers.iter().zip(inputs).enumerate().rev() {
+            // the first layer's input (the embeddings) needs no gradient
+            let var = if i > 0 {
+                Some(Var::from_tensor(&input)?)
+            } else {
+                None
+            };
+            let x = var.as_ref().map(|v| v.as_tensor()).unwrap_or(&input);
+            let out = layer.forward(x, &rope, eps, true, None)?;
+            let mut lg = (out * &g)?.sum_all()?.backward()?;
+            collect(&lg)?;
+            if let Some(v) = &var {
+                g = lg.remove(v.as_tensor()).ok_or_else(lost)?;
+            }
+        }
+        Ok((value, wanted))
     }
 
     /// Logits (f32) `[n, vocab]` at `at` (flat indices into `b × s`) of rows that pack several

@@ -31,10 +31,13 @@ pub fn evaluate(
         if batch.targets == 0 {
             continue;
         }
-        let logits = model.target_logits(&batch, false)?;
-        total += crate::loss::summed_loss(&logits, &batch.labels)?.to_scalar::<f32>()? as f64;
         if model.is_classifier() {
+            let logits = model.target_logits(&batch, false)?;
+            total += crate::loss::summed_loss(&logits, &batch.labels)?.to_scalar::<f32>()? as f64;
             correct += model.correct(&logits, &batch)?;
+        } else {
+            // chunked output head: no full-vocabulary logits for the batch
+            total += model.summed_loss(&batch, false)?.to_scalar::<f32>()? as f64;
         }
         tokens += batch.targets;
     }

@@ -43,12 +43,29 @@ impl AdamW {
         &self.vars
     }
 
-    /// Names of variables with no gradient in `grads`.
-    pub fn missing_grads(&self, grads: &GradStore) -> Vec<String> {
+    /// The variables' tensors, in order (what gradients are asked for).
+    pub fn tensors(&self) -> Vec<Tensor> {
         self.vars
             .iter()
-            .filter(|(_, v)| grads.get(v.as_tensor()).is_none())
-            .map(|(n, _)| n.clone())
+            .map(|(_, v)| v.as_tensor().clone())
+            .collect()
+    }
+
+    /// The gradients of the variables in `store`, in order.
+    pub fn grads_in(&self, store: &GradStore) -> Vec<Option<Tensor>> {
+        self.vars
+            .iter()
+            .map(|(_, v)| store.get(v.as_tensor()).cloned())
+            .collect()
+    }
+
+    /// Names of variables with no gradient in `grads` (one entry per variable, in order).
+    pub fn missing_grads(&self, grads: &[Option<Tensor>]) -> Vec<String> {
+        self.vars
+            .iter()
+            .zip(grads)
+            .filter(|(_, g)| g.is_none())
+            .map(|((n, _), _)| n.clone())
             .collect()
     }
 
@@ -188,11 +205,14 @@ mod tests {
         // a gradient-blocking op (detach) between `used` and the loss is as bad as no path at all
         let grads = used.as_tensor().detach().sqr()?.sum_all()?.backward()?;
         assert_eq!(
-            opt.missing_grads(&grads),
+            opt.missing_grads(&opt.grads_in(&grads)),
             vec!["a.lora_A.weight", "b.lora_B.weight"]
         );
         let grads = used.as_tensor().sqr()?.sum_all()?.backward()?;
-        assert_eq!(opt.missing_grads(&grads), vec!["b.lora_B.weight"]);
+        assert_eq!(
+            opt.missing_grads(&opt.grads_in(&grads)),
+            vec!["b.lora_B.weight"]
+        );
         Ok(())
     }
 

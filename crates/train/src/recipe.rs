@@ -124,6 +124,10 @@ pub struct TrainSection {
     /// Log the training loss every N steps.
     #[serde(default = "one")]
     pub log_every: usize,
+    /// Keep only each layer's input in the forward pass and recompute the layer in the
+    /// backward pass: activation memory of one layer instead of all, for one more forward pass.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -183,6 +187,7 @@ impl Default for TrainSection {
             save_every: None,
             early_stopping_patience: None,
             log_every: one(),
+            gradient_checkpointing: false,
         }
     }
 }
@@ -222,6 +227,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
             "save_every",
             "early_stopping_patience",
             "log_every",
+            "gradient_checkpointing",
         ],
     ),
     ("output", &["dir"]),
@@ -335,6 +341,12 @@ impl Recipe {
                     ),
                 ));
             }
+        }
+        if t.gradient_checkpointing && cls {
+            return Err(bad(
+                "train.gradient_checkpointing",
+                "is implemented for causal language models, not sequence_classification".into(),
+            ));
         }
         if self.model.num_labels.is_some() && !cls {
             return Err(bad(
@@ -635,6 +647,24 @@ mod tests {
         // the resolved recipe parses back to itself
         let again = Recipe::parse(&r.to_yaml(), "resolved.yaml", &[]).unwrap();
         assert_eq!(again, r);
+    }
+
+    #[test]
+    fn gradient_checkpointing_is_refused_for_classifiers_by_name() {
+        let d = tempfile::tempdir().unwrap();
+        let on = |text: String| text + "train:\n  gradient_checkpointing: true\n";
+        let r = Recipe::parse(&on(minimal(d.path())), "r.yaml", &[]).unwrap();
+        assert!(r.train.gradient_checkpointing);
+        let cls = minimal(d.path())
+            .replace("format: completion", "format: classification")
+            .replace("path: m", "path: m\n  task: sequence_classification");
+        let e = Recipe::parse(&on(cls), "r.yaml", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("train.gradient_checkpointing") && e.contains("causal language models"),
+            "{e}"
+        );
     }
 
     #[test]

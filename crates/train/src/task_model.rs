@@ -12,10 +12,47 @@ pub enum TaskModel {
 }
 
 impl TaskModel {
-    /// Summed loss over the batch's targets (tokens, or examples for a classifier).
+    /// Summed loss over the batch's targets (tokens, or examples for a classifier). A causal
+    /// LM never holds the batch's full-vocabulary logits (chunked output head).
     pub fn summed_loss(&self, batch: &Batch, train: bool) -> Result<Tensor> {
-        let logits = self.target_logits(batch, train)?;
-        Ok(summed_loss(&logits, &batch.labels)?)
+        Ok(match self {
+            TaskModel::CausalLm(m) => m.summed_loss(
+                &batch.ids,
+                Some(&batch.attention),
+                train,
+                &batch.positions,
+                &batch.labels,
+            )?,
+            TaskModel::Classifier(_) => {
+                summed_loss(&self.target_logits(batch, train)?, &batch.labels)?
+            }
+        })
+    }
+
+    /// `scale ×` the summed training loss, and the gradients of `vars` (in their order, `None`
+    /// where none arrived); `checkpointing` recomputes each layer's activations in the backward
+    /// pass instead of keeping them (causal LMs).
+    pub fn loss_and_grads(
+        &self,
+        batch: &Batch,
+        scale: f64,
+        checkpointing: bool,
+        vars: &[Tensor],
+    ) -> Result<(f32, Vec<Option<Tensor>>)> {
+        if let (TaskModel::CausalLm(m), true) = (self, checkpointing) {
+            return Ok(m.checkpointed_loss_and_grads(
+                &batch.ids,
+                Some(&batch.attention),
+                &batch.positions,
+                &batch.labels,
+                scale,
+                vars,
+            )?);
+        }
+        let loss = (self.summed_loss(batch, true)? * scale)?;
+        let store = loss.backward()?;
+        let grads = vars.iter().map(|v| store.get(v).cloned()).collect();
+        Ok((loss.to_scalar::<f32>()?, grads))
     }
 
     /// Logits `[targets, classes]` whose rows line up with `batch.labels`.

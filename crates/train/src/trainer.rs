@@ -404,6 +404,7 @@ pub fn train(
     let mut last_loss = None;
     let mut interrupted = false;
     let mut checked_grads = false;
+    let var_tensors = opt.tensors();
     'epochs: while state.step < total && !state.stopped_early {
         let order = permutation(n, t.seed.wrapping_add(state.epoch as u64));
         let micro: Vec<Vec<usize>> = order.chunks(t.batch_size).map(|c| c.to_vec()).collect();
@@ -429,9 +430,13 @@ pub fn train(
             let mut loss_sum = 0f64;
             for (mi, batch) in batches.iter().enumerate() {
                 dropout_seed.set(t.seed, state.step as u64, mi as u64);
-                let loss = (model.summed_loss(batch, true)? / targets as f64)?;
-                loss_sum += loss.to_scalar::<f32>()? as f64;
-                let grads = loss.backward()?;
+                let (loss, grads) = model.loss_and_grads(
+                    batch,
+                    1.0 / targets as f64,
+                    t.gradient_checkpointing,
+                    &var_tensors,
+                )?;
+                loss_sum += loss as f64;
                 if !checked_grads {
                     let missing = opt.missing_grads(&grads);
                     if !missing.is_empty() {
@@ -439,11 +444,11 @@ pub fn train(
                     }
                     checked_grads = true;
                 }
-                for (i, (_, var)) in opt.vars().iter().enumerate() {
-                    if let Some(g) = grads.get(var.as_tensor()) {
-                        acc[i] = Some(match acc[i].take() {
+                for (slot, g) in acc.iter_mut().zip(grads) {
+                    if let Some(g) = g {
+                        *slot = Some(match slot.take() {
                             Some(a) => (a + g)?,
-                            None => g.clone(),
+                            None => g,
                         });
                     }
                 }

@@ -168,6 +168,43 @@ fn resume_is_bit_identical_to_an_uninterrupted_run() {
     }
 }
 
+/// `train.gradient_checkpointing` recomputes layers in the backward pass (LoRA dropout on in
+/// this recipe): the same run, to float rounding, in losses, evaluations and the adapter.
+#[test]
+fn gradient_checkpointing_trains_the_same_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let mut rep = Quiet::default();
+        let s = train(&recipe(&out, extra), &opts(false), &mut rep).unwrap();
+        let adapter = candle_core::safetensors::load(
+            out.join("adapter/adapter_model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        (s, rep.evals, adapter)
+    };
+    let (plain, plain_evals, plain_adapter) = run("plain", &[]);
+    let (ckpt, ckpt_evals, ckpt_adapter) = run("ckpt", &["train.gradient_checkpointing=true"]);
+    assert_eq!(plain.steps, ckpt.steps);
+    let (a, b) = (plain.last_loss.unwrap(), ckpt.last_loss.unwrap());
+    assert!((a - b).abs() < 1e-4 * a.abs(), "last loss {a} vs {b}");
+    assert!(plain.first_loss.unwrap() > a, "the run did not learn");
+    assert_eq!(plain_evals.len(), ckpt_evals.len());
+    for ((s1, l1), (s2, l2)) in plain_evals.iter().zip(&ckpt_evals) {
+        assert_eq!(s1, s2);
+        assert!(
+            (l1 - l2).abs() < 1e-4 * l1.abs(),
+            "eval at step {s1}: {l1} vs {l2}"
+        );
+    }
+    assert_eq!(plain_adapter.len(), ckpt_adapter.len());
+    for (name, t) in &plain_adapter {
+        let d = lorakit_adapter::compare::max_abs_diff(t, &ckpt_adapter[name]).unwrap();
+        assert!(d < 1e-4, "{name} differs by {d}");
+    }
+}
+
 #[test]
 fn output_dir_and_resume_mistakes_are_refused() {
     let tmp = tempfile::tempdir().unwrap();

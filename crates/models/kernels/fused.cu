@@ -1,0 +1,215 @@
+// CUDA kernels of lorakit's fused ops (crates/models/src/fused.rs has the CPU versions and the
+// math). Compiled by build.rs with nvcc into one fatbin holding sm_80 and sm_90 cubins, so the
+// first step does not wait for a PTX JIT. Row kernels take one block per row; sums are taken in
+// f32 by a block-wide tree (the CPU versions sum in f64). bf16 tensors are computed in f32 and
+// rounded once per output, like the composed candle versions.
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#include "row_math.h"
+
+#define BLOCK 256
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
+  return __float2bfloat16(x);
+}
+
+// Sum of `v` over the block (blockDim.x == BLOCK); every thread gets the result.
+__device__ float block_sum(float v) {
+  __shared__ float partial[BLOCK / 32];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();  // `partial` may still be read by a previous call
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  float t = lane < BLOCK / 32 ? partial[lane] : 0.f;
+  for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffff, t, o);
+  return t;
+}
+
+__device__ float block_max(float v) {
+  __shared__ float partial[BLOCK / 32];
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  float t = lane < BLOCK / 32 ? partial[lane] : -INFINITY;
+  for (int o = 16; o > 0; o >>= 1) t = fmaxf(t, __shfl_xor_sync(0xffffffff, t, o));
+  return t;
+}
+
+// y = bf16?(x · r) · w, r = 1 / sqrt(mean(x²) + eps): normalised in f32, rounded to T, then
+// scaled by the frozen weight (Hugging Face's order of roundings).
+template <typename T>
+__device__ void rms_norm(const T* x, const T* w, T* y, int d, float eps) {
+  const T* row = x + (size_t)blockIdx.x * d;
+  T* out = y + (size_t)blockIdx.x * d;
+  float ss = 0.f;
+  for (int j = threadIdx.x; j < d; j += BLOCK) {
+    float a = to_f(row[j]);
+    ss += a * a;
+  }
+  float r = lk_inv_rms(block_sum(ss), d, eps);
+  for (int j = threadIdx.x; j < d; j += BLOCK) {
+    float normed = to_f(from_f<T>(to_f(row[j]) * r));
+    out[j] = from_f<T>(normed * to_f(w[j]));
+  }
+}
+
+// dx = r·(w∘g) − x·r³·mean(w∘g∘x)
+template <typename T>
+__device__ void rms_norm_grad(const T* x, const T* w, const T* g, T* dx, int d, float eps) {
+  size_t base = (size_t)blockIdx.x * d;
+  float ss = 0.f, dot = 0.f;
+  for (int j = threadIdx.x; j < d; j += BLOCK) {
+    float a = to_f(x[base + j]);
+    ss += a * a;
+    dot += a * to_f(g[base + j]) * to_f(w[j]);
+  }
+  ss = block_sum(ss);
+  dot = block_sum(dot);
+  float r = lk_inv_rms(ss, d, eps);
+  for (int j = threadIdx.x; j < d; j += BLOCK) {
+    dx[base + j] = from_f<T>(
+        lk_rms_norm_grad(to_f(x[base + j]), to_f(w[j]), to_f(g[base + j]), r, dot / d));
+  }
+}
+
+// Softmax over rows of f32 attention scores.
+__device__ void softmax(const float* x, float* y, int d) {
+  size_t base = (size_t)blockIdx.x * d;
+  float m = -INFINITY;
+  for (int j = threadIdx.x; j < d; j += BLOCK) m = fmaxf(m, x[base + j]);
+  m = block_max(m);
+  float s = 0.f;
+  for (int j = threadIdx.x; j < d; j += BLOCK) s += expf(x[base + j] - m);
+  float inv = 1.f / block_sum(s);
+  for (int j = threadIdx.x; j < d; j += BLOCK) y[base + j] = expf(x[base + j] - m) * inv;
+}
+
+// dx = y ∘ (g − Σ g∘y)
+__device__ void softmax_grad(const float* y, const float* g, float* dx, int d) {
+  size_t base = (size_t)blockIdx.x * d;
+  float dot = 0.f;
+  for (int j = threadIdx.x; j < d; j += BLOCK) dot += y[base + j] * g[base + j];
+  dot = block_sum(dot);
+  for (int j = threadIdx.x; j < d; j += BLOCK) dx[base + j] = y[base + j] * (g[base + j] - dot);
+}
+
+// loss = logsumexp(row) − row[label]; one block per row of f32 logits.
+__device__ void cross_entropy(const float* logits, const uint32_t* labels, float* loss, int v) {
+  size_t base = (size_t)blockIdx.x * v;
+  float m = -INFINITY;
+  for (int j = threadIdx.x; j < v; j += BLOCK) m = fmaxf(m, logits[base + j]);
+  m = block_max(m);
+  float s = 0.f;
+  for (int j = threadIdx.x; j < v; j += BLOCK) s += expf(logits[base + j] - m);
+  s = block_sum(s);
+  if (threadIdx.x == 0) {
+    uint32_t y = labels[blockIdx.x];
+    loss[blockIdx.x] = y < (uint32_t)v ? logf(s) + m - logits[base + y] : NAN;
+  }
+}
+
+// out = scale[row] · (softmax(row) − onehot(label))
+__device__ void cross_entropy_grad(const float* logits, const uint32_t* labels, const float* scale,
+                                   float* out, int v) {
+  size_t base = (size_t)blockIdx.x * v;
+  float m = -INFINITY;
+  for (int j = threadIdx.x; j < v; j += BLOCK) m = fmaxf(m, logits[base + j]);
+  m = block_max(m);
+  float s = 0.f;
+  for (int j = threadIdx.x; j < v; j += BLOCK) s += expf(logits[base + j] - m);
+  float k = scale[blockIdx.x] / block_sum(s);
+  uint32_t y = labels[blockIdx.x];
+  for (int j = threadIdx.x; j < v; j += BLOCK) {
+    out[base + j] = expf(logits[base + j] - m) * k - (j == (int)y ? scale[blockIdx.x] : 0.f);
+  }
+}
+
+template <typename T>
+__device__ void swiglu(const T* gate, const T* up, T* out, size_t n) {
+  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = from_f<T>(lk_swiglu(to_f(gate[i]), to_f(up[i])));
+}
+
+// out[0..n] = d gate, out[n..2n] = d up
+template <typename T>
+__device__ void swiglu_grad(const T* gate, const T* up, const T* g, T* out, size_t n) {
+  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) {
+    float dg, du;
+    lk_swiglu_grad(to_f(gate[i]), to_f(up[i]), to_f(g[i]), &dg, &du);
+    out[i] = from_f<T>(dg);
+    out[n + i] = from_f<T>(du);
+  }
+}
+
+// x [rows = b·h·s, d], tables [s, d/2]; one thread per (row, j < d/2). sign −1 rotates back
+// (the backward pass).
+template <typename T>
+__device__ void rope(const T* x, const T* cos, const T* sin, T* out, size_t rows, int s, int d,
+                     float sign) {
+  int half = d / 2;
+  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= rows * half) return;
+  size_t row = i / half;
+  int j = i % half;
+  int t = row % s;
+  size_t base = row * d;
+  float a, b;
+  lk_rotate(to_f(x[base + j]), to_f(x[base + j + half]), to_f(cos[t * half + j]),
+            sign * to_f(sin[t * half + j]), &a, &b);
+  out[base + j] = from_f<T>(a);
+  out[base + j + half] = from_f<T>(b);
+}
+
+#define TYPED(NAME, T, SUFFIX, PARAMS, ARGS) \
+  extern "C" __global__ void NAME##_##SUFFIX PARAMS { NAME<T> ARGS; }
+
+#define FLOAT_AND_BF16(NAME, PARAMS_F, PARAMS_B, ARGS) \
+  TYPED(NAME, float, f32, PARAMS_F, ARGS)              \
+  TYPED(NAME, __nv_bfloat16, bf16, PARAMS_B, ARGS)
+
+FLOAT_AND_BF16(rms_norm,
+               (const float* x, const float* w, float* y, int d, float eps),
+               (const __nv_bfloat16* x, const __nv_bfloat16* w, __nv_bfloat16* y, int d,
+                float eps),
+               (x, w, y, d, eps))
+FLOAT_AND_BF16(rms_norm_grad,
+               (const float* x, const float* w, const float* g, float* dx, int d, float eps),
+               (const __nv_bfloat16* x, const __nv_bfloat16* w, const __nv_bfloat16* g,
+                __nv_bfloat16* dx, int d, float eps),
+               (x, w, g, dx, d, eps))
+FLOAT_AND_BF16(swiglu, (const float* gate, const float* up, float* out, size_t n),
+               (const __nv_bfloat16* gate, const __nv_bfloat16* up, __nv_bfloat16* out, size_t n),
+               (gate, up, out, n))
+FLOAT_AND_BF16(swiglu_grad,
+               (const float* gate, const float* up, const float* g, float* out, size_t n),
+               (const __nv_bfloat16* gate, const __nv_bfloat16* up, const __nv_bfloat16* g,
+                __nv_bfloat16* out, size_t n),
+               (gate, up, g, out, n))
+FLOAT_AND_BF16(rope,
+               (const float* x, const float* cos, const float* sin, float* out, size_t rows, int s,
+                int d, float sign),
+               (const __nv_bfloat16* x, const __nv_bfloat16* cos, const __nv_bfloat16* sin,
+                __nv_bfloat16* out, size_t rows, int s, int d, float sign),
+               (x, cos, sin, out, rows, s, d, sign))
+
+extern "C" __global__ void softmax_f32(const float* x, float* y, int d) { softmax(x, y, d); }
+extern "C" __global__ void softmax_grad_f32(const float* y, const float* g, float* dx, int d) {
+  softmax_grad(y, g, dx, d);
+}
+extern "C" __global__ void cross_entropy_f32(const float* logits, const uint32_t* labels,
+                                             float* loss, int v) {
+  cross_entropy(logits, labels, loss, v);
+}
+extern "C" __global__ void cross_entropy_grad_f32(const float* logits, const uint32_t* labels,
+                                                  const float* scale, float* out, int v) {
+  cross_entropy_grad(logits, labels, scale, out, v);
+}

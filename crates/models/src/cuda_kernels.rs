@@ -1,0 +1,300 @@
+//! Launches the kernels of `kernels/fused.cu` on candle's CUDA storage. build.rs compiles them
+//! into one fatbin (sm_80 + sm_90 cubins) that is loaded once per device, so no kernel waits for
+//! a PTX JIT. Every entry point takes contiguous inputs and returns a new buffer.
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaModule, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
+use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result};
+use half::bf16;
+use std::sync::{Arc, Mutex, OnceLock};
+
+static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fused.fatbin"));
+
+/// Threads per block of the row kernels (`BLOCK` in fused.cu).
+const BLOCK: u32 = 256;
+
+/// The loaded fatbin, per device.
+type Modules = Mutex<Vec<(DeviceId, Arc<CudaModule>)>>;
+
+fn function(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
+    static MODULES: OnceLock<Modules> = OnceLock::new();
+    let mut modules = MODULES
+        .get_or_init(Default::default)
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("fused kernels: poisoned module cache".into()))?;
+    let module = match modules.iter().find(|(id, _)| *id == dev.id()) {
+        Some((_, m)) => m.clone(),
+        None => {
+            let ctx = dev.cuda_stream().context().clone();
+            let m = ctx.load_module(Ptx::from_binary(FATBIN.to_vec())).w()?;
+            modules.push((dev.id(), m.clone()));
+            m
+        }
+    };
+    module.load_function(name).w()
+}
+
+fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
+        None => candle_core::bail!("{what}: expected a contiguous tensor"),
+    }
+}
+
+fn suffix(dtype: DType, what: &str) -> Result<&'static str> {
+    match dtype {
+        DType::F32 => Ok("f32"),
+        DType::BF16 => Ok("bf16"),
+        d => candle_core::bail!("{what}: no CUDA kernel for {d:?}"),
+    }
+}
+
+fn rows_config(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn flat_config(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(BLOCK as usize).max(1) as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The kernels' argument lists, by element type.
+trait Element: CudaDType + DeviceRepr + Copy + 'static {}
+impl Element for f32 {}
+impl Element for bf16 {}
+
+fn rms_norm_t<T: Element>(
+    x: &CudaStorage,
+    lx: &Layout,
+    w: &CudaStorage,
+    lw: &Layout,
+    g: Option<(&CudaStorage, &Layout)>,
+    eps: f32,
+    name: &str,
+) -> Result<CudaStorage> {
+    let dev = x.device().clone();
+    let n = lx.shape().elem_count();
+    let d = lx.shape().dims().last().copied().unwrap_or(1);
+    let (xv, wv) = (view::<T>(x, lx, "x")?, view::<T>(w, lw, "weight")?);
+    let out = unsafe { dev.alloc::<T>(n)? };
+    let func = function(&dev, name)?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&func);
+    b.arg(&xv);
+    b.arg(&wv);
+    let gv = match g {
+        Some((s, l)) => Some(view::<T>(s, l, "grad")?),
+        None => None,
+    };
+    if let Some(gv) = &gv {
+        b.arg(gv);
+    }
+    b.arg(&out);
+    let d32 = d as i32;
+    b.arg(&d32);
+    b.arg(&eps);
+    unsafe { b.launch(rows_config(n / d.max(1))) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+/// RMSNorm forward (`g` = None) or its input gradient.
+pub fn rms_norm(
+    x: &CudaStorage,
+    lx: &Layout,
+    w: &CudaStorage,
+    lw: &Layout,
+    g: Option<(&CudaStorage, &Layout)>,
+    eps: f32,
+) -> Result<CudaStorage> {
+    let base = if g.is_some() {
+        "rms_norm_grad"
+    } else {
+        "rms_norm"
+    };
+    let name = format!("{base}_{}", suffix(x.dtype(), base)?);
+    match x.dtype() {
+        DType::BF16 => rms_norm_t::<bf16>(x, lx, w, lw, g, eps, &name),
+        _ => rms_norm_t::<f32>(x, lx, w, lw, g, eps, &name),
+    }
+}
+
+/// Softmax over the last dimension (f32), or with `g` its input gradient from the output `x`.
+pub fn softmax(
+    x: &CudaStorage,
+    lx: &Layout,
+    g: Option<(&CudaStorage, &Layout)>,
+) -> Result<CudaStorage> {
+    let dev = x.device().clone();
+    let n = lx.shape().elem_count();
+    let d = lx.shape().dims().last().copied().unwrap_or(1);
+    let xv = view::<f32>(x, lx, "x")?;
+    let out = unsafe { dev.alloc::<f32>(n)? };
+    let func = function(
+        &dev,
+        if g.is_some() {
+            "softmax_grad_f32"
+        } else {
+            "softmax_f32"
+        },
+    )?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&func);
+    b.arg(&xv);
+    let gv = match g {
+        Some((s, l)) => Some(view::<f32>(s, l, "grad")?),
+        None => None,
+    };
+    if let Some(gv) = &gv {
+        b.arg(gv);
+    }
+    b.arg(&out);
+    let d32 = d as i32;
+    b.arg(&d32);
+    unsafe { b.launch(rows_config(n / d.max(1))) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+/// Per-row cross-entropy of f32 logits `[n, v]` against u32 labels, or with `scale` `[n]` its
+/// gradient `scale · (softmax − onehot)`.
+pub fn cross_entropy(
+    logits: &CudaStorage,
+    ll: &Layout,
+    labels: &CudaStorage,
+    lb: &Layout,
+    scale: Option<(&CudaStorage, &Layout)>,
+) -> Result<CudaStorage> {
+    let dev = logits.device().clone();
+    let (n, v) = ll.shape().dims2()?;
+    let xv = view::<f32>(logits, ll, "logits")?;
+    let yv = view::<u32>(labels, lb, "labels")?;
+    let out = unsafe { dev.alloc::<f32>(if scale.is_some() { n * v } else { n })? };
+    let name = if scale.is_some() {
+        "cross_entropy_grad_f32"
+    } else {
+        "cross_entropy_f32"
+    };
+    let func = function(&dev, name)?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&func);
+    b.arg(&xv);
+    b.arg(&yv);
+    let sv = match scale {
+        Some((s, l)) => Some(view::<f32>(s, l, "scale")?),
+        None => None,
+    };
+    if let Some(sv) = &sv {
+        b.arg(sv);
+    }
+    b.arg(&out);
+    let v32 = v as i32;
+    b.arg(&v32);
+    unsafe { b.launch(rows_config(n)) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+fn swiglu_t<T: Element>(
+    gate: &CudaStorage,
+    lg: &Layout,
+    up: &CudaStorage,
+    lu: &Layout,
+    g: Option<(&CudaStorage, &Layout)>,
+    name: &str,
+) -> Result<CudaStorage> {
+    let dev = gate.device().clone();
+    let n = lg.shape().elem_count();
+    let (gv, uv) = (view::<T>(gate, lg, "gate")?, view::<T>(up, lu, "up")?);
+    let out = unsafe { dev.alloc::<T>(if g.is_some() { 2 * n } else { n })? };
+    let func = function(&dev, name)?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&func);
+    b.arg(&gv);
+    b.arg(&uv);
+    let dv = match g {
+        Some((s, l)) => Some(view::<T>(s, l, "grad")?),
+        None => None,
+    };
+    if let Some(dv) = &dv {
+        b.arg(dv);
+    }
+    b.arg(&out);
+    b.arg(&n);
+    unsafe { b.launch(flat_config(n)) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+/// `silu(gate)·up`, or with `g` the stacked `[d gate, d up]`.
+pub fn swiglu(
+    gate: &CudaStorage,
+    lg: &Layout,
+    up: &CudaStorage,
+    lu: &Layout,
+    g: Option<(&CudaStorage, &Layout)>,
+) -> Result<CudaStorage> {
+    let base = if g.is_some() { "swiglu_grad" } else { "swiglu" };
+    let name = format!("{base}_{}", suffix(gate.dtype(), base)?);
+    match gate.dtype() {
+        DType::BF16 => swiglu_t::<bf16>(gate, lg, up, lu, g, &name),
+        _ => swiglu_t::<f32>(gate, lg, up, lu, g, &name),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn rope_t<T: Element>(
+    x: &CudaStorage,
+    lx: &Layout,
+    cos: &CudaStorage,
+    lc: &Layout,
+    sin: &CudaStorage,
+    ls: &Layout,
+    sign: f32,
+    name: &str,
+) -> Result<CudaStorage> {
+    let dev = x.device().clone();
+    let (b_, h, s, d) = lx.shape().dims4()?;
+    let rows = b_ * h * s;
+    let xv = view::<T>(x, lx, "x")?;
+    let (cv, sv) = (view::<T>(cos, lc, "cos")?, view::<T>(sin, ls, "sin")?);
+    let out = unsafe { dev.alloc::<T>(rows * d)? };
+    let func = function(&dev, name)?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&func);
+    b.arg(&xv);
+    b.arg(&cv);
+    b.arg(&sv);
+    b.arg(&out);
+    b.arg(&rows);
+    let (s32, d32) = (s as i32, d as i32);
+    b.arg(&s32);
+    b.arg(&d32);
+    b.arg(&sign);
+    unsafe { b.launch(flat_config(rows * (d / 2))) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+/// Rotary embedding of `[b, h, s, d]` with `[s, d/2]` tables; `inverse` rotates back.
+pub fn rope(
+    x: &CudaStorage,
+    lx: &Layout,
+    cos: &CudaStorage,
+    lc: &Layout,
+    sin: &CudaStorage,
+    ls: &Layout,
+    inverse: bool,
+) -> Result<CudaStorage> {
+    let name = format!("rope_{}", suffix(x.dtype(), "rope")?);
+    let sign = if inverse { -1.0 } else { 1.0 };
+    match x.dtype() {
+        DType::BF16 => rope_t::<bf16>(x, lx, cos, lc, sin, ls, sign, &name),
+        _ => rope_t::<f32>(x, lx, cos, lc, sin, ls, sign, &name),
+    }
+}
