@@ -15,10 +15,12 @@ pub struct LowRank {
 }
 
 impl LowRank {
-    /// `scaling · dropout(x)·Aᵀ·Bᵀ`, computed in the adapter's dtype, returned in `x`'s.
-    pub fn delta(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// `scaling · dropout(x)·Aᵀ` as `[rows, r]` (leading dims of x folded into rows), in the
+    /// adapter's dtype. The scaling goes on the rank-r side: a pass over `rows × r` values
+    /// instead of `rows × out`, in the forward and the backward pass.
+    pub fn down(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let (r, inner) = self.a.dims2()?;
-        let (out, r2) = self.b.dims2()?;
+        let (_, r2) = self.b.dims2()?;
         if r != r2 {
             candle_core::bail!("LoRA A has rank {r} but B has rank {r2}");
         }
@@ -29,9 +31,13 @@ impl LowRank {
         let rows = x.elem_count() / inner.max(1);
         // Folding leading dims into rows keeps the left operand 2-D and contiguous (DESIGN §3.6).
         let x2 = x.to_dtype(self.a.dtype())?.reshape((rows, inner))?;
-        // scaling applied to the rank-r intermediate: a pass over `rows × r` values instead of
-        // `rows × out`, in the forward and the backward pass
-        let h = (x2.matmul(&self.a.t()?)? * self.scaling)?.matmul(&self.b.t()?)?;
+        x2.matmul(&self.a.t()?)? * self.scaling
+    }
+
+    /// `scaling · dropout(x)·Aᵀ·Bᵀ`, computed in the adapter's dtype, returned in `x`'s.
+    pub fn delta(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let out = self.b.dim(0)?;
+        let h = self.down(x, train)?.matmul(&self.b.t()?)?;
         let mut dims = x.dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = out;
@@ -103,14 +109,15 @@ impl LoraLinear {
                 None => Ok(y),
             };
         }
-        let mut y = frozen_matmul(x, &self.weight)?;
-        if let Some(b) = &self.bias {
-            y = frozen_add(&y, b)?;
-        }
-        match &self.lora {
-            Some(l) => y + l.delta(&x.contiguous()?, train)?,
+        let add_bias = |y: Tensor| match &self.bias {
+            Some(b) => frozen_add(&y, b),
             None => Ok(y),
-        }
+        };
+        let Some(l) = &self.lora else {
+            return add_bias(frozen_matmul(x, &self.weight)?);
+        };
+        let x = x.contiguous()?;
+        add_bias(frozen_matmul(&x, &self.weight)?)? + l.delta(&x, train)?
     }
 }
 

@@ -1,6 +1,7 @@
 //! lorakit-models: differentiable transformer architectures written against
 //! `lorakit_adapter::LayerBuilder`, so every linear layer can carry a LoRA adapter. Full-sequence
 //! logits, causal + padding masks, GQA, tied embeddings. Never mentions rank, alpha or merging.
+pub mod attention;
 pub mod bert;
 pub mod chunked_loss;
 pub mod config;

@@ -62,6 +62,9 @@ impl Attention {
             }
             *slot = Some((k.clone(), v.clone()));
         }
+        if let Some(out) = crate::attention::attention(&q, &k, &v, bias) {
+            return Ok(self.o_proj.forward_t(&out?, train)?);
+        }
         let n_rep = self.heads / self.kv_heads;
         let k = repeat_kv(&k, n_rep)?.contiguous()?;
         let v = repeat_kv(&v, n_rep)?.contiguous()?;
