@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command, both implementations, same machine, same run: lorakit vs PyTorch + PEFT.
 #   bash benches/train_throughput.sh PRESET [BATCH SEQ STEPS] [--device cpu|cuda] [--dtype f32|bf16]
+#       [--checkpointing] (both sides) [--full-logits] (lorakit's unchunked loss)
 # PYTHON picks the interpreter with torch, transformers and peft (default python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,5 +17,7 @@ print(f"  tokens/s     lorakit {a['tokens_per_s']:.0f}  pytorch+peft {b['tokens_
 print(f"  ms/step      lorakit {a['ms_per_step']:.1f}  pytorch+peft {b['ms_per_step']:.1f}")
 if a.get("peak_bytes") and b.get("peak_bytes"):
     print(f"  peak memory  lorakit {a['peak_bytes'] / 2**20:.0f} MiB  pytorch+peft {b['peak_bytes'] / 2**20:.0f} MiB  ratio {a['peak_bytes'] / b['peak_bytes']:.2f}x ({a['peak_kind']})")
+if a.get("peak_heap_bytes"):
+    print(f"  lorakit heap peak {a['peak_heap_bytes'] / 2**20:.0f} MiB (live allocations); step phases ms {a['phase_ms']}")
 print(f"  cold start   lorakit {a['cold_start_s']:.1f} s  pytorch+peft {b['cold_start_s']:.1f} s (launch to first finished step)")
 PY
