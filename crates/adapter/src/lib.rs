@@ -10,6 +10,7 @@ pub mod error;
 pub mod frozen;
 pub mod fsutil;
 pub mod lora_linear;
+pub mod lora_matmul;
 pub mod merged_backend;
 pub mod peft_format;
 pub mod safetensors_writer;

@@ -2,6 +2,7 @@
 //! `y = x·Wᵀ + b + scaling · dropout(x)·Aᵀ·Bᵀ` with `A: [r, in]`, `B: [out, r]`.
 use crate::dropout::Dropout;
 use crate::frozen::{frozen_add, frozen_matmul};
+use crate::lora_matmul::lora_matmul;
 use candle_core::{Module, Result, Tensor};
 
 /// The trainable (or loaded) low-rank pair of one module.
@@ -117,7 +118,17 @@ impl LoraLinear {
             return add_bias(frozen_matmul(x, &self.weight)?);
         };
         let x = x.contiguous()?;
-        add_bias(frozen_matmul(&x, &self.weight)?)? + l.delta(&x, train)?
+        let u = l.down(&x, train)?;
+        if let Some(y) = lora_matmul(&x, &self.weight, &u, &l.b) {
+            return add_bias(y?);
+        }
+        let out = l.b.dim(0)?;
+        let mut dims = x.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = out;
+        }
+        let delta = u.matmul(&l.b.t()?)?.reshape(dims)?.to_dtype(x.dtype())?;
+        add_bias(frozen_matmul(&x, &self.weight)?)? + delta
     }
 }
 

@@ -29,6 +29,167 @@ pub fn linear_cross_entropy(
     let labels = labels.to_dtype(DType::U32)?;
     let h = hidden.detach();
     let rows = chunk_rows.max(1);
+    let (loss, dh) = match cpu::linear_cross_entropy(&h, weight, &labels, rows, with_grad)? {
+        Some(done) => done,
+        None => composed_chunks(&h, weight, &labels, rows, with_grad)?,
+    };
+    let dh = match dh {
+        Some(dh) if n > 0 && hidden.track_op() => dh,
+        _ => return Ok(loss),
+    };
+    // value: loss + 0 (x − x is exactly zero); gradient in `hidden`: dh per row
+    let zero = (hidden - &h)?.to_dtype(DType::F32)?;
+    loss + (zero * dh.to_dtype(DType::F32)?)?.sum(1)?
+}
+
+/// The CPU f32 version in one kernel sequence per chunk: logits by the matmul kernel into a
+/// buffer reused across chunks, loss and `softmax − onehot` written over the logits in one
+/// pass per row (one `exp` per logit), then `dh` by the matmul kernel.
+mod cpu {
+    use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
+    use gemm::Parallelism;
+    use rayon::prelude::*;
+
+    fn data<'a>(s: &'a Storage, l: &Layout) -> Option<&'a [f32]> {
+        match (s, l.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Some(&v[a..b]),
+            _ => None,
+        }
+    }
+
+    /// `None` when the tensors are not contiguous f32 on the CPU.
+    pub(super) fn linear_cross_entropy(
+        h: &Tensor,
+        w: &Tensor,
+        labels: &Tensor,
+        chunk: usize,
+        with_grad: bool,
+    ) -> Result<Option<(Tensor, Option<Tensor>)>> {
+        let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        if !(cpu_f32(h) && cpu_f32(w)) {
+            return Ok(None);
+        }
+        let (n, d) = h.dims2()?;
+        let vocab = w.dim(0)?;
+        let labels = labels.contiguous()?;
+        let (hs, hl) = h.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (ys, yl) = labels.storage_and_layout();
+        let (Some(hv), Some(wv)) = (data(&hs, hl), data(&ws, wl)) else {
+            return Ok(None);
+        };
+        let y = match (&*ys, yl.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::U32(v)), Some((a, b))) => &v[a..b],
+            _ => return Ok(None),
+        };
+        let threads = rayon::current_num_threads();
+        let par = if threads > 1 {
+            Parallelism::Rayon(threads)
+        } else {
+            Parallelism::None
+        };
+        let mut loss = vec![0f32; n];
+        let mut dh = vec![0f32; if with_grad { n * d } else { 0 }];
+        let mut buf = vec![0f32; chunk.min(n) * vocab];
+        let mut start = 0;
+        while start < n {
+            let len = chunk.min(n - start);
+            let logits = &mut buf[..len * vocab];
+            // SAFETY: logits is len×vocab, hv holds rows start.. of n×d, wv is vocab×d.
+            unsafe {
+                gemm::gemm(
+                    len,
+                    vocab,
+                    d,
+                    logits.as_mut_ptr(),
+                    1,
+                    vocab as isize,
+                    false,
+                    hv[start * d..].as_ptr(),
+                    1,
+                    d as isize,
+                    wv.as_ptr(),
+                    d as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    par,
+                );
+            }
+            logits
+                .par_chunks_mut(vocab)
+                .zip(loss[start..start + len].par_iter_mut())
+                .zip(y[start..start + len].par_iter())
+                .for_each(|((row, l), &label)| {
+                    let picked = row.get(label as usize).copied().unwrap_or(f32::NAN);
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0f64;
+                    if with_grad {
+                        for x in row.iter_mut() {
+                            *x = (*x - max).exp();
+                            sum += *x as f64;
+                        }
+                        let inv = (1.0 / sum) as f32;
+                        row.iter_mut().for_each(|x| *x *= inv);
+                        if let Some(t) = row.get_mut(label as usize) {
+                            *t -= 1.0;
+                        }
+                    } else {
+                        sum = row.iter().map(|x| (x - max).exp() as f64).sum();
+                    }
+                    *l = (sum.ln() as f32) + max - picked;
+                });
+            if with_grad {
+                // SAFETY: dh rows start.. are len×d; logits len×vocab; wv vocab×d.
+                unsafe {
+                    gemm::gemm(
+                        len,
+                        d,
+                        vocab,
+                        dh[start * d..].as_mut_ptr(),
+                        1,
+                        d as isize,
+                        false,
+                        logits.as_ptr(),
+                        1,
+                        vocab as isize,
+                        wv.as_ptr(),
+                        1,
+                        d as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        par,
+                    );
+                }
+            }
+            start += len;
+        }
+        let dev = h.device();
+        let dh = if with_grad {
+            Some(Tensor::from_vec(dh, (n, d), dev)?)
+        } else {
+            None
+        };
+        Ok(Some((Tensor::from_vec(loss, n, dev)?, dh)))
+    }
+}
+
+/// Chunk by chunk with tensor ops (any device and dtype): per-row losses and, with `with_grad`,
+/// the gradient for the (detached) hidden states.
+fn composed_chunks(
+    h: &Tensor,
+    weight: &Tensor,
+    labels: &Tensor,
+    rows: usize,
+    with_grad: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let n = h.dim(0)?;
     let (mut losses, mut grads) = (Vec::new(), Vec::new());
     let mut start = 0;
     while start < n {
@@ -44,21 +205,16 @@ pub fn linear_cross_entropy(
         start += len;
     }
     let loss = match losses.len() {
-        0 => Tensor::zeros(0, DType::F32, hidden.device())?,
+        0 => Tensor::zeros(0, DType::F32, h.device())?,
         1 => losses.remove(0),
         _ => Tensor::cat(&losses, 0)?,
     };
-    if !with_grad || n == 0 || !hidden.track_op() {
-        return Ok(loss);
-    }
-    let dh = if grads.len() == 1 {
-        grads.remove(0)
-    } else {
-        Tensor::cat(&grads, 0)?
+    let dh = match grads.len() {
+        0 => None,
+        1 => Some(grads.remove(0)),
+        _ => Some(Tensor::cat(&grads, 0)?),
     };
-    // value: loss + 0 (x − x is exactly zero); gradient in `hidden`: dh per row
-    let zero = (hidden - &h)?.to_dtype(DType::F32)?;
-    loss + (zero * dh.to_dtype(DType::F32)?)?.sum(1)?
+    Ok((loss, dh))
 }
 
 /// Rows per chunk for a vocabulary of `vocab`.
@@ -102,6 +258,24 @@ mod tests {
             let plain = linear_cross_entropy(h.as_tensor(), &w, &y, rows, false)?;
             assert!(max_abs_diff(&plain, &want)? < 1e-5);
             assert!(!plain.track_op());
+        }
+        Ok(())
+    }
+
+    /// The CPU kernel sequence and the tensor-op chunks (what other devices run) agree.
+    #[test]
+    fn cpu_kernels_and_composed_chunks_agree() -> Result<()> {
+        let dev = Device::Cpu;
+        let h = Tensor::randn(0f32, 1., (9, 16), &dev)?;
+        let w = Tensor::randn(0f32, 0.5, (301, 16), &dev)?;
+        let y = Tensor::new(&[0u32, 5, 300, 17, 17, 42, 3, 299, 1], &dev)?;
+        for rows in [1, 4, 9] {
+            let (l1, g1) = cpu::linear_cross_entropy(&h, &w, &y, rows, true)?.unwrap();
+            let (l2, g2) = composed_chunks(&h, &w, &y, rows, true)?;
+            assert!(max_abs_diff(&l1, &l2)? < 1e-5);
+            assert!(max_abs_diff(&g1.unwrap(), &g2.unwrap())? < 1e-5);
+            let (l3, g3) = cpu::linear_cross_entropy(&h, &w, &y, rows, false)?.unwrap();
+            assert!(max_abs_diff(&l3, &l2)? < 1e-5 && g3.is_none());
         }
         Ok(())
     }

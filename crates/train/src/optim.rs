@@ -77,7 +77,9 @@ impl AdamW {
         let c1 = 1.0 - b1.powi(t);
         let c2 = 1.0 - b2.powi(t);
         for (i, (_, var)) in self.vars.iter().enumerate() {
-            let g = &grads[i];
+            // a gradient that still carries a graph would chain every step's graph into the
+            // moments and keep it alive
+            let g = &grads[i].detach();
             let m = ((&self.m[i] * b1)? + (g * (1.0 - b1))?)?;
             let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let theta = var.as_tensor();

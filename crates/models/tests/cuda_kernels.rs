@@ -1,0 +1,187 @@
+//! The CUDA kernels (kernels/fused.cu) against the CPU kernels: values and gradients of every
+//! fused op in f32 and bf16, and a whole model's loss and adapter gradients. Built only with
+//! `--features cuda`; without a GPU each test says SKIPPED and passes. On the GPU machine (no
+//! Rust there): build here with `cargo test --release --features cuda -p lorakit-models --test
+//! cuda_kernels --no-run`, carry the printed binary, run it there.
+#![cfg(feature = "cuda")]
+use candle_core::{DType, Device, Result, Tensor, Var};
+use lorakit_adapter::compare::max_abs_diff;
+use lorakit_models::fused;
+
+fn gpu() -> Option<Device> {
+    match Device::new_cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            println!("SKIPPED: no CUDA device ({e})");
+            None
+        }
+    }
+}
+
+/// `f` on CPU f32 and on `dev` in `dtype` from the same inputs: outputs and the inputs'
+/// gradients (under the same random upstream gradient) agree within `tol` (relative to 1).
+fn same_on_gpu(
+    dev: &Device,
+    dtype: DType,
+    inputs: &[Tensor],
+    grads_for: usize,
+    tol: f32,
+    f: impl Fn(&[Tensor]) -> Result<Tensor>,
+) -> Result<()> {
+    // float inputs become variables (gradients wanted); labels stay plain tensors
+    let leaf = |t: Tensor| -> Result<Tensor> {
+        if t.dtype().is_float() {
+            Ok(Var::from_tensor(&t)?.as_tensor().clone())
+        } else {
+            Ok(t)
+        }
+    };
+    let cpu: Vec<Tensor> = inputs
+        .iter()
+        .map(|t| leaf(t.clone()))
+        .collect::<Result<_>>()?;
+    let gpu: Vec<Tensor> = inputs
+        .iter()
+        .map(|t| {
+            let t = if t.dtype() == DType::F32 {
+                t.to_dtype(dtype)?
+            } else {
+                t.clone()
+            };
+            leaf(t.to_device(dev)?)
+        })
+        .collect::<Result<_>>()?;
+    let a = f(&cpu)?;
+    let b = f(&gpu)?;
+    let b_cpu = b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let d = max_abs_diff(&a, &b_cpu)?;
+    assert!(d < tol, "{dtype:?}: values differ by {d}");
+    let up = Tensor::randn(0f32, 1., a.shape(), &Device::Cpu)?;
+    let ga = (a * &up)?.sum_all()?.backward()?;
+    let up_gpu = up.to_dtype(b.dtype())?.to_device(dev)?;
+    let gb = (b * up_gpu)?.sum_all()?.backward()?;
+    for (i, (vc, vg)) in cpu.iter().zip(&gpu).enumerate().take(grads_for) {
+        let x = ga.get(vc).expect("cpu gradient");
+        let y = gb
+            .get(vg)
+            .expect("gpu gradient")
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?;
+        let d = max_abs_diff(x, &y)?;
+        assert!(d < tol * 4.0, "{dtype:?}: gradient {i} differs by {d}");
+    }
+    Ok(())
+}
+
+#[test]
+fn fused_ops_on_cuda_match_the_cpu() -> Result<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    let cpu = Device::Cpu;
+    let x = Tensor::randn(0f32, 1., (2, 4, 6, 64), &cpu)?;
+    let w = Tensor::randn(1f32, 0.2, 64, &cpu)?;
+    let cos = Tensor::randn(0f32, 1., (6, 32), &cpu)?;
+    let sin = Tensor::randn(0f32, 1., (6, 32), &cpu)?;
+    let logits = Tensor::randn(0f32, 3., (7, 3001), &cpu)?;
+    let labels = Tensor::new(&[0u32, 5, 3000, 17, 17, 42, 2999], &cpu)?;
+    for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 6e-2)] {
+        same_on_gpu(&dev, dtype, &[x.clone(), w.clone()], 1, tol, |t| {
+            fused::rms_norm(&t[0], &t[1], 1e-5).expect("fused rms_norm")
+        })?;
+        same_on_gpu(&dev, dtype, &[x.clone(), x.sin()?], 2, tol, |t| {
+            fused::swiglu(&t[0], &t[1])
+        })?;
+        same_on_gpu(
+            &dev,
+            dtype,
+            &[x.clone(), cos.clone(), sin.clone()],
+            1,
+            tol,
+            |t| fused::rope(&t[0], &t[1], &t[2]).expect("fused rope"),
+        )?;
+    }
+    // softmax and cross-entropy take f32 scores and logits
+    same_on_gpu(&dev, DType::F32, &[x.clone()], 1, 1e-5, |t| {
+        fused::softmax_last_dim(&t[0])
+    })?;
+    same_on_gpu(
+        &dev,
+        DType::F32,
+        &[logits.clone(), labels.clone()],
+        1,
+        1e-4,
+        |t| fused::cross_entropy(&t[0], &t[1]),
+    )?;
+    let scale = Tensor::randn(0f32, 1., 7, &cpu)?;
+    let want = fused::cross_entropy_grad(&logits, &labels, &scale)?;
+    let got = fused::cross_entropy_grad(
+        &logits.to_device(&dev)?,
+        &labels.to_device(&dev)?,
+        &scale.to_device(&dev)?,
+    )?
+    .to_device(&cpu)?;
+    assert!(max_abs_diff(&want, &got)? < 1e-5);
+    Ok(())
+}
+
+#[test]
+fn a_model_on_cuda_gives_the_cpu_loss_and_adapter_gradients() -> Result<()> {
+    use candle_nn::VarMap;
+    use lorakit_adapter::{Adapters, LoraConfig};
+    use lorakit_models::ModelDir;
+    let Some(dev) = gpu() else { return Ok(()) };
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/peft/llama_gqa/base");
+    let run = |device: &Device| -> Result<(f32, Vec<(String, Tensor)>)> {
+        let config: LoraConfig = serde_json::from_value(serde_json::json!({
+            "r": 4, "lora_alpha": 8, "target_modules": "all-linear"
+        }))
+        .unwrap();
+        let varmap = VarMap::new();
+        let (model, _) = ModelDir::open(&dir)
+            .unwrap()
+            .load(
+                Adapters::Train {
+                    config,
+                    varmap: varmap.clone(),
+                    seed: 3,
+                    dropout_seed: Default::default(),
+                },
+                DType::F32,
+                device,
+            )
+            .unwrap();
+        for (name, var) in varmap.data().lock().unwrap().iter() {
+            if name.contains("lora_B") {
+                let r = Tensor::ones(var.shape(), DType::F32, device)?.affine(0.01, 0.0)?;
+                var.set(&r)?;
+            }
+        }
+        let ids = Tensor::new(&[[3u32, 1, 4, 1, 5, 9, 2, 6]], device)?;
+        let pos = Tensor::new(&[0u32, 1, 2, 3, 4, 5, 6], device)?;
+        let lab = Tensor::new(&[1u32, 4, 1, 5, 9, 2, 6], device)?;
+        let loss = model
+            .summed_loss(&ids, None, true, &pos, &lab)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let grads = loss.backward()?;
+        let vars = varmap.data().lock().unwrap();
+        let g = vars
+            .iter()
+            .map(|(n, v)| {
+                let g = grads.get(v.as_tensor()).expect("gradient");
+                (n.clone(), g.to_device(&Device::Cpu).unwrap())
+            })
+            .collect();
+        Ok((loss.to_device(&Device::Cpu)?.to_scalar::<f32>()?, g))
+    };
+    let (l_cpu, g_cpu) = run(&Device::Cpu)?;
+    let (l_gpu, g_gpu) = run(&dev)?;
+    assert!(
+        (l_cpu - l_gpu).abs() < 1e-4 * l_cpu.abs(),
+        "{l_cpu} vs {l_gpu}"
+    );
+    for ((n, a), (_, b)) in g_cpu.iter().zip(&g_gpu) {
+        let d = max_abs_diff(a, b)?;
+        assert!(d < 1e-4, "{n}: {d}");
+    }
+    Ok(())
+}
