@@ -15,6 +15,29 @@ use std::sync::Mutex;
 /// `[b, s, heads·d]`; differentiable in q, k and v. `None` when the fused kernel does not apply
 /// (not CPU f32): use the composed version.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Option<Result<Tensor>> {
+    fused(q, k, v, bias, None)
+}
+
+/// [`attention`] with q `[b, s, heads·d]` and k, v `[b, t, kv_heads·d]`: the projections'
+/// outputs as they are, heads side by side, so no transposes (and none in the backward pass).
+pub fn attention_heads_last(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+) -> Option<Result<Tensor>> {
+    fused(q, k, v, bias, Some((heads, kv_heads)))
+}
+
+fn fused(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    heads_last: Option<(usize, usize)>,
+) -> Option<Result<Tensor>> {
     let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
     if !(cpu_f32(q) && cpu_f32(k) && cpu_f32(v) && cpu_f32(bias)) {
         return None;
@@ -22,6 +45,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Option<Re
     Some((|| {
         let op = FusedAttention {
             bias: bias.contiguous()?,
+            heads_last,
             probs: Mutex::new(None),
         };
         q.contiguous()?
@@ -31,11 +55,13 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Option<Re
 
 struct FusedAttention {
     bias: Tensor,
+    /// `Some((heads, kv_heads))`: inputs are `[b, s, heads·d]`, else `[b, heads, s, d]`.
+    heads_last: Option<(usize, usize)>,
     /// `[b, heads, s, t]`, written by the forward pass for the backward pass.
     probs: Mutex<Option<Vec<f32>>>,
 }
 
-/// Sizes of one call.
+/// Sizes of one call, and where each head lives in the inputs.
 #[derive(Clone, Copy)]
 struct Dims {
     b: usize,
@@ -46,19 +72,46 @@ struct Dims {
     d: usize,
     /// Batch size of the bias (1: shared by every row).
     bias_b: usize,
+    heads_last: bool,
 }
 
 impl Dims {
-    fn of(lq: &Layout, lk: &Layout, lv: &Layout, bias: &[usize]) -> Result<Self> {
-        let (b, heads, s, d) = lq.shape().dims4()?;
-        let (bk, kv, t, dk) = lk.shape().dims4()?;
-        if lv.shape().dims() != lk.shape().dims() || bk != b || dk != d {
-            candle_core::bail!(
+    fn of(
+        lq: &Layout,
+        lk: &Layout,
+        lv: &Layout,
+        bias: &[usize],
+        heads_last: Option<(usize, usize)>,
+    ) -> Result<Self> {
+        let misfit = || {
+            candle_core::Error::Msg(format!(
                 "attention: q {:?}, k {:?} and v {:?} do not fit together",
                 lq.shape(),
                 lk.shape(),
                 lv.shape()
-            );
+            ))
+        };
+        let (b, heads, kv, s, t, d) = match heads_last {
+            None => {
+                let (b, heads, s, d) = lq.shape().dims4()?;
+                let (bk, kv, t, dk) = lk.shape().dims4()?;
+                if bk != b || dk != d {
+                    return Err(misfit());
+                }
+                (b, heads, kv, s, t, d)
+            }
+            Some((heads, kv)) => {
+                let (b, s, hd) = lq.shape().dims3()?;
+                let (bk, t, kvd) = lk.shape().dims3()?;
+                let d = hd / heads.max(1);
+                if bk != b || heads == 0 || d * heads != hd || kvd != kv * d {
+                    return Err(misfit());
+                }
+                (b, heads, kv, s, t, d)
+            }
+        };
+        if lv.shape().dims() != lk.shape().dims() {
+            return Err(misfit());
         }
         if kv == 0 || heads % kv != 0 {
             candle_core::bail!("attention: {heads} heads are not a multiple of {kv} kv heads");
@@ -75,6 +128,7 @@ impl Dims {
             t,
             d,
             bias_b,
+            heads_last: heads_last.is_some(),
         })
     }
 
@@ -84,6 +138,30 @@ impl Dims {
 
     fn scale(&self) -> f32 {
         1.0 / (self.d as f32).sqrt()
+    }
+
+    /// Offset of query head `hi` of batch row `bi` and the stride between its positions.
+    fn q_at(&self, bi: usize, hi: usize) -> (usize, usize) {
+        if self.heads_last {
+            (
+                bi * self.s * self.heads * self.d + hi * self.d,
+                self.heads * self.d,
+            )
+        } else {
+            ((bi * self.heads + hi) * self.s * self.d, self.d)
+        }
+    }
+
+    /// Offset of kv head `kvi` of batch row `bi` and the stride between its positions.
+    fn kv_at(&self, bi: usize, kvi: usize) -> (usize, usize) {
+        if self.heads_last {
+            (
+                bi * self.t * self.kv * self.d + kvi * self.d,
+                self.kv * self.d,
+            )
+        } else {
+            ((bi * self.kv + kvi) * self.t * self.d, self.d)
+        }
     }
 }
 
@@ -172,7 +250,7 @@ impl CustomOp3 for FusedAttention {
         sv: &CpuStorage,
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dm = Dims::of(lq, lk, lv, self.bias.dims())?;
+        let dm = Dims::of(lq, lk, lv, self.bias.dims(), self.heads_last)?;
         let (q, k, v) = (f32s(sq, lq, "q")?, f32s(sk, lk, "k")?, f32s(sv, lv, "v")?);
         let Dims {
             b, heads, s, t, d, ..
@@ -183,13 +261,12 @@ impl CustomOp3 for FusedAttention {
         with_data(&self.bias, "bias", |bias| {
             probs.par_chunks_mut(s * t).enumerate().for_each(|(bh, p)| {
                 let (bi, hi) = (bh / heads, bh % heads);
-                let kvi = bi * dm.kv + hi / dm.rep();
-                let qh = &q[bh * s * d..];
-                let (kh, vh) = (&k[kvi * t * d..], &v[kvi * t * d..]);
+                let (qo, q_rs) = dm.q_at(bi, hi);
+                let (ko, kv_rs) = dm.kv_at(bi, hi / dm.rep());
                 let bias = &bias[(bi % dm.bias_b) * s * t..];
                 let o = dst;
-                // SAFETY: slices cover the operands' extents; each task writes its own
-                // probabilities and its own head's columns of `out`.
+                // SAFETY: offsets and strides stay inside the operands (checked shapes);
+                // each task writes its own probabilities and its own head's columns of `out`.
                 unsafe {
                     // scores = scale · q kᵀ
                     mm(
@@ -197,10 +274,10 @@ impl CustomOp3 for FusedAttention {
                         p.as_mut_ptr(),
                         t,
                         false,
-                        qh.as_ptr(),
-                        (d, 1),
-                        kh.as_ptr(),
-                        (1, d),
+                        q[qo..].as_ptr(),
+                        (q_rs, 1),
+                        k[ko..].as_ptr(),
+                        (1, kv_rs),
                         dm.scale(),
                     );
                 }
@@ -217,8 +294,8 @@ impl CustomOp3 for FusedAttention {
                         false,
                         p.as_ptr(),
                         (t, 1),
-                        vh.as_ptr(),
-                        (d, 1),
+                        v[ko..].as_ptr(),
+                        (kv_rs, 1),
                         1.0,
                     );
                 }
@@ -249,7 +326,13 @@ impl CustomOp3 for FusedAttention {
             candle_core::bail!("attention: backward without a forward pass");
         };
         let grad = grad.contiguous()?;
-        let dm = Dims::of(q.layout(), k.layout(), v.layout(), self.bias.dims())?;
+        let dm = Dims::of(
+            q.layout(),
+            k.layout(),
+            v.layout(),
+            self.bias.dims(),
+            self.heads_last,
+        )?;
         let Dims {
             b,
             heads,
@@ -263,89 +346,92 @@ impl CustomOp3 for FusedAttention {
         let mut dq = vec![0f32; b * heads * s * d];
         let mut dk = vec![0f32; b * kv * t * d];
         let mut dv = vec![0f32; b * kv * t * d];
+        let (pq, pk, pv) = (
+            Out(dq.as_mut_ptr()),
+            Out(dk.as_mut_ptr()),
+            Out(dv.as_mut_ptr()),
+        );
         with_data(q, "q", |q| {
             with_data(k, "k", |k| {
                 with_data(v, "v", |v| {
                     with_data(&grad, "grad", |g| {
-                        dq.par_chunks_mut(rep * s * d)
-                            .zip(dk.par_chunks_mut(t * d).zip(dv.par_chunks_mut(t * d)))
-                            .enumerate()
-                            .for_each(|(group, (dqg, (dkg, dvg)))| {
-                                let bi = group / kv;
-                                let (kh, vh) = (&k[group * t * d..], &v[group * t * d..]);
-                                let mut ds = vec![0f32; s * t];
-                                for r in 0..rep {
-                                    let hi = (group % kv) * rep + r;
-                                    let bh = bi * heads + hi;
-                                    let p = &probs[bh * s * t..(bh + 1) * s * t];
-                                    let qh = &q[bh * s * d..];
-                                    let go = g[bi * s * heads * d + hi * d..].as_ptr();
-                                    let first = r == 0;
-                                    // SAFETY: as in the forward pass; this task owns its
-                                    // group's dq, dk and dv.
-                                    unsafe {
-                                        // dv += pᵀ · dout
-                                        mm(
-                                            (t, d, s),
-                                            dvg.as_mut_ptr(),
-                                            d,
-                                            !first,
-                                            p.as_ptr(),
-                                            (1, t),
-                                            go,
-                                            (heads * d, 1),
-                                            1.0,
-                                        );
-                                        // dp = dout · vᵀ
-                                        mm(
-                                            (s, t, d),
-                                            ds.as_mut_ptr(),
-                                            t,
-                                            false,
-                                            go,
-                                            (heads * d, 1),
-                                            vh.as_ptr(),
-                                            (1, d),
-                                            1.0,
-                                        );
-                                    }
-                                    // ds = p ∘ (dp − Σ dp∘p)
-                                    for (dsr, pr) in ds.chunks_mut(t).zip(p.chunks(t)) {
-                                        let dot: f64 =
-                                            dsr.iter().zip(pr).map(|(a, b)| (a * b) as f64).sum();
-                                        let dot = dot as f32;
-                                        dsr.iter_mut()
-                                            .zip(pr)
-                                            .for_each(|(x, pj)| *x = pj * (*x - dot));
-                                    }
-                                    unsafe {
-                                        // dq = scale · ds · k
-                                        mm(
-                                            (s, d, t),
-                                            dqg[r * s * d..].as_mut_ptr(),
-                                            d,
-                                            false,
-                                            ds.as_ptr(),
-                                            (t, 1),
-                                            kh.as_ptr(),
-                                            (d, 1),
-                                            dm.scale(),
-                                        );
-                                        // dk += scale · dsᵀ · q
-                                        mm(
-                                            (t, d, s),
-                                            dkg.as_mut_ptr(),
-                                            d,
-                                            !first,
-                                            ds.as_ptr(),
-                                            (1, t),
-                                            qh.as_ptr(),
-                                            (d, 1),
-                                            dm.scale(),
-                                        );
-                                    }
+                        (0..b * kv).into_par_iter().for_each(|group| {
+                            let (bi, kvi) = (group / kv, group % kv);
+                            let (ko, kv_rs) = dm.kv_at(bi, kvi);
+                            let (dqp, dkp, dvp) = (pq, pk, pv);
+                            let mut ds = vec![0f32; s * t];
+                            for r in 0..rep {
+                                let hi = kvi * rep + r;
+                                let bh = bi * heads + hi;
+                                let p = &probs[bh * s * t..(bh + 1) * s * t];
+                                let (qo, q_rs) = dm.q_at(bi, hi);
+                                let go = g[bi * s * heads * d + hi * d..].as_ptr();
+                                let first = r == 0;
+                                // SAFETY: as in the forward pass; this task alone writes its
+                                // group's heads of dq and its kv head of dk and dv.
+                                unsafe {
+                                    // dv += pᵀ · dout
+                                    mm(
+                                        (t, d, s),
+                                        dvp.0.add(ko),
+                                        kv_rs,
+                                        !first,
+                                        p.as_ptr(),
+                                        (1, t),
+                                        go,
+                                        (heads * d, 1),
+                                        1.0,
+                                    );
+                                    // dp = dout · vᵀ
+                                    mm(
+                                        (s, t, d),
+                                        ds.as_mut_ptr(),
+                                        t,
+                                        false,
+                                        go,
+                                        (heads * d, 1),
+                                        v[ko..].as_ptr(),
+                                        (1, kv_rs),
+                                        1.0,
+                                    );
                                 }
-                            });
+                                // ds = p ∘ (dp − Σ dp∘p)
+                                for (dsr, pr) in ds.chunks_mut(t).zip(p.chunks(t)) {
+                                    let dot: f64 =
+                                        dsr.iter().zip(pr).map(|(a, b)| (a * b) as f64).sum();
+                                    let dot = dot as f32;
+                                    dsr.iter_mut()
+                                        .zip(pr)
+                                        .for_each(|(x, pj)| *x = pj * (*x - dot));
+                                }
+                                unsafe {
+                                    // dq = scale · ds · k
+                                    mm(
+                                        (s, d, t),
+                                        dqp.0.add(qo),
+                                        q_rs,
+                                        false,
+                                        ds.as_ptr(),
+                                        (t, 1),
+                                        k[ko..].as_ptr(),
+                                        (kv_rs, 1),
+                                        dm.scale(),
+                                    );
+                                    // dk += scale · dsᵀ · q
+                                    mm(
+                                        (t, d, s),
+                                        dkp.0.add(ko),
+                                        kv_rs,
+                                        !first,
+                                        ds.as_ptr(),
+                                        (1, t),
+                                        q[qo..].as_ptr(),
+                                        (q_rs, 1),
+                                        dm.scale(),
+                                    );
+                                }
+                            }
+                        });
                         Ok(())
                     })
                 })
@@ -413,6 +499,48 @@ mod tests {
             let fused = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias).unwrap()?;
             let want = composed(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias)?;
             assert_eq!(fused.dims(), [b, s, h * d]);
+            assert!(max_abs_diff(&fused, &want)? < 1e-5);
+            let up = Tensor::randn(0f32, 1., fused.shape(), &dev)?;
+            let g1 = (fused * &up)?.sum_all()?.backward()?;
+            let g2 = (want * &up)?.sum_all()?.backward()?;
+            for x in [&q, &k, &v] {
+                let diff = max_abs_diff(
+                    g1.get(x.as_tensor()).unwrap(),
+                    g2.get(x.as_tensor()).unwrap(),
+                )?;
+                assert!(
+                    diff < 1e-4,
+                    "shape {:?}: gradient differs by {diff}",
+                    x.dims()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Inputs with heads side by side (`[b, s, heads·d]`, the projections' layout) give the
+    /// same values and gradients as the heads-first layout.
+    #[test]
+    fn heads_last_layout_matches_the_composed_version_and_its_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        for (b, h, kv, s, t, d, bias_b) in [(2, 4, 2, 7, 7, 16, 2), (2, 6, 2, 3, 9, 32, 1)] {
+            let q = Var::randn(0f32, 1., (b, s, h * d), &dev)?;
+            let k = Var::randn(0f32, 1., (b, t, kv * d), &dev)?;
+            let v = Var::randn(0f32, 1., (b, t, kv * d), &dev)?;
+            let bias = causal_bias(bias_b, s, t, (bias_b == 2).then_some(1))?;
+            let fused =
+                attention_heads_last(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias, h, kv)
+                    .unwrap()?;
+            let first = |x: &Tensor, n: usize| -> Result<Tensor> {
+                let (b, s, _) = x.dims3()?;
+                x.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous()
+            };
+            let want = composed(
+                &first(q.as_tensor(), h)?,
+                &first(k.as_tensor(), kv)?,
+                &first(v.as_tensor(), kv)?,
+                &bias,
+            )?;
             assert!(max_abs_diff(&fused, &want)? < 1e-5);
             let up = Tensor::randn(0f32, 1., fused.shape(), &dev)?;
             let g1 = (fused * &up)?.sum_all()?.backward()?;

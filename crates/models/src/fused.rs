@@ -524,6 +524,8 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// Rotary embedding over `[b, h, s, d]` with tables `[s, d/2]` (non-interleaved halves).
 struct Rope {
     inverse: bool,
+    /// Rows (of `d` values) per position: 1 for `[b, h, s, d]`, `heads` for `[b, s, heads·d]`.
+    rows_per_position: usize,
 }
 
 impl CustomOp3 for Rope {
@@ -541,6 +543,9 @@ impl CustomOp3 for Rope {
         s3: &CudaStorage,
         l3: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
+        if self.rows_per_position != 1 {
+            candle_core::bail!("rope: the heads-side-by-side layout has no CUDA kernel");
+        }
         let out = gpu::rope(s1, l1, s2, l2, s3, l3, self.inverse)?;
         Ok((out, l1.shape().clone()))
     }
@@ -554,18 +559,26 @@ impl CustomOp3 for Rope {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, _, s, d) = l1.shape().dims4()?;
+        let (s, half) = l2.shape().dims2()?;
+        let d = 2 * half;
+        let inner = self.rows_per_position.max(1);
+        if d == 0 || !l1.shape().elem_count().is_multiple_of(d * inner * s) {
+            candle_core::bail!(
+                "rope: {:?} does not fit tables {:?}",
+                l1.shape(),
+                l2.shape()
+            );
+        }
         let x = contiguous_f32(s1, l1, "x")?;
         let cos = contiguous_f32(s2, l2, "cos")?;
         let sin = contiguous_f32(s3, l3, "sin")?;
-        let half = d / 2;
         let sign = if self.inverse { -1.0 } else { 1.0 };
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(d)
             .zip(x.par_chunks(d))
             .enumerate()
             .for_each(|(i, (o, row))| {
-                let t = i % s;
+                let t = (i / inner) % s;
                 let (c, sn) = (
                     &cos[t * half..(t + 1) * half],
                     &sin[t * half..(t + 1) * half],
@@ -590,6 +603,7 @@ impl CustomOp3 for Rope {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let inverse = Rope {
             inverse: !self.inverse,
+            rows_per_position: self.rows_per_position,
         };
         let dx = grad.contiguous()?.apply_op3_no_bwd(cos, sin, &inverse)?;
         Ok((Some(dx), None, None))
@@ -612,7 +626,42 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Option<Result<Tensor>> {
         x.contiguous()?.apply_op3(
             &cos.contiguous()?,
             &sin.contiguous()?,
-            Rope { inverse: false },
+            Rope {
+                inverse: false,
+                rows_per_position: 1,
+            },
+        )
+    })())
+}
+
+/// Rotary embedding of `x` `[b, s, heads·d]` — a projection's output, heads side by side — with
+/// `[s, d/2]` tables, differentiable in `x`, without the transposes to `[b, heads, s, d]` and
+/// back. CPU f32 only (else `None`).
+pub fn rope_heads_last(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: usize,
+) -> Option<Result<Tensor>> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    let ok = f32_cpu(x)
+        && f32_cpu(cos)
+        && f32_cpu(sin)
+        && x.rank() == 3
+        && cos.rank() == 2
+        && x.dim(1).ok() == cos.dim(0).ok()
+        && cos.dim(1).ok().map(|h| 2 * h * heads) == x.dim(2).ok();
+    if !ok {
+        return None;
+    }
+    Some((|| {
+        x.contiguous()?.apply_op3(
+            &cos.contiguous()?,
+            &sin.contiguous()?,
+            Rope {
+                inverse: false,
+                rows_per_position: heads,
+            },
         )
     })())
 }
@@ -621,6 +670,39 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Option<Result<Tensor>> {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    /// The heads-side-by-side layout gives the `[b, h, s, d]` result, transposed, and its
+    /// gradient.
+    #[test]
+    fn rope_with_heads_last_matches_the_transposed_layout() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, s, h, d) = (2, 5, 3, 8);
+        let x = Var::randn(0f32, 1., (b, s, h * d), &dev)?;
+        let cos = Tensor::randn(0f32, 1., (s, d / 2), &dev)?;
+        let sin = Tensor::randn(0f32, 1., (s, d / 2), &dev)?;
+        let got = rope_heads_last(x.as_tensor(), &cos, &sin, h).unwrap()?;
+        let bhsd = x
+            .as_tensor()
+            .reshape((b, s, h, d))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let want = rope(&bhsd, &cos, &sin)
+            .unwrap()?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, s, h * d))?;
+        assert!(max_diff(&got, &want) < 1e-6);
+        let up = Tensor::randn(0f32, 1., got.shape(), &dev)?;
+        let g1 = (got * &up)?.sum_all()?.backward()?;
+        let g2 = (want * &up)?.sum_all()?.backward()?;
+        let d = max_diff(
+            g1.get(x.as_tensor()).unwrap(),
+            g2.get(x.as_tensor()).unwrap(),
+        );
+        assert!(d < 1e-6, "{d}");
+        assert!(rope_heads_last(x.as_tensor(), &cos, &sin, h + 1).is_none());
+        Ok(())
+    }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         lorakit_adapter::compare::max_abs_diff(a, b).unwrap()
@@ -881,7 +963,14 @@ mod tests {
                     sign,
                 )
             };
-            let want = x.apply_op3_no_bwd(&cos, &sin, &Rope { inverse })?;
+            let want = x.apply_op3_no_bwd(
+                &cos,
+                &sin,
+                &Rope {
+                    inverse,
+                    rows_per_position: 1,
+                },
+            )?;
             assert!(worst(&out, &flat(&want)) < 1e-6, "inverse {inverse}");
         }
         Ok(())

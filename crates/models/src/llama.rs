@@ -49,9 +49,24 @@ impl Attention {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = split(self.q_proj.forward_t(x, train)?, self.heads)?;
-        let k = split(self.k_proj.forward_t(x, train)?, self.kv_heads)?;
-        let v = split(self.v_proj.forward_t(x, train)?, self.kv_heads)?;
+        let q = self.q_proj.forward_t(x, train)?;
+        let k = self.k_proj.forward_t(x, train)?;
+        let v = self.v_proj.forward_t(x, train)?;
+        if cache.is_none() {
+            // CPU f32: rotary embedding and attention read the projections' layout as it is
+            let (h, kv) = (self.heads, self.kv_heads);
+            let q_rot = crate::fused::rope_heads_last(&q, cos, sin, h);
+            let k_rot = crate::fused::rope_heads_last(&k, cos, sin, kv);
+            if let (Some(q), Some(k)) = (q_rot, k_rot) {
+                let (q, k) = (q?, k?);
+                if let Some(out) = crate::attention::attention_heads_last(&q, &k, &v, bias, h, kv) {
+                    return Ok(self.o_proj.forward_t(&out?, train)?);
+                }
+            }
+        }
+        let q = split(q, self.heads)?;
+        let k = split(k, self.kv_heads)?;
+        let v = split(v, self.kv_heads)?;
         let q = apply_rope(&q, cos, sin)?;
         let mut k = apply_rope(&k, cos, sin)?;
         let mut v = v;
