@@ -100,7 +100,7 @@ fn fused_ops_on_cuda_match_the_cpu() -> Result<()> {
         )?;
     }
     // softmax and cross-entropy take f32 scores and logits
-    same_on_gpu(&dev, DType::F32, &[x.clone()], 1, 1e-5, |t| {
+    same_on_gpu(&dev, DType::F32, std::slice::from_ref(&x), 1, 1e-5, |t| {
         fused::softmax_last_dim(&t[0])
     })?;
     same_on_gpu(
