@@ -80,16 +80,22 @@ __device__ void rms_norm_grad(const T* x, const T* w, const T* g, T* dx, int d, 
   }
 }
 
+// (max, Σ exp(x − max)) of one row, every thread of the block gets both.
+__device__ float2 row_max_sumexp(const float* row, int d) {
+  float m = -INFINITY;
+  for (int j = threadIdx.x; j < d; j += BLOCK) m = fmaxf(m, row[j]);
+  m = block_max(m);
+  float s = 0.f;
+  for (int j = threadIdx.x; j < d; j += BLOCK) s += expf(row[j] - m);
+  return make_float2(m, block_sum(s));
+}
+
 // Softmax over rows of f32 attention scores.
 __device__ void softmax(const float* x, float* y, int d) {
   size_t base = (size_t)blockIdx.x * d;
-  float m = -INFINITY;
-  for (int j = threadIdx.x; j < d; j += BLOCK) m = fmaxf(m, x[base + j]);
-  m = block_max(m);
-  float s = 0.f;
-  for (int j = threadIdx.x; j < d; j += BLOCK) s += expf(x[base + j] - m);
-  float inv = 1.f / block_sum(s);
-  for (int j = threadIdx.x; j < d; j += BLOCK) y[base + j] = expf(x[base + j] - m) * inv;
+  float2 ms = row_max_sumexp(x + base, d);
+  float inv = 1.f / ms.y;
+  for (int j = threadIdx.x; j < d; j += BLOCK) y[base + j] = expf(x[base + j] - ms.x) * inv;
 }
 
 // dx = y ∘ (g − Σ g∘y)
@@ -104,15 +110,10 @@ __device__ void softmax_grad(const float* y, const float* g, float* dx, int d) {
 // loss = logsumexp(row) − row[label]; one block per row of f32 logits.
 __device__ void cross_entropy(const float* logits, const uint32_t* labels, float* loss, int v) {
   size_t base = (size_t)blockIdx.x * v;
-  float m = -INFINITY;
-  for (int j = threadIdx.x; j < v; j += BLOCK) m = fmaxf(m, logits[base + j]);
-  m = block_max(m);
-  float s = 0.f;
-  for (int j = threadIdx.x; j < v; j += BLOCK) s += expf(logits[base + j] - m);
-  s = block_sum(s);
+  float2 ms = row_max_sumexp(logits + base, v);
   if (threadIdx.x == 0) {
     uint32_t y = labels[blockIdx.x];
-    loss[blockIdx.x] = y < (uint32_t)v ? logf(s) + m - logits[base + y] : NAN;
+    loss[blockIdx.x] = y < (uint32_t)v ? logf(ms.y) + ms.x - logits[base + y] : NAN;
   }
 }
 
@@ -120,15 +121,11 @@ __device__ void cross_entropy(const float* logits, const uint32_t* labels, float
 __device__ void cross_entropy_grad(const float* logits, const uint32_t* labels, const float* scale,
                                    float* out, int v) {
   size_t base = (size_t)blockIdx.x * v;
-  float m = -INFINITY;
-  for (int j = threadIdx.x; j < v; j += BLOCK) m = fmaxf(m, logits[base + j]);
-  m = block_max(m);
-  float s = 0.f;
-  for (int j = threadIdx.x; j < v; j += BLOCK) s += expf(logits[base + j] - m);
-  float k = scale[blockIdx.x] / block_sum(s);
+  float2 ms = row_max_sumexp(logits + base, v);
+  float k = scale[blockIdx.x] / ms.y;
   uint32_t y = labels[blockIdx.x];
   for (int j = threadIdx.x; j < v; j += BLOCK) {
-    out[base + j] = expf(logits[base + j] - m) * k - (j == (int)y ? scale[blockIdx.x] : 0.f);
+    out[base + j] = expf(logits[base + j] - ms.x) * k - (j == (int)y ? scale[blockIdx.x] : 0.f);
   }
 }
 

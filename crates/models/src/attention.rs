@@ -469,6 +469,24 @@ mod tests {
             .reshape((b, s, h * d))
     }
 
+    /// Values and the q/k/v gradients (under a random upstream gradient) agree.
+    fn assert_same(fused: Tensor, want: Tensor, vars: [&Var; 3]) -> Result<()> {
+        assert!(max_abs_diff(&fused, &want)? < 1e-5);
+        let up = Tensor::randn(0f32, 1., fused.shape(), fused.device())?;
+        let g1 = (fused * &up)?.sum_all()?.backward()?;
+        let g2 = (want * &up)?.sum_all()?.backward()?;
+        for x in vars {
+            let (a, b) = (g1.get(x.as_tensor()), g2.get(x.as_tensor()));
+            let diff = max_abs_diff(a.unwrap(), b.unwrap())?;
+            assert!(
+                diff < 1e-4,
+                "shape {:?}: gradient differs by {diff}",
+                x.dims()
+            );
+        }
+        Ok(())
+    }
+
     fn causal_bias(b: usize, s: usize, t: usize, pad_row: Option<usize>) -> Result<Tensor> {
         let mut v = Vec::with_capacity(b * s * t);
         for bi in 0..b {
@@ -499,21 +517,7 @@ mod tests {
             let fused = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias).unwrap()?;
             let want = composed(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias)?;
             assert_eq!(fused.dims(), [b, s, h * d]);
-            assert!(max_abs_diff(&fused, &want)? < 1e-5);
-            let up = Tensor::randn(0f32, 1., fused.shape(), &dev)?;
-            let g1 = (fused * &up)?.sum_all()?.backward()?;
-            let g2 = (want * &up)?.sum_all()?.backward()?;
-            for x in [&q, &k, &v] {
-                let diff = max_abs_diff(
-                    g1.get(x.as_tensor()).unwrap(),
-                    g2.get(x.as_tensor()).unwrap(),
-                )?;
-                assert!(
-                    diff < 1e-4,
-                    "shape {:?}: gradient differs by {diff}",
-                    x.dims()
-                );
-            }
+            assert_same(fused, want, [&q, &k, &v])?;
         }
         Ok(())
     }
@@ -541,21 +545,7 @@ mod tests {
                 &first(v.as_tensor(), kv)?,
                 &bias,
             )?;
-            assert!(max_abs_diff(&fused, &want)? < 1e-5);
-            let up = Tensor::randn(0f32, 1., fused.shape(), &dev)?;
-            let g1 = (fused * &up)?.sum_all()?.backward()?;
-            let g2 = (want * &up)?.sum_all()?.backward()?;
-            for x in [&q, &k, &v] {
-                let diff = max_abs_diff(
-                    g1.get(x.as_tensor()).unwrap(),
-                    g2.get(x.as_tensor()).unwrap(),
-                )?;
-                assert!(
-                    diff < 1e-4,
-                    "shape {:?}: gradient differs by {diff}",
-                    x.dims()
-                );
-            }
+            assert_same(fused, want, [&q, &k, &v])?;
         }
         Ok(())
     }
