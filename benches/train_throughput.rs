@@ -283,19 +283,7 @@ fn main() -> anyhow::Result<()> {
                 // the output head runs inside the chunked loss
                 let hidden = model.hidden_states(&ids, None, true)?;
                 lap(0, phases)?;
-                let (b, s, h) = hidden.dims3()?;
-                let rows = hidden.reshape((b * s, h))?.index_select(&positions, 0)?;
-                let head = model.output_head();
-                let chunk = lorakit_models::chunked_loss::chunk_rows(vocab);
-                (lorakit_models::chunked_loss::linear_cross_entropy(
-                    &rows,
-                    head.weight(),
-                    &labels,
-                    chunk,
-                    true,
-                )?
-                .sum_all()?
-                    * scale)?
+                (model.head_loss(&hidden, &positions, &labels, true)? * scale)?
             };
             lap(1, phases)?;
             let store = loss.backward()?;

@@ -65,8 +65,7 @@ impl CustomOp2 for FrozenMatmul {
         sw: &CpuStorage,
         lw: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let p = Self::plan(lx, lw)?;
-        Ok((sx.matmul(sw, p.bmnk, &p.x2, &p.wt)?, p.shape))
+        frozen_matmul_cpu(sx, lx, sw, lw)
     }
 
     fn cuda_fwd(
@@ -164,6 +163,17 @@ impl CustomOp2 for FrozenBroadcast {
         };
         Ok((Some(dx), None))
     }
+}
+
+/// [`frozen_matmul`]'s forward on CPU storage, for CPU ops that build on the base product.
+pub(crate) fn frozen_matmul_cpu(
+    sx: &CpuStorage,
+    lx: &Layout,
+    sw: &CpuStorage,
+    lw: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let p = FrozenMatmul::plan(lx, lw)?;
+    Ok((sx.matmul(sw, p.bmnk, &p.x2, &p.wt)?, p.shape))
 }
 
 /// `x @ wᵀ` where `w: [out, in]` is frozen: no gradient is computed or stored for `w`.

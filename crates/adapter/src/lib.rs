@@ -5,6 +5,7 @@ pub mod builder;
 pub mod checkpoint;
 pub mod compare;
 pub mod config;
+pub mod cpu_gemm;
 pub mod dropout;
 pub mod error;
 pub mod frozen;

@@ -37,13 +37,17 @@ impl LowRank {
 
     /// `scaling · dropout(x)·Aᵀ·Bᵀ`, computed in the adapter's dtype, returned in `x`'s.
     pub fn delta(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.up(&self.down(x, train)?, x)
+    }
+
+    /// `u·Bᵀ` for `u` from [`LowRank::down`], shaped like `x` with `out` features and in its dtype.
+    fn up(&self, u: &Tensor, x: &Tensor) -> Result<Tensor> {
         let out = self.b.dim(0)?;
-        let h = self.down(x, train)?.matmul(&self.b.t()?)?;
         let mut dims = x.dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = out;
         }
-        h.reshape(dims)?.to_dtype(x.dtype())
+        u.matmul(&self.b.t()?)?.reshape(dims)?.to_dtype(x.dtype())
     }
 
     /// `scaling · B·A`, the dense `[out, in]` update, in f32.
@@ -122,13 +126,7 @@ impl LoraLinear {
         if let Some(y) = lora_matmul(&x, &self.weight, &u, &l.b) {
             return add_bias(y?);
         }
-        let out = l.b.dim(0)?;
-        let mut dims = x.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = out;
-        }
-        let delta = u.matmul(&l.b.t()?)?.reshape(dims)?.to_dtype(x.dtype())?;
-        add_bias(frozen_matmul(&x, &self.weight)?)? + delta
+        add_bias(frozen_matmul(&x, &self.weight)?)? + l.up(&u, &x)?
     }
 }
 

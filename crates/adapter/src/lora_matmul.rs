@@ -4,9 +4,9 @@
 //! pass, and the backward pass has one node where it had an add, a matmul and a transpose
 //! (candle's backward pays a zero-filled buffer and an add for every input of every node).
 //! W is frozen: captured, never differentiated.
-use candle_core::backend::BackendStorage;
+use crate::cpu_gemm::{gemm_f32, Threads};
+use crate::frozen::frozen_matmul_cpu;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use gemm::Parallelism;
 
 /// `x·Wᵀ + u·Bᵀ` for `x` `[.., in]`, `u` `[rows, r]`, `b` `[out, r]`; differentiable in x, u
 /// and b. `None` when the fused op does not apply (not CPU f32): compose instead.
@@ -60,51 +60,32 @@ impl CustomOp3 for LoraMatmul {
             }
             _ => candle_core::bail!("lora matmul: u and B must be contiguous f32"),
         };
-        // base product through candle's own kernel (W read transposed in place)
+        // base product: the frozen-weight matmul's own forward
         let (ws, wl) = self.w.storage_and_layout();
         let candle_core::Storage::Cpu(ws) = &*ws else {
             candle_core::bail!("lora matmul: W must be on the CPU");
         };
-        let x2 = Layout::contiguous_with_offset((rows, inner), lx.start_offset());
-        let wt = Layout::new(
-            Shape::from((inner, out)),
-            vec![wl.stride()[1], wl.stride()[0]],
-            wl.start_offset(),
-        );
-        let mut y = match sx.matmul(ws, (1, rows, out, inner), &x2, &wt)? {
-            CpuStorage::F32(y) => y,
-            _ => candle_core::bail!("lora matmul: expected f32"),
+        let (y, shape) = frozen_matmul_cpu(sx, lx, ws, wl)?;
+        let CpuStorage::F32(mut y) = y else {
+            candle_core::bail!("lora matmul: expected f32");
         };
         // y += u·Bᵀ, accumulated by the kernel
         // SAFETY: y is rows×out, u rows×r and b out×r, all contiguous, as checked above.
         unsafe {
-            gemm::gemm(
-                rows,
-                out,
-                r,
+            gemm_f32(
+                (rows, out, r),
                 y.as_mut_ptr(),
-                1,
-                out as isize,
+                out,
                 true,
                 u.as_ptr(),
-                1,
-                r as isize,
+                (r, 1),
                 b.as_ptr(),
-                r as isize,
-                1,
+                (1, r),
                 1.0,
-                1.0,
-                false,
-                false,
-                false,
-                Parallelism::Rayon(rayon::current_num_threads()),
+                Threads::All,
             );
         }
-        let mut dims = lx.shape().dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = out;
-        }
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
+        Ok((CpuStorage::F32(y), shape))
     }
 
     fn bwd(

@@ -6,7 +6,7 @@
 //! one softmax pass. The forward pass keeps the probabilities for the backward pass, like the
 //! composed version does. Checked against the composed version (values and gradients) below.
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
-use gemm::Parallelism;
+use lorakit_adapter::cpu_gemm::{gemm_f32, Threads};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -172,11 +172,10 @@ fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     }
 }
 
-/// The contiguous f32 data of a CPU tensor, for the duration of `f`.
-fn with_data<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(s) => f(f32s(s, layout, what)?),
+/// The contiguous f32 data of a tensor's CPU storage (from `Tensor::storage_and_layout`).
+fn cpu_data<'a>(s: &'a Storage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match s {
+        Storage::Cpu(s) => f32s(s, l, what),
         _ => candle_core::bail!("attention: {what} must be on the CPU"),
     }
 }
@@ -186,43 +185,6 @@ fn with_data<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> 
 struct Out(*mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
-
-/// `dst (m×n) = [dst +] beta · lhs (m×k) · rhs (k×n)`, each operand given by its first
-/// element and (row, column) strides. One thread: callers parallelise over heads.
-#[allow(clippy::too_many_arguments)]
-unsafe fn mm(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: *const f32,
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: *const f32,
-    (rhs_rs, rhs_cs): (usize, usize),
-    beta: f32,
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        accumulate,
-        lhs,
-        lhs_cs as isize,
-        lhs_rs as isize,
-        rhs,
-        rhs_cs as isize,
-        rhs_rs as isize,
-        1.0,
-        beta,
-        false,
-        false,
-        false,
-        Parallelism::None,
-    )
-}
 
 /// Softmax of `row` in place; the sum is taken in f64.
 fn softmax_in_place(row: &mut [f32]) {
@@ -258,50 +220,51 @@ impl CustomOp3 for FusedAttention {
         let mut probs = vec![0f32; b * heads * s * t];
         let mut out = vec![0f32; b * s * heads * d];
         let dst = Out(out.as_mut_ptr());
-        with_data(&self.bias, "bias", |bias| {
-            probs.par_chunks_mut(s * t).enumerate().for_each(|(bh, p)| {
-                let (bi, hi) = (bh / heads, bh % heads);
-                let (qo, q_rs) = dm.q_at(bi, hi);
-                let (ko, kv_rs) = dm.kv_at(bi, hi / dm.rep());
-                let bias = &bias[(bi % dm.bias_b) * s * t..];
-                let o = dst;
-                // SAFETY: offsets and strides stay inside the operands (checked shapes);
-                // each task writes its own probabilities and its own head's columns of `out`.
-                unsafe {
-                    // scores = scale · q kᵀ
-                    mm(
-                        (s, t, d),
-                        p.as_mut_ptr(),
-                        t,
-                        false,
-                        q[qo..].as_ptr(),
-                        (q_rs, 1),
-                        k[ko..].as_ptr(),
-                        (1, kv_rs),
-                        dm.scale(),
-                    );
-                }
-                for (row, brow) in p.chunks_mut(t).zip(bias.chunks(t)) {
-                    row.iter_mut().zip(brow).for_each(|(x, c)| *x += c);
-                    softmax_in_place(row);
-                }
-                unsafe {
-                    // out[bi, :, hi, :] = probs · v
-                    mm(
-                        (s, d, t),
-                        o.0.add(bi * s * heads * d + hi * d),
-                        heads * d,
-                        false,
-                        p.as_ptr(),
-                        (t, 1),
-                        v[ko..].as_ptr(),
-                        (kv_rs, 1),
-                        1.0,
-                    );
-                }
-            });
-            Ok(())
-        })?;
+        let (bias_storage, bias_layout) = self.bias.storage_and_layout();
+        let bias = cpu_data(&bias_storage, bias_layout, "bias")?;
+        probs.par_chunks_mut(s * t).enumerate().for_each(|(bh, p)| {
+            let (bi, hi) = (bh / heads, bh % heads);
+            let (qo, q_rs) = dm.q_at(bi, hi);
+            let (ko, kv_rs) = dm.kv_at(bi, hi / dm.rep());
+            let bias = &bias[(bi % dm.bias_b) * s * t..];
+            let o = dst;
+            // SAFETY: offsets and strides stay inside the operands (checked shapes);
+            // each task writes its own probabilities and its own head's columns of `out`.
+            unsafe {
+                // scores = scale · q kᵀ
+                gemm_f32(
+                    (s, t, d),
+                    p.as_mut_ptr(),
+                    t,
+                    false,
+                    q[qo..].as_ptr(),
+                    (q_rs, 1),
+                    k[ko..].as_ptr(),
+                    (1, kv_rs),
+                    dm.scale(),
+                    Threads::One,
+                );
+            }
+            for (row, brow) in p.chunks_mut(t).zip(bias.chunks(t)) {
+                row.iter_mut().zip(brow).for_each(|(x, c)| *x += c);
+                softmax_in_place(row);
+            }
+            unsafe {
+                // out[bi, :, hi, :] = probs · v
+                gemm_f32(
+                    (s, d, t),
+                    o.0.add(bi * s * heads * d + hi * d),
+                    heads * d,
+                    false,
+                    p.as_ptr(),
+                    (t, 1),
+                    v[ko..].as_ptr(),
+                    (kv_rs, 1),
+                    1.0,
+                    Threads::One,
+                );
+            }
+        });
         *self
             .probs
             .lock()
@@ -351,97 +314,95 @@ impl CustomOp3 for FusedAttention {
             Out(dk.as_mut_ptr()),
             Out(dv.as_mut_ptr()),
         );
-        with_data(q, "q", |q| {
-            with_data(k, "k", |k| {
-                with_data(v, "v", |v| {
-                    with_data(&grad, "grad", |g| {
-                        (0..b * kv).into_par_iter().for_each(|group| {
-                            let (bi, kvi) = (group / kv, group % kv);
-                            let (ko, kv_rs) = dm.kv_at(bi, kvi);
-                            let (dqp, dkp, dvp) = (pq, pk, pv);
-                            let mut ds = vec![0f32; s * t];
-                            for r in 0..rep {
-                                let hi = kvi * rep + r;
-                                let bh = bi * heads + hi;
-                                let p = &probs[bh * s * t..(bh + 1) * s * t];
-                                let (qo, q_rs) = dm.q_at(bi, hi);
-                                let go = g[bi * s * heads * d + hi * d..].as_ptr();
-                                let first = r == 0;
-                                // SAFETY: as in the forward pass; this task alone writes its
-                                // group's heads of dq and its kv head of dk and dv.
-                                unsafe {
-                                    // dv += pᵀ · dout
-                                    mm(
-                                        (t, d, s),
-                                        dvp.0.add(ko),
-                                        kv_rs,
-                                        !first,
-                                        p.as_ptr(),
-                                        (1, t),
-                                        go,
-                                        (heads * d, 1),
-                                        1.0,
-                                    );
-                                    // dp = dout · vᵀ
-                                    mm(
-                                        (s, t, d),
-                                        ds.as_mut_ptr(),
-                                        t,
-                                        false,
-                                        go,
-                                        (heads * d, 1),
-                                        v[ko..].as_ptr(),
-                                        (1, kv_rs),
-                                        1.0,
-                                    );
-                                }
-                                // ds = p ∘ (dp − Σ dp∘p)
-                                for (dsr, pr) in ds.chunks_mut(t).zip(p.chunks(t)) {
-                                    let dot: f64 =
-                                        dsr.iter().zip(pr).map(|(a, b)| (a * b) as f64).sum();
-                                    let dot = dot as f32;
-                                    dsr.iter_mut()
-                                        .zip(pr)
-                                        .for_each(|(x, pj)| *x = pj * (*x - dot));
-                                }
-                                unsafe {
-                                    // dq = scale · ds · k
-                                    mm(
-                                        (s, d, t),
-                                        dqp.0.add(qo),
-                                        q_rs,
-                                        false,
-                                        ds.as_ptr(),
-                                        (t, 1),
-                                        k[ko..].as_ptr(),
-                                        (kv_rs, 1),
-                                        dm.scale(),
-                                    );
-                                    // dk += scale · dsᵀ · q
-                                    mm(
-                                        (t, d, s),
-                                        dkp.0.add(ko),
-                                        kv_rs,
-                                        !first,
-                                        ds.as_ptr(),
-                                        (1, t),
-                                        q[qo..].as_ptr(),
-                                        (q_rs, 1),
-                                        dm.scale(),
-                                    );
-                                }
-                            }
-                        });
-                        Ok(())
-                    })
-                })
-            })
-        })?;
-        let dev = q.device();
+        let (q_shape, kv_shape, dev) = (q.shape().clone(), k.shape().clone(), q.device().clone());
+        let guards = [q, k, v, &grad].map(|t| t.storage_and_layout());
+        let [q, k, v, g] = [("q", 0), ("k", 1), ("v", 2), ("grad", 3)]
+            .map(|(what, i)| cpu_data(&guards[i].0, guards[i].1, what));
+        let (q, k, v, g) = (q?, k?, v?, g?);
+        (0..b * kv).into_par_iter().for_each(|group| {
+            let (bi, kvi) = (group / kv, group % kv);
+            let (ko, kv_rs) = dm.kv_at(bi, kvi);
+            let (dqp, dkp, dvp) = (pq, pk, pv);
+            let mut ds = vec![0f32; s * t];
+            for r in 0..rep {
+                let hi = kvi * rep + r;
+                let bh = bi * heads + hi;
+                let p = &probs[bh * s * t..(bh + 1) * s * t];
+                let (qo, q_rs) = dm.q_at(bi, hi);
+                let go = g[bi * s * heads * d + hi * d..].as_ptr();
+                let first = r == 0;
+                // SAFETY: as in the forward pass; this task alone writes its
+                // group's heads of dq and its kv head of dk and dv.
+                unsafe {
+                    // dv += pᵀ · dout
+                    gemm_f32(
+                        (t, d, s),
+                        dvp.0.add(ko),
+                        kv_rs,
+                        !first,
+                        p.as_ptr(),
+                        (1, t),
+                        go,
+                        (heads * d, 1),
+                        1.0,
+                        Threads::One,
+                    );
+                    // dp = dout · vᵀ
+                    gemm_f32(
+                        (s, t, d),
+                        ds.as_mut_ptr(),
+                        t,
+                        false,
+                        go,
+                        (heads * d, 1),
+                        v[ko..].as_ptr(),
+                        (1, kv_rs),
+                        1.0,
+                        Threads::One,
+                    );
+                }
+                // ds = p ∘ (dp − Σ dp∘p)
+                for (dsr, pr) in ds.chunks_mut(t).zip(p.chunks(t)) {
+                    let dot: f64 = dsr.iter().zip(pr).map(|(a, b)| (a * b) as f64).sum();
+                    let dot = dot as f32;
+                    dsr.iter_mut()
+                        .zip(pr)
+                        .for_each(|(x, pj)| *x = pj * (*x - dot));
+                }
+                unsafe {
+                    // dq = scale · ds · k
+                    gemm_f32(
+                        (s, d, t),
+                        dqp.0.add(qo),
+                        q_rs,
+                        false,
+                        ds.as_ptr(),
+                        (t, 1),
+                        k[ko..].as_ptr(),
+                        (kv_rs, 1),
+                        dm.scale(),
+                        Threads::One,
+                    );
+                    // dk += scale · dsᵀ · q
+                    gemm_f32(
+                        (t, d, s),
+                        dkp.0.add(ko),
+                        kv_rs,
+                        !first,
+                        ds.as_ptr(),
+                        (1, t),
+                        q[qo..].as_ptr(),
+                        (q_rs, 1),
+                        dm.scale(),
+                        Threads::One,
+                    );
+                }
+            }
+        });
         Ok((
-            Some(Tensor::from_vec(dq, q.shape(), dev)?),
-            Some(Tensor::from_vec(dk, k.shape(), dev)?),
-            Some(Tensor::from_vec(dv, v.shape(), dev)?),
+            Some(Tensor::from_vec(dq, q_shape, &dev)?),
+            Some(Tensor::from_vec(dk, kv_shape.clone(), &dev)?),
+            Some(Tensor::from_vec(dv, kv_shape, &dev)?),
         ))
     }
 }

@@ -29,13 +29,14 @@ pub fn linear_cross_entropy(
     let labels = labels.to_dtype(DType::U32)?;
     let h = hidden.detach();
     let rows = chunk_rows.max(1);
+    // the gradient is only worth computing when something upstream wants it
+    let with_grad = with_grad && n > 0 && hidden.track_op();
     let (loss, dh) = match cpu::linear_cross_entropy(&h, weight, &labels, rows, with_grad)? {
         Some(done) => done,
         None => composed_chunks(&h, weight, &labels, rows, with_grad)?,
     };
-    let dh = match dh {
-        Some(dh) if n > 0 && hidden.track_op() => dh,
-        _ => return Ok(loss),
+    let Some(dh) = dh else {
+        return Ok(loss);
     };
     // value: loss + 0 (x − x is exactly zero); gradient in `hidden`: dh per row
     let zero = (hidden - &h)?.to_dtype(DType::F32)?;
@@ -47,7 +48,7 @@ pub fn linear_cross_entropy(
 /// pass per row (one `exp` per logit), then `dh` by the matmul kernel.
 mod cpu {
     use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
-    use gemm::Parallelism;
+    use lorakit_adapter::cpu_gemm::{gemm_f32, Threads};
     use rayon::prelude::*;
 
     fn data<'a>(s: &'a Storage, l: &Layout) -> Option<&'a [f32]> {
@@ -82,12 +83,6 @@ mod cpu {
             (Storage::Cpu(CpuStorage::U32(v)), Some((a, b))) => &v[a..b],
             _ => return Ok(None),
         };
-        let threads = rayon::current_num_threads();
-        let par = if threads > 1 {
-            Parallelism::Rayon(threads)
-        } else {
-            Parallelism::None
-        };
         let mut loss = vec![0f32; n];
         let mut dh = vec![0f32; if with_grad { n * d } else { 0 }];
         let mut buf = vec![0f32; chunk.min(n) * vocab];
@@ -97,26 +92,17 @@ mod cpu {
             let logits = &mut buf[..len * vocab];
             // SAFETY: logits is len×vocab, hv holds rows start.. of n×d, wv is vocab×d.
             unsafe {
-                gemm::gemm(
-                    len,
-                    vocab,
-                    d,
+                gemm_f32(
+                    (len, vocab, d),
                     logits.as_mut_ptr(),
-                    1,
-                    vocab as isize,
+                    vocab,
                     false,
                     hv[start * d..].as_ptr(),
-                    1,
-                    d as isize,
+                    (d, 1),
                     wv.as_ptr(),
-                    d as isize,
-                    1,
-                    0.0,
+                    (1, d),
                     1.0,
-                    false,
-                    false,
-                    false,
-                    par,
+                    Threads::All,
                 );
             }
             logits
@@ -145,26 +131,17 @@ mod cpu {
             if with_grad {
                 // SAFETY: dh rows start.. are len×d; logits len×vocab; wv vocab×d.
                 unsafe {
-                    gemm::gemm(
-                        len,
-                        d,
-                        vocab,
+                    gemm_f32(
+                        (len, d, vocab),
                         dh[start * d..].as_mut_ptr(),
-                        1,
-                        d as isize,
+                        d,
                         false,
                         logits.as_ptr(),
-                        1,
-                        vocab as isize,
+                        (vocab, 1),
                         wv.as_ptr(),
-                        1,
-                        d as isize,
-                        0.0,
+                        (d, 1),
                         1.0,
-                        false,
-                        false,
-                        false,
-                        par,
+                        Threads::All,
                     );
                 }
             }

@@ -92,10 +92,7 @@ fn rms_norm_t<T: Element>(
     let mut b = stream.launch_builder(&func);
     b.arg(&xv);
     b.arg(&wv);
-    let gv = match g {
-        Some((s, l)) => Some(view::<T>(s, l, "grad")?),
-        None => None,
-    };
+    let gv = g.map(|(s, l)| view::<T>(s, l, "grad")).transpose()?;
     if let Some(gv) = &gv {
         b.arg(gv);
     }
@@ -150,10 +147,7 @@ pub fn softmax(
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&func);
     b.arg(&xv);
-    let gv = match g {
-        Some((s, l)) => Some(view::<f32>(s, l, "grad")?),
-        None => None,
-    };
+    let gv = g.map(|(s, l)| view::<f32>(s, l, "grad")).transpose()?;
     if let Some(gv) = &gv {
         b.arg(gv);
     }
@@ -188,10 +182,7 @@ pub fn cross_entropy(
     let mut b = stream.launch_builder(&func);
     b.arg(&xv);
     b.arg(&yv);
-    let sv = match scale {
-        Some((s, l)) => Some(view::<f32>(s, l, "scale")?),
-        None => None,
-    };
+    let sv = scale.map(|(s, l)| view::<f32>(s, l, "scale")).transpose()?;
     if let Some(sv) = &sv {
         b.arg(sv);
     }
@@ -219,10 +210,7 @@ fn swiglu_t<T: Element>(
     let mut b = stream.launch_builder(&func);
     b.arg(&gv);
     b.arg(&uv);
-    let dv = match g {
-        Some((s, l)) => Some(view::<T>(s, l, "grad")?),
-        None => None,
-    };
+    let dv = g.map(|(s, l)| view::<T>(s, l, "grad")).transpose()?;
     if let Some(dv) = &dv {
         b.arg(dv);
     }

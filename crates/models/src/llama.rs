@@ -209,11 +209,6 @@ impl CausalLm {
         })
     }
 
-    /// The output head (`lm_head`, or the embeddings when tied).
-    pub fn output_head(&self) -> &LoraLinear {
-        &self.lm_head
-    }
-
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
     }
@@ -256,6 +251,16 @@ impl CausalLm {
         attention_mask: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
+        let (x, cos, sin, bias) = self.inputs(input_ids, attention_mask)?;
+        self.layers_forward(x, &cos, &sin, &bias, train, None)
+    }
+
+    /// The checked inputs of a full-sequence pass: embeddings, rotary tables and attention bias.
+    fn inputs(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
         let (b, s) = input_ids.dims2()?;
         if s == 0 {
             return Err(ModelError::Input("empty input sequence".into()));
@@ -273,7 +278,7 @@ impl CausalLm {
         let dev = self.embed_tokens.device();
         let (cos, sin) = rope_tables(&self.inv_freq, self.cfg.position_scale(), s, x.dtype(), dev)?;
         let bias = attention_bias(b, s, attention_mask, self.cfg.sliding_window, dev)?;
-        self.layers_forward(x, &cos, &sin, &bias, train, None)
+        Ok((x, cos, sin, bias))
     }
 
     fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
@@ -325,7 +330,9 @@ impl CausalLm {
         self.head_loss(&hidden, positions, labels, train)
     }
 
-    fn head_loss(
+    /// Summed cross-entropy of the output head over `hidden` `[batch, seq, hidden]` at
+    /// `positions` against `labels` (the second half of [`CausalLm::summed_loss`]).
+    pub fn head_loss(
         &self,
         hidden: &Tensor,
         positions: &Tensor,
@@ -360,11 +367,7 @@ impl CausalLm {
         scale: f64,
         vars: &[Tensor],
     ) -> Result<(f32, Vec<Option<Tensor>>)> {
-        let (b, s) = input_ids.dims2()?;
-        let x = self.embed(input_ids)?;
-        let dev = self.embed_tokens.device();
-        let (cos, sin) = rope_tables(&self.inv_freq, self.cfg.position_scale(), s, x.dtype(), dev)?;
-        let bias = attention_bias(b, s, attention_mask, self.cfg.sliding_window, dev)?;
+        let (x, cos, sin, bias) = self.inputs(input_ids, attention_mask)?;
         let rope = Rope {
             cos: &cos,
             sin: &sin,
