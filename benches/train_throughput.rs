@@ -148,7 +148,7 @@ fn main() -> anyhow::Result<()> {
     let num = |i: usize, d: usize| pos.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
     let (batch, seq, steps) = (num(1, 2), num(2, 128), num(3, 5));
     let device = match flag("--device").as_deref() {
-        Some("cuda") => Device::new_cuda(0)?,
+        Some("cuda") => lorakit_train::runtime::cuda_device(0)?,
         _ => Device::Cpu,
     };
     let dtype = match flag("--dtype").as_deref() {

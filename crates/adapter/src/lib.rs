@@ -12,6 +12,7 @@ pub mod frozen;
 pub mod fsutil;
 pub mod lora_linear;
 pub mod lora_matmul;
+pub mod lora_op;
 pub mod merged_backend;
 pub mod peft_format;
 pub mod safetensors_writer;

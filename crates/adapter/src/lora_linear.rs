@@ -3,7 +3,8 @@
 use crate::dropout::Dropout;
 use crate::frozen::{frozen_add, frozen_matmul};
 use crate::lora_matmul::lora_matmul;
-use candle_core::{Module, Result, Tensor};
+use crate::lora_op::lora_op;
+use candle_core::{DType, Module, Result, Tensor};
 
 /// The trainable (or loaded) low-rank pair of one module.
 #[derive(Clone, Debug)]
@@ -122,6 +123,14 @@ impl LoraLinear {
             return add_bias(frozen_matmul(x, &self.weight)?);
         };
         let x = x.contiguous()?;
+        let cpu_f32 = [&x, &self.weight, &l.a, &l.b]
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+        let dropout = train && l.dropout.is_some();
+        if !cpu_f32 && !dropout {
+            // keeps only x for the backward pass (the GPU path, and other dtypes)
+            return add_bias(lora_op(&x, &self.weight, &l.a, &l.b, l.scaling)?);
+        }
         let u = l.down(&x, train)?;
         if let Some(y) = lora_matmul(&x, &self.weight, &u, &l.b) {
             return add_bias(y?);

@@ -107,6 +107,82 @@ __device__ void softmax_grad(const float* y, const float* g, float* dx, int d) {
   for (int j = threadIdx.x; j < d; j += BLOCK) dx[base + j] = y[base + j] * (g[base + j] - dot);
 }
 
+// Sum and max over one warp; every lane gets the result.
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+  return v;
+}
+
+// Attention scores → probabilities. Score rows are short (t keys) and many (b·heads·s), so one
+// warp takes a row (BLOCK / 32 rows per block) and reduces with shuffles alone: a block per
+// row left most of each block idle in __syncthreads. Row r of [b, groups, rows, t] reads
+// x_j = scale·scores[r, j] + bias[(r / batch_rows) mod bias_b, r mod s, j]; p = softmax(x).
+struct AttnRow {
+  size_t r;  // the row, or rows when this warp has none
+  int lane;
+  const float* bias;
+};
+
+__device__ __forceinline__ AttnRow attn_row(const float* bias, size_t rows, int s, int t,
+                                            int batch_rows, int bias_b) {
+  AttnRow a;
+  a.r = (size_t)blockIdx.x * (BLOCK / 32) + threadIdx.x / 32;
+  a.lane = threadIdx.x & 31;
+  a.bias = a.r < rows ? bias + ((a.r / batch_rows) % bias_b * (size_t)s + a.r % s) * t : bias;
+  if (a.r >= rows) a.r = rows;
+  return a;
+}
+
+// (max, Σ exp(x − max)) of the row, every lane gets both.
+template <typename T>
+__device__ float2 attn_row_stats(const T* row, const float* brow, int t, float scale, int lane) {
+  float m = -INFINITY;
+  for (int j = lane; j < t; j += 32) m = fmaxf(m, scale * to_f(row[j]) + brow[j]);
+  m = warp_max(m);
+  float sum = 0.f;
+  for (int j = lane; j < t; j += 32) sum += expf(scale * to_f(row[j]) + brow[j] - m);
+  return make_float2(m, warp_sum(sum));
+}
+
+template <typename T>
+__device__ void attn_probs(const T* scores, const float* bias, T* probs, size_t rows, int t,
+                           int s, int batch_rows, int bias_b, float scale) {
+  AttnRow a = attn_row(bias, rows, s, t, batch_rows, bias_b);
+  if (a.r >= rows) return;  // the whole warp: shuffles stay full
+  const T* row = scores + a.r * t;
+  float2 ms = attn_row_stats(row, a.bias, t, scale, a.lane);
+  float inv = 1.f / ms.y;
+  for (int j = a.lane; j < t; j += 32) {
+    probs[a.r * t + j] = from_f<T>(expf(scale * to_f(row[j]) + a.bias[j] - ms.x) * inv);
+  }
+}
+
+// ds = scale · p ∘ (dp − Σ p∘dp), p recomputed from the scores.
+template <typename T>
+__device__ void attn_probs_grad(const T* scores, const float* bias, const T* dp, T* ds,
+                                size_t rows, int t, int s, int batch_rows, int bias_b,
+                                float scale) {
+  AttnRow a = attn_row(bias, rows, s, t, batch_rows, bias_b);
+  if (a.r >= rows) return;
+  const T* row = scores + a.r * t;
+  const T* g = dp + a.r * t;
+  float2 ms = attn_row_stats(row, a.bias, t, scale, a.lane);
+  float inv = 1.f / ms.y;
+  float dot = 0.f;
+  for (int j = a.lane; j < t; j += 32) {
+    dot += expf(scale * to_f(row[j]) + a.bias[j] - ms.x) * inv * to_f(g[j]);
+  }
+  dot = warp_sum(dot);
+  for (int j = a.lane; j < t; j += 32) {
+    float p = expf(scale * to_f(row[j]) + a.bias[j] - ms.x) * inv;
+    ds[a.r * t + j] = from_f<T>(scale * p * (to_f(g[j]) - dot));
+  }
+}
+
 // loss = logsumexp(row) − row[label]; one block per row of f32 logits.
 __device__ void cross_entropy(const float* logits, const uint32_t* labels, float* loss, int v) {
   size_t base = (size_t)blockIdx.x * v;
@@ -209,4 +285,32 @@ extern "C" __global__ void cross_entropy_f32(const float* logits, const uint32_t
 extern "C" __global__ void cross_entropy_grad_f32(const float* logits, const uint32_t* labels,
                                                   const float* scale, float* out, int v) {
   cross_entropy_grad(logits, labels, scale, out, v);
+}
+FLOAT_AND_BF16(attn_probs,
+               (const float* scores, const float* bias, float* probs, size_t rows, int t, int s,
+                int batch_rows, int bias_b, float scale),
+               (const __nv_bfloat16* scores, const float* bias, __nv_bfloat16* probs,
+                size_t rows, int t, int s, int batch_rows, int bias_b, float scale),
+               (scores, bias, probs, rows, t, s, batch_rows, bias_b, scale))
+FLOAT_AND_BF16(attn_probs_grad,
+               (const float* scores, const float* bias, const float* dp, float* ds, size_t rows,
+                int t, int s, int batch_rows, int bias_b, float scale),
+               (const __nv_bfloat16* scores, const float* bias, const __nv_bfloat16* dp,
+                __nv_bfloat16* ds, size_t rows, int t, int s, int batch_rows, int bias_b,
+                float scale),
+               (scores, bias, dp, ds, rows, t, s, batch_rows, bias_b, scale))
+
+// One AdamW step of an f32 parameter, element-wise, in place for p, m and v (PyTorch's order:
+// moments, decay, then the bias-corrected update). c1, c2 = 1 − β^t.
+extern "C" __global__ void adamw_f32(float* p, float* m, float* v, const float* g, size_t n,
+                                     float lr, float b1, float b2, float eps, float decay,
+                                     float c1, float c2) {
+  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  float gi = g[i];
+  float mi = b1 * m[i] + (1.f - b1) * gi;
+  float vi = b2 * v[i] + (1.f - b2) * gi * gi;
+  m[i] = mi;
+  v[i] = vi;
+  p[i] = p[i] * decay - lr * ((mi / c1) / (sqrtf(vi / c2) + eps));
 }

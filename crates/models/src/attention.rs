@@ -187,7 +187,7 @@ unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
 /// Softmax of `row` in place; the sum is taken in f64.
-fn softmax_in_place(row: &mut [f32]) {
+pub(crate) fn softmax_in_place(row: &mut [f32]) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f64;
     for x in row.iter_mut() {
@@ -408,26 +408,30 @@ impl CustomOp3 for FusedAttention {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{Device, Var, D};
     use lorakit_adapter::compare::max_abs_diff;
 
-    /// The composed attention the model used before: repeat kv heads, scale, bias, softmax.
-    fn composed(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    /// The composed attention the model used before: repeat kv heads, scale, bias, softmax;
+    /// in f32 (inputs of other dtypes are cast), returned in q's dtype.
+    pub(crate) fn composed(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
         let (b, h, s, d) = q.dims4()?;
         let rep = h / k.dim(1)?;
+        let f32 = |x: &Tensor| x.to_dtype(DType::F32);
         let expand = |x: &Tensor| -> Result<Tensor> {
             let (b, kv, t, d) = x.dims4()?;
-            Tensor::cat(&vec![x; rep], 2)?.reshape((b, kv * rep, t, d))
+            Tensor::cat(&vec![&f32(x)?; rep], 2)?.reshape((b, kv * rep, t, d))
         };
         let (k, v) = (expand(k)?, expand(v)?);
-        let scores = (q.matmul(&k.t()?.contiguous()?)? / (d as f64).sqrt())?.broadcast_add(bias)?;
+        let scores =
+            (f32(q)?.matmul(&k.t()?.contiguous()?)? / (d as f64).sqrt())?.broadcast_add(bias)?;
         let p = candle_nn::ops::softmax(&scores, D::Minus1)?;
         p.matmul(&v.contiguous()?)?
             .transpose(1, 2)?
             .contiguous()?
-            .reshape((b, s, h * d))
+            .reshape((b, s, h * d))?
+            .to_dtype(q.dtype())
     }
 
     /// Values and the q/k/v gradients (under a random upstream gradient) agree.

@@ -286,3 +286,110 @@ pub fn rope(
         _ => rope_t::<f32>(x, lx, cos, lc, sin, ls, sign, &name),
     }
 }
+
+fn attention_probs_t<T: Element>(
+    scores: &CudaStorage,
+    ls: &Layout,
+    dp: Option<(&CudaStorage, &Layout)>,
+    rows_of: &crate::attention_probs::ScoreRows,
+    (rows, t): (usize, usize),
+    name: &str,
+) -> Result<CudaStorage> {
+    let dev = scores.device().clone();
+    let sv = view::<T>(scores, ls, "scores")?;
+    let (bias, lb) = rows_of.bias.storage_and_layout();
+    let candle_core::Storage::Cuda(bias) = &*bias else {
+        candle_core::bail!("attention probabilities: bias is not on the GPU");
+    };
+    let bv = view::<f32>(bias, lb, "bias")?;
+    let bias_b = rows_of.bias.dim(0)? as i32;
+    let out = unsafe { dev.alloc::<T>(rows * t)? };
+    let func = function(&dev, name)?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&func);
+    b.arg(&sv);
+    b.arg(&bv);
+    let dv = dp.map(|(s, l)| view::<T>(s, l, "dp")).transpose()?;
+    if let Some(dv) = &dv {
+        b.arg(dv);
+    }
+    b.arg(&out);
+    b.arg(&rows);
+    let (t32, s32, batch32) = (t as i32, rows_of.s as i32, rows_of.batch_rows as i32);
+    b.arg(&t32);
+    b.arg(&s32);
+    b.arg(&batch32);
+    b.arg(&bias_b);
+    b.arg(&rows_of.scale);
+    // a warp per row
+    let config = LaunchConfig {
+        grid_dim: (rows.div_ceil(BLOCK as usize / 32).max(1) as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { b.launch(config) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+/// Attention probabilities `softmax(scale·scores + bias)` of `rows` score rows of length `t`,
+/// or with `dp` the scores' gradient; in the scores' dtype.
+pub fn attention_probs(
+    scores: &CudaStorage,
+    ls: &Layout,
+    dp: Option<(&CudaStorage, &Layout)>,
+    rows_of: &crate::attention_probs::ScoreRows,
+    rows: usize,
+    t: usize,
+) -> Result<CudaStorage> {
+    let base = if dp.is_some() {
+        "attn_probs_grad"
+    } else {
+        "attn_probs"
+    };
+    let name = format!("{base}_{}", suffix(scores.dtype(), base)?);
+    match scores.dtype() {
+        DType::BF16 => attention_probs_t::<bf16>(scores, ls, dp, rows_of, (rows, t), &name),
+        _ => attention_probs_t::<f32>(scores, ls, dp, rows_of, (rows, t), &name),
+    }
+}
+
+/// One AdamW step in place: `p`, `m` and `v` are overwritten (f32, contiguous, `n` each).
+pub fn adamw(
+    (p, lp): (&mut CudaStorage, &Layout),
+    (m, lm): (&CudaStorage, &Layout),
+    (v, lv): (&CudaStorage, &Layout),
+    (g, lg): (&CudaStorage, &Layout),
+    h: &crate::fused::AdamWStep,
+) -> Result<()> {
+    let dev = m.device().clone();
+    let n = lp.shape().elem_count();
+    for l in [lm, lv, lg] {
+        if l.shape().elem_count() != n {
+            candle_core::bail!("adamw: moments and gradient must match the parameter");
+        }
+    }
+    let (mv, vv) = (view::<f32>(m, lm, "m")?, view::<f32>(v, lv, "v")?);
+    let gv = view::<f32>(g, lg, "grad")?;
+    let (a, b) = lp
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("adamw: parameter must be contiguous".into()))?;
+    let mut pv = p.as_cuda_slice_mut::<f32>()?.slice_mut(a..b);
+    let func = function(&dev, "adamw_f32")?;
+    let stream = dev.cuda_stream();
+    let mut l = stream.launch_builder(&func);
+    // SAFETY (m, v): the kernel writes the moments through these views; nothing else reads or
+    // writes them while the step runs (they belong to the optimizer and live on this stream).
+    l.arg(&mut pv);
+    l.arg(&mv);
+    l.arg(&vv);
+    l.arg(&gv);
+    l.arg(&n);
+    let f = |x: f64| x as f32;
+    let decay = 1.0 - h.lr * h.weight_decay;
+    let args = [h.lr, h.beta1, h.beta2, h.eps, decay, h.c1, h.c2].map(f);
+    for x in &args {
+        l.arg(x);
+    }
+    unsafe { l.launch(flat_config(n)) }.w()?;
+    Ok(())
+}

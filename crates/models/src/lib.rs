@@ -2,6 +2,8 @@
 //! `lorakit_adapter::LayerBuilder`, so every linear layer can carry a LoRA adapter. Full-sequence
 //! logits, causal + padding masks, GQA, tied embeddings. Never mentions rank, alpha or merging.
 pub mod attention;
+pub mod attention_probs;
+pub mod attention_recompute;
 pub mod bert;
 pub mod chunked_loss;
 pub mod config;

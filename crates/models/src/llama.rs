@@ -3,7 +3,7 @@
 use crate::chunked_loss::{chunk_rows, linear_cross_entropy};
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
-use crate::ops::{apply_rope, attention_bias, repeat_kv, rms_norm, rope_tables};
+use crate::ops::{apply_rope, attention_bias, rms_norm, rope_tables};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Module, Tensor, Var};
 use lorakit_adapter::{LayerBuilder, LoraLinear};
@@ -77,22 +77,11 @@ impl Attention {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        if let Some(out) = crate::attention::attention(&q, &k, &v, bias) {
-            return Ok(self.o_proj.forward_t(&out?, train)?);
-        }
-        let n_rep = self.heads / self.kv_heads;
-        let k = repeat_kv(&k, n_rep)?.contiguous()?;
-        let v = repeat_kv(&v, n_rep)?.contiguous()?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?
-            .to_dtype(DType::F32)?
-            .broadcast_add(bias)?;
-        let probs = crate::fused::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((
-            b,
-            s,
-            self.heads * self.head_dim,
-        ))?;
+        let out = match crate::attention::attention(&q, &k, &v, bias) {
+            Some(out) => out?,
+            // other devices and dtypes: memory-light, probabilities recomputed in backward
+            None => crate::attention_recompute::attention_recompute(&q, &k, &v, bias)?,
+        };
         Ok(self.o_proj.forward_t(&out, train)?)
     }
 }

@@ -57,15 +57,6 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
 }
 
-/// `[b, kv_heads, s, d]` → `[b, kv_heads * n_rep, s, d]`, each kv head repeated `n_rep` times.
-pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(x.clone());
-    }
-    let (b, kv, s, d) = x.dims4()?;
-    Tensor::cat(&vec![x; n_rep], 2)?.reshape((b, kv * n_rep, s, d))
-}
-
 /// Additive attention bias `[b, 1, s, s]` in f32: 0 where query i may see key j (j ≤ i, within
 /// the sliding window, key not padding), a large negative number elsewhere. A finite value keeps
 /// rows that see nothing (padding queries) free of NaN.
@@ -124,15 +115,6 @@ mod tests {
                 vec![false, false, true, false],
             ]
         );
-        Ok(())
-    }
-
-    #[test]
-    fn repeat_kv_repeats_each_head_in_place() -> Result<()> {
-        let dev = Device::Cpu;
-        let x = Tensor::arange(0f32, 2., &dev)?.reshape((1, 2, 1, 1))?;
-        let r = repeat_kv(&x, 3)?.flatten_all()?.to_vec1::<f32>()?;
-        assert_eq!(r, vec![0., 0., 0., 1., 1., 1.]);
         Ok(())
     }
 }

@@ -1,11 +1,13 @@
 //! The CUDA kernels (kernels/fused.cu) against the CPU kernels: values and gradients of every
-//! fused op in f32 and bf16, and a whole model's loss and adapter gradients. Built only with
+//! fused op (and of the recomputing attention, which runs the attention-probability kernels)
+//! in f32 and bf16, and a whole model's loss and adapter gradients. Built only with
 //! `--features cuda`; without a GPU each test says SKIPPED and passes. On the GPU machine (no
 //! Rust there): build here with `cargo test --release --features cuda -p lorakit-models --test
 //! cuda_kernels --no-run`, carry the printed binary, run it there.
 #![cfg(feature = "cuda")]
 use candle_core::{DType, Device, Result, Tensor, Var};
 use lorakit_adapter::compare::max_abs_diff;
+use lorakit_models::attention_recompute::attention_recompute;
 use lorakit_models::fused;
 
 fn gpu() -> Option<Device> {
@@ -83,7 +85,33 @@ fn fused_ops_on_cuda_match_the_cpu() -> Result<()> {
     let sin = Tensor::randn(0f32, 1., (6, 32), &cpu)?;
     let logits = Tensor::randn(0f32, 3., (7, 3001), &cpu)?;
     let labels = Tensor::new(&[0u32, 5, 3000, 17, 17, 42, 2999], &cpu)?;
+    // attention: 4 query heads over 2 kv heads, causal, row 1 with a padded first key
+    let (q, kv) = (x.clone(), Tensor::randn(0f32, 1., (2, 2, 6, 64), &cpu)?);
+    let mut mask = vec![0f32; 2 * 6 * 6];
+    for (i, m) in mask.iter_mut().enumerate() {
+        let (r, qi, kj) = (i / 36, (i / 6) % 6, i % 6);
+        if kj > qi || (r == 1 && kj == 0 && qi > 0) {
+            *m = -1e9;
+        }
+    }
+    let bias_cpu = Tensor::from_vec(mask, (2, 1, 6, 6), &cpu)?;
+    let bias_gpu = bias_cpu.to_device(&dev)?;
     for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 6e-2)] {
+        same_on_gpu(
+            &dev,
+            dtype,
+            &[q.clone(), kv.clone(), kv.cos()?],
+            3,
+            tol,
+            |t| {
+                let bias = if t[0].device().is_cpu() {
+                    &bias_cpu
+                } else {
+                    &bias_gpu
+                };
+                attention_recompute(&t[0], &t[1], &t[2], bias)
+            },
+        )?;
         same_on_gpu(&dev, dtype, &[x.clone(), w.clone()], 1, tol, |t| {
             fused::rms_norm(&t[0], &t[1], 1e-5).expect("fused rms_norm")
         })?;
@@ -123,6 +151,8 @@ fn fused_ops_on_cuda_match_the_cpu() -> Result<()> {
     Ok(())
 }
 
+/// A tiny GQA Llama with LoRA on every linear layer, on CUDA in f32 and bf16 (the fast paths
+/// there: fused kernels, the recomputing attention and LoRA ops), against the CPU in f32.
 #[test]
 fn a_model_on_cuda_gives_the_cpu_loss_and_adapter_gradients() -> Result<()> {
     use candle_nn::VarMap;
@@ -131,7 +161,7 @@ fn a_model_on_cuda_gives_the_cpu_loss_and_adapter_gradients() -> Result<()> {
     let Some(dev) = gpu() else { return Ok(()) };
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures/peft/llama_gqa/base");
-    let run = |device: &Device| -> Result<(f32, Vec<(String, Tensor)>)> {
+    let run = |device: &Device, dtype: DType| -> Result<(f32, Vec<(String, Tensor)>)> {
         let config: LoraConfig = serde_json::from_value(serde_json::json!({
             "r": 4, "lora_alpha": 8, "target_modules": "all-linear"
         }))
@@ -146,7 +176,7 @@ fn a_model_on_cuda_gives_the_cpu_loss_and_adapter_gradients() -> Result<()> {
                     seed: 3,
                     dropout_seed: Default::default(),
                 },
-                DType::F32,
+                dtype,
                 device,
             )
             .unwrap();
@@ -164,24 +194,94 @@ fn a_model_on_cuda_gives_the_cpu_loss_and_adapter_gradients() -> Result<()> {
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let grads = loss.backward()?;
         let vars = varmap.data().lock().unwrap();
-        let g = vars
+        let mut g: Vec<(String, Tensor)> = vars
             .iter()
             .map(|(n, v)| {
                 let g = grads.get(v.as_tensor()).expect("gradient");
-                (n.clone(), g.to_device(&Device::Cpu).unwrap())
+                let g = g
+                    .to_dtype(DType::F32)
+                    .and_then(|g| g.to_device(&Device::Cpu));
+                (n.clone(), g.unwrap())
             })
             .collect();
-        Ok((loss.to_device(&Device::Cpu)?.to_scalar::<f32>()?, g))
+        // each VarMap hashes its names its own way: compare by name
+        g.sort_by(|a, b| a.0.cmp(&b.0));
+        let loss = loss.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+        Ok((loss.to_scalar::<f32>()?, g))
     };
-    let (l_cpu, g_cpu) = run(&Device::Cpu)?;
-    let (l_gpu, g_gpu) = run(&dev)?;
-    assert!(
-        (l_cpu - l_gpu).abs() < 1e-4 * l_cpu.abs(),
-        "{l_cpu} vs {l_gpu}"
-    );
-    for ((n, a), (_, b)) in g_cpu.iter().zip(&g_gpu) {
-        let d = max_abs_diff(a, b)?;
-        assert!(d < 1e-4, "{n}: {d}");
+    let (l_cpu, g_cpu) = run(&Device::Cpu, DType::F32)?;
+    // f32: the same numbers up to summation order; bf16: within bf16's 8 bits
+    for (dtype, loss_tol, grad_tol) in [(DType::F32, 1e-4, 1e-4), (DType::BF16, 1e-2, 5e-2)] {
+        let (l_gpu, g_gpu) = run(&dev, dtype)?;
+        assert!(
+            (l_cpu - l_gpu).abs() < loss_tol * l_cpu.abs(),
+            "{dtype:?}: loss {l_cpu} vs {l_gpu}"
+        );
+        assert_eq!(g_cpu.len(), g_gpu.len());
+        for ((n, a), (m, b)) in g_cpu.iter().zip(&g_gpu) {
+            assert_eq!(n, m);
+            // relative to the gradient's size
+            let size = a.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+            let err = (a - b)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+            println!("{dtype:?} {n}: relative error {}", err / size);
+            assert!(err <= grad_tol * size, "{dtype:?} {n}: {err} of {size}");
+        }
     }
+    Ok(())
+}
+
+/// The fused AdamW kernel against the update written out in f64, over three steps with weight
+/// decay; parameter and both moments are updated in place.
+#[test]
+fn fused_adamw_on_cuda_matches_the_update_rule() -> Result<()> {
+    use fused::{adamw_step, AdamWStep};
+    let Some(dev) = gpu() else { return Ok(()) };
+    let n = 1000;
+    let p0: Vec<f32> = Tensor::randn(0f32, 1., n, &Device::Cpu)?.to_vec1()?;
+    let (p, m, v) = (
+        Tensor::new(p0.as_slice(), &dev)?,
+        Tensor::zeros(n, DType::F32, &dev)?,
+        Tensor::zeros(n, DType::F32, &dev)?,
+    );
+    let (mut pr, mut mr, mut vr) = (
+        p0.iter().map(|x| *x as f64).collect::<Vec<_>>(),
+        vec![0f64; n],
+        vec![0f64; n],
+    );
+    let (lr, b1, b2, eps, wd) = (1e-2, 0.9, 0.999, 1e-8, 0.1);
+    let step_at = |t: i32| AdamWStep {
+        lr,
+        beta1: b1,
+        beta2: b2,
+        eps,
+        weight_decay: wd,
+        c1: 1.0 - f64::powi(b1, t),
+        c2: 1.0 - f64::powi(b2, t),
+    };
+    for t in 1..=3 {
+        let g: Vec<f32> = Tensor::randn(0f32, 1., n, &Device::Cpu)?.to_vec1()?;
+        let step = step_at(t);
+        let (c1, c2) = (step.c1, step.c2);
+        adamw_step(&p, &m, &v, &Tensor::new(g.as_slice(), &dev)?, &step).expect("fused")?;
+        for i in 0..n {
+            let gi = g[i] as f64;
+            mr[i] = b1 * mr[i] + (1.0 - b1) * gi;
+            vr[i] = b2 * vr[i] + (1.0 - b2) * gi * gi;
+            pr[i] = pr[i] * (1.0 - lr * wd) - lr * (mr[i] / c1) / ((vr[i] / c2).sqrt() + eps);
+        }
+    }
+    for (got, want) in [(&p, &pr), (&m, &mr), (&v, &vr)] {
+        let got: Vec<f32> = got.to_vec1()?;
+        let d = got
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (*a as f64 - b).abs())
+            .fold(0.0, f64::max);
+        assert!(d < 1e-5, "{d}");
+    }
+    // not fused on the CPU
+    let cpu = Tensor::zeros(3, DType::F32, &Device::Cpu)?;
+    let step = step_at(1);
+    assert!(adamw_step(&cpu, &cpu.zeros_like()?, &cpu.zeros_like()?, &cpu, &step).is_none());
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! AdamW (decoupled weight decay, as in PyTorch) over named variables, with state that can be
 //! saved and restored exactly, and global-norm gradient clipping.
 use candle_core::{DType, Result, Tensor, Var};
+use lorakit_models::fused::{adamw_step, AdamWStep};
 use std::collections::BTreeMap;
 
 pub struct AdamW {
@@ -68,10 +69,24 @@ impl AdamW {
         let (b1, b2) = (self.beta1, self.beta2);
         let c1 = 1.0 - b1.powi(t);
         let c2 = 1.0 - b2.powi(t);
+        let fused = AdamWStep {
+            lr,
+            beta1: b1,
+            beta2: b2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            c1,
+            c2,
+        };
         for (i, (_, var)) in self.vars.iter().enumerate() {
             // a gradient that still carries a graph would chain every step's graph into the
             // moments and keep it alive
             let g = &grads[i].detach();
+            // on the GPU: one kernel per variable, the same arithmetic in f32
+            if let Some(done) = adamw_step(var.as_tensor(), &self.m[i], &self.v[i], g, &fused) {
+                done?;
+                continue;
+            }
             let m = ((&self.m[i] * b1)? + (g * (1.0 - b1))?)?;
             let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let theta = var.as_tensor();

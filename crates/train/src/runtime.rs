@@ -5,7 +5,7 @@ use candle_core::{DType, Device};
 
 pub fn device(spec: &str) -> Result<Device> {
     let cuda = |n: usize| {
-        Device::new_cuda(n).map_err(|e| TrainError::InvalidRecipe {
+        cuda_device(n).map_err(|e| TrainError::InvalidRecipe {
             file: "recipe".into(),
             field: "model.device".into(),
             message: format!("cuda:{n} is not available ({e}); build with --features cuda on a machine with an NVIDIA GPU, or use device: cpu"),
@@ -13,7 +13,7 @@ pub fn device(spec: &str) -> Result<Device> {
     };
     match spec {
         "cpu" => Ok(Device::Cpu),
-        "auto" => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
+        "auto" => Ok(cuda_device(0).unwrap_or(Device::Cpu)),
         "cuda" => cuda(0),
         s => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
             Some(n) => cuda(n),
@@ -24,6 +24,46 @@ pub fn device(spec: &str) -> Result<Device> {
             }),
         },
     }
+}
+
+/// GPU `n`, set up for training steps that allocate thousands of buffers each:
+/// - cudarc's per-buffer event tracking off: it creates two CUDA events for every allocation
+///   (and destroys them with it) so that buffers can be shared between streams; candle runs a
+///   device's work on one stream, where the events order nothing.
+/// - the memory pool keeps what is freed: by default the driver's pool (candle allocates with
+///   `cuMemAllocAsync`) hands freed memory back to the system at every synchronisation, and the
+///   next step maps it again; PyTorch's caching allocator keeps it likewise. Reported peaks
+///   count memory in use, not memory kept.
+pub fn cuda_device(n: usize) -> candle_core::Result<Device> {
+    let device = Device::new_cuda(n)?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = &device {
+        // SAFETY: every tensor of this device lives and is used on the device's one stream.
+        unsafe { d.disable_event_tracking() };
+        keep_freed_memory(d)?;
+    }
+    Ok(device)
+}
+
+#[cfg(feature = "cuda")]
+fn keep_freed_memory(d: &candle_core::CudaDevice) -> candle_core::Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let cu_device = d.cuda_stream().context().cu_device();
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut keep = u64::MAX;
+    // SAFETY: driver calls on this device's default pool, writing/reading the locals above.
+    let ok = unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, cu_device) == sys::CUresult::CUDA_SUCCESS
+            && sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut keep as *mut u64 as *mut std::ffi::c_void,
+            ) == sys::CUresult::CUDA_SUCCESS
+    };
+    if !ok {
+        candle_core::bail!("cuda: could not set the memory pool's release threshold");
+    }
+    Ok(())
 }
 
 pub fn dtype(spec: &str, device: &Device) -> DType {

@@ -1,0 +1,269 @@
+//! Attention core for any device and dtype, `softmax(q·kᵀ/√d + bias)·v`, that keeps nothing
+//! but q, k and v for the backward pass. Composed, candle keeps every `[b, heads, s, t]`
+//! intermediate (the scores, their scaled, f32 and biased copies, the probabilities and their
+//! cast: about 1.2 GB per layer for a 1B model at 8 × 512 tokens), which is most of a training
+//! step's memory; here the backward pass recomputes the probabilities (two more batched
+//! matmuls of the five, as FlashAttention's backward does). Grouped kv heads are read in
+//! place: the `rep` query heads that share a kv head are one `[rep·s, d]` matrix, so every
+//! product is one batched matmul over `b · kv_heads` groups and there is no `repeat_kv` copy.
+//! Scores and softmax are f32 whatever the inputs' dtype. Tensor and storage ops only: the CPU
+//! runs (and the tests check) the very code the GPU runs.
+use crate::attention_probs::{attention_probs, attention_probs_grad, ScoreRows};
+use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::Tensor;
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, Layout, Result, Shape, Storage};
+
+/// Attention of `q` `[b, heads, s, d]` over `k`, `v` `[b, kv_heads, t, d]` with an additive
+/// f32 `bias` `[1 or b, 1, s, t]`, returning `[b, s, heads·d]` (the output projection's
+/// input); differentiable in q, k and v.
+pub fn attention_recompute(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let shape = Grouping::of(&q, &k, &v, bias)?;
+    let out = shape.forward(&q.detach(), &k.detach(), &v.detach(), bias)?;
+    q.apply_op3(
+        &k,
+        &v,
+        Attach {
+            out,
+            bias: bias.clone(),
+            shape,
+        },
+    )
+}
+
+/// Sizes of one call.
+#[derive(Clone, Copy)]
+struct Grouping {
+    b: usize,
+    heads: usize,
+    kv: usize,
+    s: usize,
+    d: usize,
+}
+
+impl Grouping {
+    fn of(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Self> {
+        let (b, heads, s, d) = q.dims4()?;
+        let (bk, kv, t, dk) = k.dims4()?;
+        if bk != b || dk != d || v.dims() != k.dims() || kv == 0 || heads % kv != 0 {
+            candle_core::bail!(
+                "attention: q {:?}, k {:?} and v {:?} do not fit together",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            );
+        }
+        match bias.dims() {
+            [bb, 1, bs, bt] if (*bb == 1 || *bb == b) && *bs == s && *bt == t => {}
+            other => {
+                candle_core::bail!("attention: bias {other:?} does not fit [{b}, 1, {s}, {t}]")
+            }
+        }
+        Ok(Grouping { b, heads, kv, s, d })
+    }
+
+    fn rep(&self) -> usize {
+        self.heads / self.kv
+    }
+
+    /// q as `[b, kv, rep·s, d]`: each group's query heads stacked (a view, no copy).
+    fn grouped(&self, q: &Tensor) -> Result<Tensor> {
+        q.reshape((self.b, self.kv, self.rep() * self.s, self.d))
+    }
+
+    /// How the score rows meet the bias rows.
+    fn rows(&self, bias: &Tensor) -> ScoreRows {
+        ScoreRows {
+            bias: bias.clone(),
+            scale: 1.0 / (self.d as f32).sqrt(),
+            s: self.s,
+            batch_rows: self.kv * self.rep() * self.s,
+        }
+    }
+
+    /// `q·kᵀ` per group, `[b, kv, rep·s, t]`, in the inputs' dtype.
+    fn scores(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
+        self.grouped(q)?.matmul(&k.t()?)
+    }
+
+    /// `[b, heads, s, d]` from detached inputs.
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        let p = attention_probs(&self.scores(q, k)?, &self.rows(bias))?;
+        p.matmul(v)?.reshape((self.b, self.heads, self.s, self.d))
+    }
+}
+
+/// Hands the output computed without a graph to the graph, with the backward pass below.
+struct Attach {
+    /// `[b, heads, s, d]`, contiguous.
+    out: Tensor,
+    bias: Tensor,
+    shape: Grouping,
+}
+
+impl Attach {
+    /// The output in the `[b, s, heads·d]` layout: one strided copy (the transpose the
+    /// output projection needs anyway).
+    fn emit<S>(&self, o: &S, lo: &Layout) -> Result<(S, Shape)>
+    where
+        S: BackendStorage,
+        S::Device: BackendDevice<Storage = S>,
+    {
+        let Grouping { b, heads, s, d, .. } = self.shape;
+        let shape = Shape::from((b, s, heads * d));
+        let mut dst = unsafe { o.device().alloc_uninit(&shape, o.dtype())? };
+        o.copy_strided_src(&mut dst, 0, &lo.transpose(1, 2)?)?;
+        Ok((dst, shape))
+    }
+}
+
+impl CustomOp3 for Attach {
+    fn name(&self) -> &'static str {
+        "attention-recompute"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (o, lo) = self.out.storage_and_layout();
+        match &*o {
+            Storage::Cpu(o) => self.emit(o, lo),
+            _ => candle_core::bail!("attention: output is not on the CPU"),
+        }
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (o, lo) = self.out.storage_and_layout();
+        match &*o {
+            Storage::Cuda(o) => self.emit(o, lo),
+            _ => candle_core::bail!("attention: output is not on the GPU"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let sh = self.shape;
+        let (q, k, v) = (q.detach(), k.detach(), v.detach());
+        // dout as [b, kv, rep·s, d]
+        let go = grad
+            .reshape((sh.b, sh.s, sh.heads, sh.d))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((sh.b, sh.kv, sh.rep() * sh.s, sh.d))?;
+        let rows = sh.rows(&self.bias);
+        let scores = sh.scores(&q, &k)?;
+        let dv = attention_probs(&scores, &rows)?.t()?.matmul(&go)?;
+        let dp = go.matmul(&v.t()?)?;
+        let ds = attention_probs_grad(&scores, &dp, &rows)?;
+        drop((scores, dp));
+        let dq = ds.matmul(&k)?.reshape((sh.b, sh.heads, sh.s, sh.d))?;
+        let dk = ds.t()?.matmul(&sh.grouped(&q)?)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attention::tests::composed;
+    use candle_core::{DType, Device, Var};
+    use lorakit_adapter::compare::max_abs_diff;
+
+    fn check(dtype: DType, bias_b: usize, tol: f32) -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, h, kv, s, d) = (2, 6, 2, 5, 8);
+        let var = |shape: (usize, usize, usize, usize)| -> Result<Var> {
+            Var::from_tensor(&Tensor::randn(0f32, 1., shape, &dev)?.to_dtype(dtype)?)
+        };
+        let (q, k, v) = (var((b, h, s, d))?, var((b, kv, s, d))?, var((b, kv, s, d))?);
+        // causal mask, and for a per-row bias a padded first position in row 1
+        let mut bias = vec![0f32; bias_b * s * s];
+        for r in 0..bias_b {
+            for i in 0..s {
+                for j in 0..s {
+                    if j > i || (r == 1 && j == 0 && i > 0) {
+                        bias[(r * s + i) * s + j] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        let bias = Tensor::from_vec(bias, (bias_b, 1, s, s), &dev)?;
+        let got = attention_recompute(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias)?;
+        let want = composed(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias)?;
+        assert_eq!(got.dims(), [b, s, h * d]);
+        assert_eq!(got.dtype(), dtype);
+        assert!(
+            max_abs_diff(&got, &want)? < tol,
+            "{}",
+            max_abs_diff(&got, &want)?
+        );
+        let up = Tensor::randn(0f32, 1., got.shape(), &dev)?.to_dtype(dtype)?;
+        let g1 = (got * &up)?.sum_all()?.backward()?;
+        let g2 = (want * &up)?.sum_all()?.backward()?;
+        for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+            let (a, b) = (
+                g1.get(x.as_tensor()).unwrap(),
+                g2.get(x.as_tensor()).unwrap(),
+            );
+            let scale = b
+                .abs()?
+                .max_all()?
+                .to_dtype(DType::F32)?
+                .to_scalar::<f32>()?;
+            let diff = max_abs_diff(a, b)?;
+            assert!(diff < tol * scale.max(1.0), "{name}: {diff} of {scale}");
+            assert!(!a.track_op());
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn recomputing_attention_matches_the_composed_version_in_f32() -> Result<()> {
+        check(DType::F32, 1, 1e-5)?;
+        check(DType::F32, 2, 1e-5)
+    }
+
+    #[test]
+    fn recomputing_attention_matches_the_composed_version_in_bf16() -> Result<()> {
+        check(DType::BF16, 2, 3e-2)
+    }
+
+    #[test]
+    fn recomputing_attention_refuses_misfit_shapes() -> Result<()> {
+        let dev = Device::Cpu;
+        let q = Tensor::zeros((1, 4, 3, 8), DType::F32, &dev)?;
+        let k = Tensor::zeros((1, 3, 3, 8), DType::F32, &dev)?;
+        let bias = Tensor::zeros((1, 1, 3, 3), DType::F32, &dev)?;
+        let e = attention_recompute(&q, &k, &k, &bias)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("do not fit"), "{e}");
+        let k = Tensor::zeros((1, 2, 3, 8), DType::F32, &dev)?;
+        let bias = Tensor::zeros((1, 1, 3, 4), DType::F32, &dev)?;
+        let e = attention_recompute(&q, &k, &k, &bias)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bias"), "{e}");
+        Ok(())
+    }
+}
