@@ -116,12 +116,12 @@ fn main() -> anyhow::Result<()> {
     // LoRA layers (A, B in f32 as in training)
     let (a, bm) = (var(&[r, h], DType::F32)?, var(&[inter, r], DType::F32)?);
     let us = time(&device, reps, || {
-        lora_op(x.as_tensor(), &wg, a.as_tensor(), bm.as_tensor(), 2.0).map(|_| ())
+        lora_op(x.as_tensor(), &wg, a.as_tensor(), bm.as_tensor(), 2.0, None).map(|_| ())
     })?;
     report("lora_gate_fwd", us, Some((flops(rows, inter, h), "flop")));
     let us = time(&device, reps, || {
         fwd_bwd(&[&x, &a, &bm], || {
-            lora_op(x.as_tensor(), &wg, a.as_tensor(), bm.as_tensor(), 2.0)
+            lora_op(x.as_tensor(), &wg, a.as_tensor(), bm.as_tensor(), 2.0, None)
         })
     })?;
     report(

@@ -126,10 +126,14 @@ impl LoraLinear {
         let cpu_f32 = [&x, &self.weight, &l.a, &l.b]
             .iter()
             .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
-        let dropout = train && l.dropout.is_some();
-        if !cpu_f32 && !dropout {
-            // keeps only x for the backward pass (the GPU path, and other dtypes)
-            return add_bias(lora_op(&x, &self.weight, &l.a, &l.b, l.scaling)?);
+        if !cpu_f32 {
+            // keeps x and the rank-r u for the backward pass (the GPU path, and other dtypes)
+            let mask = if train {
+                l.dropout.as_ref().and_then(|d| d.draw())
+            } else {
+                None
+            };
+            return add_bias(lora_op(&x, &self.weight, &l.a, &l.b, l.scaling, mask)?);
         }
         let u = l.down(&x, train)?;
         if let Some(y) = lora_matmul(&x, &self.weight, &u, &l.b) {

@@ -5,25 +5,35 @@
 //! (shared with the other projections that read it) and `u` (`r` values a row). W is frozen:
 //! captured, never differentiated. Written with storage and tensor ops only, so the CPU runs
 //! (and tests) the very code the GPU runs.
+use crate::dropout::DropoutMask;
 use candle_core::backend::BackendStorage;
 use candle_core::op::Add;
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
 };
 
-/// `x·Wᵀ + scaling·(x·Aᵀ)·Bᵀ` for `x` `[.., in]`, `w` `[out, in]`, `a` `[r, in]`, `b`
-/// `[out, r]`; differentiable in x, A and B, returned in x's dtype.
-pub fn lora_op(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scaling: f64) -> Result<Tensor> {
+/// `x·Wᵀ + scaling·(dropout(x)·Aᵀ)·Bᵀ` for `x` `[.., in]`, `w` `[out, in]`, `a` `[r, in]`, `b`
+/// `[out, r]`; differentiable in x, A and B, returned in x's dtype. The dropout mask (LoRA
+/// dropout in training) is drawn again in the backward pass, never stored.
+pub fn lora_op(
+    x: &Tensor,
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scaling: f64,
+    dropout: Option<DropoutMask>,
+) -> Result<Tensor> {
     let (x, a, b) = (x.contiguous()?, a.contiguous()?, b.contiguous()?);
     let mut op = LoraOp {
         w: w.clone(),
         scaling,
+        dropout,
         u: None,
     };
     let Sizes { rows, inner, .. } = op.sizes(x.layout(), a.layout(), b.layout())?;
-    // u = s·x·Aᵀ without a graph, kept for the backward pass
-    let compute = compute_dtype(x.dtype(), a.dtype());
-    let xc = x.detach().reshape((rows, inner))?.to_dtype(compute)?;
+    // u = s·dropout(x)·Aᵀ without a graph, kept for the backward pass
+    let xc = op.low_rank_input(&x, a.dtype(), rows, inner)?;
+    let compute = xc.dtype();
     op.u = Some((xc.matmul(&a.detach().to_dtype(compute)?.t()?)? * scaling)?);
     x.apply_op3(&a, &b, op)
 }
@@ -42,6 +52,7 @@ fn compute_dtype(x: DType, adapter: DType) -> DType {
 struct LoraOp {
     w: Tensor,
     scaling: f64,
+    dropout: Option<DropoutMask>,
     /// `s·x·Aᵀ`, `[rows, r]` in the compute dtype.
     u: Option<Tensor>,
 }
@@ -54,6 +65,22 @@ struct Sizes {
 }
 
 impl LoraOp {
+    /// `dropout(x)` as `[rows, in]` in the compute dtype, without a graph.
+    fn low_rank_input(
+        &self,
+        x: &Tensor,
+        adapter: DType,
+        rows: usize,
+        inner: usize,
+    ) -> Result<Tensor> {
+        let x = x.detach().reshape((rows, inner))?;
+        let x = match &self.dropout {
+            Some(mask) => mask.apply(&x, false)?,
+            None => x,
+        };
+        x.to_dtype(compute_dtype(x.dtype(), adapter))
+    }
+
     fn u(&self) -> Result<&Tensor> {
         self.u
             .as_ref()
@@ -187,13 +214,19 @@ impl CustomOp3 for LoraOp {
         let (ac, bc) = (a.detach().to_dtype(compute)?, b.detach().to_dtype(compute)?);
         let g = grad.contiguous()?.reshape((rows, out))?;
         let gc = g.to_dtype(compute)?;
-        let xc = x.detach().reshape((rows, inner))?.to_dtype(compute)?;
+        let xc = self.low_rank_input(x, a.dtype(), rows, inner)?;
         let u = self.u()?;
         // dL/du = g·B, scaled here (rank-r side) for dA and dx
         let du = (gc.matmul(&bc)? * self.scaling)?;
         let db = gc.t()?.matmul(u)?.to_dtype(b.dtype())?;
         let da = du.t()?.matmul(&xc)?.to_dtype(a.dtype())?;
-        let dx_low = du.matmul(&ac)?.to_dtype(x.dtype())?;
+        let dx_low = du.matmul(&ac)?;
+        // dropout's gradient: the same mask
+        let dx_low = match &self.dropout {
+            Some(mask) => mask.apply(&dx_low, false)?,
+            None => dx_low,
+        }
+        .to_dtype(x.dtype())?;
         let dx = (g.matmul(&self.w.to_dtype(g.dtype())?)? + dx_low)?.reshape(x.shape())?;
         Ok((Some(dx), Some(da), Some(db)))
     }
@@ -206,8 +239,9 @@ mod tests {
     use candle_core::{Device, Var};
 
     /// The op against the composed layer with an f32 low-rank side (as PEFT computes it without
-    /// autocast), values and the gradients of x, A and B, with x in `dtype`.
-    fn check(dtype: DType, tol: f32) -> Result<()> {
+    /// autocast), values and the gradients of x, A and B, with x in `dtype`; with `dropout`, LoRA
+    /// dropout of that rate on both sides (the composed side through `Dropout::apply`).
+    fn check(dtype: DType, dropout: f32, tol: f32) -> Result<()> {
         let dev = Device::Cpu;
         let (rows, inner, out, r, s) = (12, 24, 18, 4, 0.5);
         let x = Var::from_tensor(
@@ -216,13 +250,13 @@ mod tests {
         let w = Tensor::randn(0f32, 1., (out, inner), &dev)?.to_dtype(dtype)?;
         let a = Var::randn(0f32, 1., (r, inner), &dev)?;
         let b = Var::randn(0f32, 1., (out, r), &dev)?;
-        let fused = lora_op(x.as_tensor(), &w, a.as_tensor(), b.as_tensor(), s)?;
+        let step = crate::dropout::StepSeed::default();
+        step.set(11, 2, 0);
+        let d = crate::dropout::Dropout::new(dropout, "layers.0.q_proj", step);
+        let fused = lora_op(x.as_tensor(), &w, a.as_tensor(), b.as_tensor(), s, d.draw())?;
         let base = x.as_tensor().broadcast_matmul(&w.t()?)?;
-        let u = (x
-            .as_tensor()
-            .to_dtype(DType::F32)?
-            .broadcast_matmul(&a.as_tensor().t()?)?
-            * s)?;
+        let xd = d.apply(x.as_tensor())?.to_dtype(DType::F32)?;
+        let u = (xd.broadcast_matmul(&a.as_tensor().t()?)? * s)?;
         let delta = u.broadcast_matmul(&b.as_tensor().t()?)?.to_dtype(dtype)?;
         let want = (base + delta)?;
         assert_eq!(fused.dims(), [2, rows / 2, out]);
@@ -259,13 +293,15 @@ mod tests {
 
     #[test]
     fn lora_op_matches_the_composed_layer_in_f32() -> Result<()> {
-        check(DType::F32, 1e-5)
+        check(DType::F32, 0.0, 1e-5)?;
+        check(DType::F32, 0.3, 1e-5)
     }
 
     #[test]
     fn lora_op_matches_the_composed_layer_in_bf16() -> Result<()> {
         // bf16 keeps 8 bits: both sides round the base product and the sum alike, up to order
-        check(DType::BF16, 2e-2)
+        check(DType::BF16, 0.0, 2e-2)?;
+        check(DType::BF16, 0.3, 2e-2)
     }
 
     #[test]
@@ -275,7 +311,7 @@ mod tests {
         let w = Tensor::zeros((5, 8), DType::F32, &dev)?;
         let a = Tensor::zeros((2, 7), DType::F32, &dev)?;
         let b = Tensor::zeros((5, 2), DType::F32, &dev)?;
-        let e = lora_op(&x, &w, &a, &b, 1.0).unwrap_err().to_string();
+        let e = lora_op(&x, &w, &a, &b, 1.0, None).unwrap_err().to_string();
         assert!(e.contains("do not fit"), "{e}");
         Ok(())
     }

@@ -4,16 +4,16 @@
 //! Composed, these are a cast, a scale, a broadcast bias add, a softmax and a cast back, and
 //! four more passes for the gradient, each over a `[b, heads, s, t]` buffer in f32: most of a
 //! GPU attention step's memory traffic. CPU versions for every float dtype here, CUDA kernels
-//! (f32, bf16) in `kernels/fused.cu`; graph-free (used inside `attention_recompute`).
+//! (f32, bf16) in lorakit-kernels; graph-free (used inside `attention_recompute`).
 use crate::attention::softmax_in_place;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
-use crate::cuda_kernels as gpu;
-#[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
+#[cfg(feature = "cuda")]
+use lorakit_kernels::cuda as gpu;
 
 /// How score rows find their bias row: scores are `[b, groups, rows_per_group, t]` with query
 /// position `row mod s`; the bias is f32 `[bias_b, 1, s, t]`, `bias_b` 1 or b.
@@ -55,6 +55,29 @@ impl ScoreRows {
         let bias_b = bias.len() / (self.s * t);
         let at = ((r / self.batch_rows) % bias_b * self.s + r % self.s) * t;
         &bias[at..at + t]
+    }
+
+    /// The CUDA kernel (probabilities, or with `dp` the scores' gradient).
+    #[cfg(feature = "cuda")]
+    fn on_gpu(
+        &self,
+        s: &CudaStorage,
+        l: &Layout,
+        dp: Option<(&CudaStorage, &Layout)>,
+        (rows, t): (usize, usize),
+    ) -> Result<CudaStorage> {
+        let (bias, lb) = self.bias.storage_and_layout();
+        let candle_core::Storage::Cuda(bias) = &*bias else {
+            candle_core::bail!("attention probabilities: bias is not on the GPU");
+        };
+        let rows_of = gpu::AttnRows {
+            bias: (bias, lb),
+            bias_b: self.bias.dim(0)?,
+            s: self.s,
+            batch_rows: self.batch_rows,
+            scale: self.scale,
+        };
+        gpu::attention_probs(s, l, dp, &rows_of, rows, t)
     }
 
     fn bias_f32(&self) -> Result<Vec<f32>> {
@@ -104,7 +127,7 @@ impl CustomOp1 for Probs {
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let (rows, t) = self.0.check(l)?;
-        let out = gpu::attention_probs(s, l, None, &self.0, rows, t)?;
+        let out = self.0.on_gpu(s, l, None, (rows, t))?;
         Ok((out, l.shape().clone()))
     }
 
@@ -141,7 +164,7 @@ impl CustomOp2 for ProbsGrad {
     ) -> Result<(CudaStorage, Shape)> {
         let (rows, t) = self.0.check(l)?;
         same_shape(l, ldp)?;
-        let out = gpu::attention_probs(s, l, Some((dp, ldp)), &self.0, rows, t)?;
+        let out = self.0.on_gpu(s, l, Some((dp, ldp)), (rows, t))?;
         Ok((out, l.shape().clone()))
     }
 

@@ -3,9 +3,9 @@
 //! over a large vocabulary (softmax, log and gather in one pass; the backward writes
 //! `softmax − one-hot` directly), softmax over the last dimension, SwiGLU (`silu(gate)·up`) and
 //! rotary embeddings (the backward is the inverse rotation). Each is checked against the composed version (values and
-//! gradients) in the tests below. With the `cuda` feature the same ops run the kernels of
-//! `kernels/fused.cu` (f32 and bf16; their element math is shared with `kernels/row_math.c`,
-//! which the tests below check against these CPU kernels). Elsewhere the composed versions run.
+//! gradients) in the tests below. With the `cuda` feature the same ops run lorakit-kernels'
+//! CUDA kernels (f32 and bf16; their element math is shared with `csrc/row_math.c`, which the
+//! tests below check against these CPU kernels). Elsewhere the composed versions run.
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, InplaceOp3, Layout, Result, Shape, Tensor,
     D,
@@ -13,9 +13,9 @@ use candle_core::{
 use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
-use crate::cuda_kernels as gpu;
-#[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
+#[cfg(feature = "cuda")]
+use lorakit_kernels::cuda as gpu;
 
 /// Whether `t` has a fused kernel: on the CPU for `cpu` dtypes, on CUDA (built with the `cuda`
 /// feature) for `cuda` dtypes.
@@ -522,17 +522,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.silu()? * up
 }
 
-/// One AdamW step's constants: PyTorch's AdamW with decoupled weight decay; `c1`, `c2` are
-/// the bias corrections `1 − β₁ᵗ`, `1 − β₂ᵗ`.
-pub struct AdamWStep {
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-    pub c1: f64,
-    pub c2: f64,
-}
+pub use lorakit_kernels::AdamWStep;
 
 /// The update of one parameter, in place on the parameter and both moments.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -920,37 +910,11 @@ mod tests {
         Ok(())
     }
 
-    // The element math of the CUDA kernels (kernels/row_math.h), built for the CPU by build.rs.
-    extern "C" {
-        fn lk_c_rms_norm(x: *const f32, w: *const f32, y: *mut f32, rows: usize, d: i32, eps: f32);
-        fn lk_c_rms_norm_grad(
-            x: *const f32,
-            w: *const f32,
-            g: *const f32,
-            dx: *mut f32,
-            rows: usize,
-            d: i32,
-            eps: f32,
-        );
-        fn lk_c_swiglu(gate: *const f32, up: *const f32, out: *mut f32, n: usize);
-        fn lk_c_swiglu_grad(
-            gate: *const f32,
-            up: *const f32,
-            g: *const f32,
-            out: *mut f32,
-            n: usize,
-        );
-        fn lk_c_rope(
-            x: *const f32,
-            cos: *const f32,
-            sin: *const f32,
-            out: *mut f32,
-            rows: usize,
-            s: i32,
-            d: i32,
-            sign: f32,
-        );
-    }
+    // The element math of the CUDA kernels (lorakit-kernels `csrc/row_math.h`), built for the
+    // CPU by its build.rs.
+    use lorakit_kernels::row_math::{
+        lk_c_rms_norm, lk_c_rms_norm_grad, lk_c_rope, lk_c_swiglu, lk_c_swiglu_grad,
+    };
 
     fn flat(t: &Tensor) -> Vec<f32> {
         t.flatten_all().unwrap().to_vec1::<f32>().unwrap()

@@ -7,8 +7,6 @@ pub mod attention_recompute;
 pub mod bert;
 pub mod chunked_loss;
 pub mod config;
-#[cfg(feature = "cuda")]
-mod cuda_kernels;
 pub mod error;
 pub mod fused;
 pub mod generate;

@@ -96,7 +96,14 @@ fn fused_ops_on_cuda_match_the_cpu() -> Result<()> {
     }
     let bias_cpu = Tensor::from_vec(mask, (2, 1, 6, 6), &cpu)?;
     let bias_gpu = bias_cpu.to_device(&dev)?;
+    // LoRA dropout: the same counter-based mask on both devices, and as its own gradient
+    let step = lorakit_adapter::StepSeed::default();
+    step.set(1, 2, 3);
+    let dropout = lorakit_adapter::dropout::Dropout::new(0.2, "layers.0.q_proj", step);
     for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 6e-2)] {
+        same_on_gpu(&dev, dtype, std::slice::from_ref(&x), 1, tol, |t| {
+            dropout.apply(&t[0])
+        })?;
         same_on_gpu(
             &dev,
             dtype,
@@ -151,8 +158,9 @@ fn fused_ops_on_cuda_match_the_cpu() -> Result<()> {
     Ok(())
 }
 
-/// A tiny GQA Llama with LoRA on every linear layer, on CUDA in f32 and bf16 (the fast paths
-/// there: fused kernels, the recomputing attention and LoRA ops), against the CPU in f32.
+/// A tiny GQA Llama with LoRA (dropout 0.1) on every linear layer, on CUDA in f32 and bf16 (the
+/// fast paths there: fused kernels, the recomputing attention and LoRA ops, the dropout kernel),
+/// against the CPU in f32: the counter-based dropout masks are the same on both devices.
 #[test]
 fn a_model_on_cuda_gives_the_cpu_loss_and_adapter_gradients() -> Result<()> {
     use candle_nn::VarMap;
@@ -163,7 +171,7 @@ fn a_model_on_cuda_gives_the_cpu_loss_and_adapter_gradients() -> Result<()> {
         .join("../../tests/fixtures/peft/llama_gqa/base");
     let run = |device: &Device, dtype: DType| -> Result<(f32, Vec<(String, Tensor)>)> {
         let config: LoraConfig = serde_json::from_value(serde_json::json!({
-            "r": 4, "lora_alpha": 8, "target_modules": "all-linear"
+            "r": 4, "lora_alpha": 8, "target_modules": "all-linear", "lora_dropout": 0.1
         }))
         .unwrap();
         let varmap = VarMap::new();

@@ -9,6 +9,7 @@
 #else
 #include <math.h>
 #include <stddef.h>
+#include <stdint.h>
 #define LK_FN static inline
 #endif
 
@@ -44,6 +45,23 @@ LK_FN void lk_rope_index(size_t i, int d, int s, size_t* row, int* j, int* t) {
   *row = i / (size_t)half;
   *j = (int)(i % (size_t)half);
   *t = (int)(*row % (size_t)s);
+}
+
+/* SplitMix64's output function */
+LK_FN uint64_t lk_splitmix(uint64_t z) {
+  z += 0x9e3779b97f4a7c15ULL;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+/* 1 when element i of the dropout mask drawn from `seed` keeps its value (probability `keep`):
+ * a counter-based draw, u = the top 24 bits of splitmix(seed + (i + 1)·golden) over 2^24, so
+ * any element's decision is computed alone and the mask never needs storing. */
+LK_FN int lk_dropout_keeps(uint64_t seed, uint64_t i, float keep) {
+  uint64_t state = seed + (i + 1) * 0x9e3779b97f4a7c15ULL;
+  float u = (float)(lk_splitmix(state) >> 40) / 16777216.0f;
+  return u < keep;
 }
 
 #endif

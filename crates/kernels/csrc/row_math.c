@@ -1,5 +1,5 @@
 /* The kernels' element math as plain functions, serially over rows, for the CPU tests
- * (crates/models/src/fused.rs, `cuda_row_math_*`). Sums run in f32 like the GPU's. */
+ * (lorakit-models `fused.rs` and lorakit-adapter `dropout.rs`). Sums run in f32 like the GPU's. */
 #include <stdint.h>
 #include "row_math.h"
 
@@ -47,3 +47,5 @@ void lk_c_rope(const float* x, const float* cos, const float* sin, float* out, s
               &out[b + j + half]);
   }
 }
+
+int lk_c_dropout_keeps(uint64_t seed, uint64_t i, float keep) { return lk_dropout_keeps(seed, i, keep); }

@@ -1,16 +1,16 @@
-//! Builds the kernels' shared element math (kernels/row_math.c) for the CPU tests, and with the
-//! `cuda` feature compiles kernels/fused.cu with nvcc into a fatbin of sm_80 and sm_90 cubins
+//! Builds the kernels' shared element math (csrc/row_math.c) for the CPU tests, and with the
+//! `cuda` feature compiles csrc/fused.cu with nvcc into a fatbin of sm_80 and sm_90 cubins
 //! (no PTX: nothing is JIT-compiled on the first step). nvcc is found through `NVCC`,
 //! `CUDA_HOME/bin` or `PATH`.
 use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
-    println!("cargo:rerun-if-changed=kernels");
+    println!("cargo:rerun-if-changed=csrc");
     println!("cargo:rerun-if-env-changed=NVCC");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     cc::Build::new()
-        .file("kernels/row_math.c")
+        .file("csrc/row_math.c")
         .opt_level(2)
         .warnings(true)
         .compile("lorakit_row_math");
@@ -29,7 +29,7 @@ fn main() {
         .args(["-gencode", "arch=compute_90,code=sm_90"])
         .arg("-o")
         .arg(&out)
-        .arg("kernels/fused.cu")
+        .arg("csrc/fused.cu")
         .status()
         .unwrap_or_else(|e| {
             panic!(
@@ -37,5 +37,5 @@ fn main() {
                 nvcc.display()
             )
         });
-    assert!(status.success(), "nvcc failed on kernels/fused.cu");
+    assert!(status.success(), "nvcc failed on csrc/fused.cu");
 }

@@ -1,7 +1,8 @@
-// CUDA kernels of lorakit's fused ops (crates/models/src/fused.rs has the CPU versions and the
-// math). Compiled by build.rs with nvcc into one fatbin holding sm_80 and sm_90 cubins, so the
-// first step does not wait for a PTX JIT. Row kernels take one block per row; sums are taken in
-// f32 by a block-wide tree (the CPU versions sum in f64). bf16 tensors are computed in f32 and
+// CUDA kernels of lorakit's fused ops (lorakit-models `fused.rs`, `attention_probs.rs` and
+// lorakit-adapter `dropout.rs` have the CPU versions and the math). Compiled by build.rs with
+// nvcc into one fatbin holding sm_80 and sm_90 cubins, so the first step does not wait for a PTX
+// JIT. Row kernels take one block per row (attention probabilities: a warp per row); sums are
+// taken in f32 (the CPU versions sum in f64). bf16 tensors are computed in f32 and
 // rounded once per output, like the composed candle versions.
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -314,3 +315,16 @@ extern "C" __global__ void adamw_f32(float* p, float* m, float* v, const float* 
   v[i] = vi;
   p[i] = p[i] * decay - lr * ((mi / c1) / (sqrtf(vi / c2) + eps));
 }
+
+// Inverted dropout, y = x · scale where the mask keeps element i (row_math.h's counter-based
+// draw: the same mask as the CPU's), else 0. The backward pass runs it on the gradient.
+template <typename T>
+__device__ void dropout(const T* x, T* y, size_t n, uint64_t seed, float keep, float scale) {
+  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) y[i] = from_f<T>(lk_dropout_keeps(seed, i, keep) ? to_f(x[i]) * scale : 0.f);
+}
+FLOAT_AND_BF16(dropout,
+               (const float* x, float* y, size_t n, uint64_t seed, float keep, float scale),
+               (const __nv_bfloat16* x, __nv_bfloat16* y, size_t n, uint64_t seed, float keep,
+                float scale),
+               (x, y, n, seed, keep, scale))

@@ -1,6 +1,6 @@
-//! Launches the kernels of `kernels/fused.cu` on candle's CUDA storage. build.rs compiles them
-//! into one fatbin (sm_80 + sm_90 cubins) that is loaded once per device, so no kernel waits for
-//! a PTX JIT. Every entry point takes contiguous inputs and returns a new buffer.
+//! Launches the kernels of `csrc/fused.cu` on candle's CUDA storage. build.rs compiles them into
+//! one fatbin (sm_80 + sm_90 cubins) that is loaded once per device, so no kernel waits for a PTX
+//! JIT. Every entry point takes contiguous inputs and returns a new buffer (AdamW: in place).
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaModule, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
@@ -287,22 +287,29 @@ pub fn rope(
     }
 }
 
+/// How attention score rows meet their bias rows (see `attn_probs` in fused.cu): scores
+/// `[b, groups, rows_per_group, t]`, query position `row mod s`, f32 bias `[bias_b, 1, s, t]`.
+pub struct AttnRows<'a> {
+    pub bias: (&'a CudaStorage, &'a Layout),
+    pub bias_b: usize,
+    pub s: usize,
+    /// Score rows per batch element.
+    pub batch_rows: usize,
+    pub scale: f32,
+}
+
 fn attention_probs_t<T: Element>(
     scores: &CudaStorage,
     ls: &Layout,
     dp: Option<(&CudaStorage, &Layout)>,
-    rows_of: &crate::attention_probs::ScoreRows,
+    rows_of: &AttnRows,
     (rows, t): (usize, usize),
     name: &str,
 ) -> Result<CudaStorage> {
     let dev = scores.device().clone();
     let sv = view::<T>(scores, ls, "scores")?;
-    let (bias, lb) = rows_of.bias.storage_and_layout();
-    let candle_core::Storage::Cuda(bias) = &*bias else {
-        candle_core::bail!("attention probabilities: bias is not on the GPU");
-    };
-    let bv = view::<f32>(bias, lb, "bias")?;
-    let bias_b = rows_of.bias.dim(0)? as i32;
+    let bv = view::<f32>(rows_of.bias.0, rows_of.bias.1, "bias")?;
+    let bias_b = rows_of.bias_b as i32;
     let out = unsafe { dev.alloc::<T>(rows * t)? };
     let func = function(&dev, name)?;
     let stream = dev.cuda_stream();
@@ -337,7 +344,7 @@ pub fn attention_probs(
     scores: &CudaStorage,
     ls: &Layout,
     dp: Option<(&CudaStorage, &Layout)>,
-    rows_of: &crate::attention_probs::ScoreRows,
+    rows_of: &AttnRows,
     rows: usize,
     t: usize,
 ) -> Result<CudaStorage> {
@@ -359,7 +366,7 @@ pub fn adamw(
     (m, lm): (&CudaStorage, &Layout),
     (v, lv): (&CudaStorage, &Layout),
     (g, lg): (&CudaStorage, &Layout),
-    h: &crate::fused::AdamWStep,
+    h: &crate::AdamWStep,
 ) -> Result<()> {
     let dev = m.device().clone();
     let n = lp.shape().elem_count();
@@ -392,4 +399,43 @@ pub fn adamw(
     }
     unsafe { l.launch(flat_config(n)) }.w()?;
     Ok(())
+}
+
+fn dropout_t<T: Element>(
+    x: &CudaStorage,
+    lx: &Layout,
+    (seed, keep, scale): (u64, f32, f32),
+    name: &str,
+) -> Result<CudaStorage> {
+    let dev = x.device().clone();
+    let n = lx.shape().elem_count();
+    let xv = view::<T>(x, lx, "x")?;
+    let out = unsafe { dev.alloc::<T>(n)? };
+    let func = function(&dev, name)?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&func);
+    b.arg(&xv);
+    b.arg(&out);
+    b.arg(&n);
+    b.arg(&seed);
+    b.arg(&keep);
+    b.arg(&scale);
+    unsafe { b.launch(flat_config(n)) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+/// Inverted dropout of `x` with the mask drawn from `seed` (`row_math.h`'s counter-based draw,
+/// the CPU's mask): kept values times `scale`, the rest 0.
+pub fn dropout(
+    x: &CudaStorage,
+    lx: &Layout,
+    seed: u64,
+    keep: f32,
+    scale: f32,
+) -> Result<CudaStorage> {
+    let name = format!("dropout_{}", suffix(x.dtype(), "dropout")?);
+    match x.dtype() {
+        DType::BF16 => dropout_t::<bf16>(x, lx, (seed, keep, scale), &name),
+        _ => dropout_t::<f32>(x, lx, (seed, keep, scale), &name),
+    }
 }
