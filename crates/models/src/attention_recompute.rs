@@ -189,25 +189,28 @@ mod tests {
     use candle_core::{DType, Device, Var};
     use lorakit_adapter::compare::max_abs_diff;
 
-    fn check(dtype: DType, bias_b: usize, tol: f32) -> Result<()> {
+    /// `cached` keys before the `s` queries (a KV cache: `t = cached + s` keys).
+    fn check(dtype: DType, bias_b: usize, cached: usize, tol: f32) -> Result<()> {
         let dev = Device::Cpu;
         let (b, h, kv, s, d) = (2, 6, 2, 5, 8);
+        let t = cached + s;
         let var = |shape: (usize, usize, usize, usize)| -> Result<Var> {
             Var::from_tensor(&Tensor::randn(0f32, 1., shape, &dev)?.to_dtype(dtype)?)
         };
-        let (q, k, v) = (var((b, h, s, d))?, var((b, kv, s, d))?, var((b, kv, s, d))?);
+        let (q, k, v) = (var((b, h, s, d))?, var((b, kv, t, d))?, var((b, kv, t, d))?);
         // causal mask, and for a per-row bias a padded first position in row 1
-        let mut bias = vec![0f32; bias_b * s * s];
+        let mut bias = vec![0f32; bias_b * s * t];
         for r in 0..bias_b {
             for i in 0..s {
-                for j in 0..s {
-                    if j > i || (r == 1 && j == 0 && i > 0) {
-                        bias[(r * s + i) * s + j] = f32::NEG_INFINITY;
+                let at = cached + i;
+                for j in 0..t {
+                    if j > at || (r == 1 && j == 0 && at > 0) {
+                        bias[(r * s + i) * t + j] = f32::NEG_INFINITY;
                     }
                 }
             }
         }
-        let bias = Tensor::from_vec(bias, (bias_b, 1, s, s), &dev)?;
+        let bias = Tensor::from_vec(bias, (bias_b, 1, s, t), &dev)?;
         let got = attention_recompute(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias)?;
         let want = composed(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias)?;
         assert_eq!(got.dims(), [b, s, h * d]);
@@ -239,13 +242,15 @@ mod tests {
 
     #[test]
     fn recomputing_attention_matches_the_composed_version_in_f32() -> Result<()> {
-        check(DType::F32, 1, 1e-5)?;
-        check(DType::F32, 2, 1e-5)
+        check(DType::F32, 1, 0, 1e-5)?;
+        check(DType::F32, 2, 0, 1e-5)?;
+        check(DType::F32, 2, 3, 1e-5)
     }
 
     #[test]
     fn recomputing_attention_matches_the_composed_version_in_bf16() -> Result<()> {
-        check(DType::BF16, 2, 3e-2)
+        check(DType::BF16, 2, 0, 3e-2)?;
+        check(DType::BF16, 1, 3, 3e-2)
     }
 
     #[test]
