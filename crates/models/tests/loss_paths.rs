@@ -1,6 +1,7 @@
 //! The memory-saving training paths give the loss and gradients of the plain one: the chunked
-//! output head against full logits + cross-entropy, and activation checkpointing (layers
-//! recomputed in the backward pass, LoRA dropout on) against one ordinary backward pass.
+//! output head against full logits + cross-entropy, activation checkpointing (layers
+//! recomputed in the backward pass, LoRA dropout on) against one ordinary backward pass, and the
+//! device-generic ops the GPU runs (LoRA layer op, recomputing attention) against the CPU's.
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
@@ -19,6 +20,16 @@ fn fixture(case: &str) -> PathBuf {
 /// A model with adapters on `targets` whose B matrices are random (at B = 0 the A gradients
 /// vanish and a wrong A gradient would go unnoticed).
 fn trainable(case: &str, targets: &[&str], dropout: f32, seed: &StepSeed) -> (CausalLm, VarMap) {
+    trainable_in(DType::F32, case, targets, dropout, seed)
+}
+
+fn trainable_in(
+    dtype: DType,
+    case: &str,
+    targets: &[&str],
+    dropout: f32,
+    seed: &StepSeed,
+) -> (CausalLm, VarMap) {
     let config: LoraConfig = serde_json::from_value(serde_json::json!({
         "r": 4, "lora_alpha": 8, "lora_dropout": dropout, "target_modules": targets
     }))
@@ -33,14 +44,14 @@ fn trainable(case: &str, targets: &[&str], dropout: f32, seed: &StepSeed) -> (Ca
                 seed: 3,
                 dropout_seed: seed.clone(),
             },
-            DType::F32,
+            dtype,
             &Device::Cpu,
         )
         .unwrap();
     for (name, var) in varmap.data().lock().unwrap().iter() {
         if name.contains("lora_B") {
             let r = Tensor::randn(0f32, 0.2, var.shape(), &Device::Cpu).unwrap();
-            var.set(&r).unwrap();
+            var.set(&r.to_dtype(var.dtype()).unwrap()).unwrap();
         }
     }
     (model, varmap)
@@ -154,4 +165,86 @@ fn checkpointed_backward_gives_the_same_loss_and_gradients_with_dropout_on() {
             .unwrap();
         assert!(largest_grad_difference(&vars, &plain_grads, &other) > 1e-4);
     }
+}
+
+/// The ops a GPU runs are device-generic and run on the CPU for dtypes other than f32: here in
+/// f64 against the CPU's f32 kernels, with padding and LoRA dropout (the counter-based masks are
+/// the same in both), so CI checks the GPU path's arithmetic.
+#[test]
+fn device_generic_ops_give_the_cpu_ops_loss_and_gradients() {
+    let targets = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
+    let seed = StepSeed::default();
+    let (cpu, cpu_vars) = trainable("llama_gqa", &targets, 0.2, &seed);
+    let (generic, generic_vars) = trainable_in(DType::F64, "llama_gqa", &targets, 0.2, &seed);
+    // the same adapter weights in both
+    let a = cpu_vars.data().lock().unwrap();
+    for (name, var) in generic_vars.data().lock().unwrap().iter() {
+        var.set(&a[name].as_tensor().to_dtype(var.dtype()).unwrap())
+            .unwrap();
+    }
+    drop(a);
+    let (ids, mask, pos, lab) = batch();
+    let run = |model: &CausalLm, varmap: &VarMap| {
+        seed.set(1, 7, 0);
+        let loss = model
+            .summed_loss(&ids, Some(&mask), true, &pos, &lab)
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let mut g: Vec<(String, Tensor)> = var_tensors(varmap)
+            .into_iter()
+            .map(|(n, v)| (n, grads.get(&v).unwrap().to_dtype(DType::F64).unwrap()))
+            .collect();
+        g.sort_by(|x, y| x.0.cmp(&y.0));
+        (
+            loss.to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap(),
+            g,
+        )
+    };
+    let (l1, g1) = run(&cpu, &cpu_vars);
+    let (l2, g2) = run(&generic, &generic_vars);
+    assert!((l1 - l2).abs() < 1e-5 * l1.abs(), "{l1} vs {l2}");
+    assert_eq!(g1.len(), 2 * 2 * targets.len());
+    for ((n, a), (m, b)) in g1.iter().zip(&g2) {
+        assert_eq!(n, m);
+        let size = a.sqr().unwrap().sum_all().unwrap().sqrt().unwrap();
+        let err = (a - b)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .sqrt()
+            .unwrap();
+        let (size, err) = (
+            size.to_scalar::<f64>().unwrap(),
+            err.to_scalar::<f64>().unwrap(),
+        );
+        assert!(err <= 1e-4 * size, "{n}: {err} of {size}");
+    }
+    // the dropout draw matters: another step's masks change the gradients
+    seed.set(1, 8, 0);
+    let other = generic
+        .summed_loss(&ids, Some(&mask), true, &pos, &lab)
+        .unwrap();
+    assert!(
+        (other
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+            - l2)
+            .abs()
+            > 1e-6
+    );
 }
