@@ -366,7 +366,7 @@ pub fn adamw(
     (m, lm): (&CudaStorage, &Layout),
     (v, lv): (&CudaStorage, &Layout),
     (g, lg): (&CudaStorage, &Layout),
-    h: &crate::AdamWStep,
+    h: &crate::adamw::AdamWStep,
 ) -> Result<()> {
     let dev = m.device().clone();
     let n = lp.shape().elem_count();

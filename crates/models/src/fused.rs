@@ -2,13 +2,12 @@
 //! the most passes over memory: RMSNorm (frozen weight: gradient for x only), cross-entropy
 //! over a large vocabulary (softmax, log and gather in one pass; the backward writes
 //! `softmax − one-hot` directly), softmax over the last dimension, SwiGLU (`silu(gate)·up`) and
-//! rotary embeddings (the backward is the inverse rotation). Each is checked against the composed version (values and
-//! gradients) in the tests below. With the `cuda` feature the same ops run lorakit-kernels'
+//! rotary embeddings (the backward is the inverse rotation). Each is checked against the
+//! composed version (values and gradients) in the tests below. With the `cuda` feature the same ops run lorakit-kernels'
 //! CUDA kernels (f32 and bf16; their element math is shared with `csrc/row_math.c`, which the
 //! tests below check against these CPU kernels). Elsewhere the composed versions run.
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, InplaceOp3, Layout, Result, Shape, Tensor,
-    D,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
 };
 use rayon::prelude::*;
 
@@ -520,69 +519,6 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         return gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu);
     }
     gate.silu()? * up
-}
-
-pub use lorakit_kernels::AdamWStep;
-
-/// The update of one parameter, in place on the parameter and both moments.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-struct AdamWInPlace<'a> {
-    grad: &'a Tensor,
-    step: &'a AdamWStep,
-}
-
-impl InplaceOp3 for AdamWInPlace<'_> {
-    fn name(&self) -> &'static str {
-        "fused-adamw"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &mut CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<()> {
-        candle_core::bail!("fused adamw: CUDA only")
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        p: &mut CudaStorage,
-        lp: &Layout,
-        m: &CudaStorage,
-        lm: &Layout,
-        v: &CudaStorage,
-        lv: &Layout,
-    ) -> Result<()> {
-        let (g, lg) = self.grad.storage_and_layout();
-        let candle_core::Storage::Cuda(g) = &*g else {
-            candle_core::bail!("fused adamw: gradient is not on the GPU");
-        };
-        gpu::adamw((p, lp), (m, lm), (v, lv), (g, lg), self.step)
-    }
-}
-
-/// One AdamW step on an f32 parameter `param` with moments `m`, `v` (all three updated in
-/// place) from `grad`: one kernel where the composed update is a dozen ops, each a launch and
-/// a buffer. On CUDA (f32, contiguous) only; `None` elsewhere: compose instead.
-pub fn adamw_step(
-    param: &Tensor,
-    m: &Tensor,
-    v: &Tensor,
-    grad: &Tensor,
-    step: &AdamWStep,
-) -> Option<Result<()>> {
-    let fits = [param, m, v, grad]
-        .iter()
-        .all(|t| fused_for(t, &[], &[DType::F32]) && t.is_contiguous() && t.dims() == param.dims());
-    if !fits {
-        return None;
-    }
-    Some(param.inplace_op3(m, v, &AdamWInPlace { grad, step }))
 }
 
 /// Rotary embedding over `[b, h, s, d]` with tables `[s, d/2]` (non-interleaved halves).

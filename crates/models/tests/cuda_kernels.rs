@@ -242,7 +242,7 @@ fn a_model_on_cuda_gives_the_cpu_loss_and_adapter_gradients() -> Result<()> {
 /// decay; parameter and both moments are updated in place.
 #[test]
 fn fused_adamw_on_cuda_matches_the_update_rule() -> Result<()> {
-    use fused::{adamw_step, AdamWStep};
+    use lorakit_kernels::{adamw_step, AdamWStep};
     let Some(dev) = gpu() else { return Ok(()) };
     let n = 1000;
     let p0: Vec<f32> = Tensor::randn(0f32, 1., n, &Device::Cpu)?.to_vec1()?;
