@@ -2,9 +2,9 @@
 //! `y = x·Wᵀ + b + scaling · dropout(x)·Aᵀ·Bᵀ` with `A: [r, in]`, `B: [out, r]`.
 use crate::dropout::Dropout;
 use crate::frozen::{frozen_add, frozen_matmul};
-use crate::lora_matmul::lora_matmul;
+use crate::lora_matmul::{self, lora_matmul};
 use crate::lora_op::lora_op;
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 
 /// The trainable (or loaded) low-rank pair of one module.
 #[derive(Clone, Debug)]
@@ -34,21 +34,6 @@ impl LowRank {
         // Folding leading dims into rows keeps the left operand 2-D and contiguous (DESIGN §3.6).
         let x2 = x.to_dtype(self.a.dtype())?.reshape((rows, inner))?;
         x2.matmul(&self.a.t()?)? * self.scaling
-    }
-
-    /// `scaling · dropout(x)·Aᵀ·Bᵀ`, computed in the adapter's dtype, returned in `x`'s.
-    pub fn delta(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.up(&self.down(x, train)?, x)
-    }
-
-    /// `u·Bᵀ` for `u` from [`LowRank::down`], shaped like `x` with `out` features and in its dtype.
-    fn up(&self, u: &Tensor, x: &Tensor) -> Result<Tensor> {
-        let out = self.b.dim(0)?;
-        let mut dims = x.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = out;
-        }
-        u.matmul(&self.b.t()?)?.reshape(dims)?.to_dtype(x.dtype())
     }
 
     /// `scaling · B·A`, the dense `[out, in]` update, in f32.
@@ -123,23 +108,19 @@ impl LoraLinear {
             return add_bias(frozen_matmul(x, &self.weight)?);
         };
         let x = x.contiguous()?;
-        let cpu_f32 = [&x, &self.weight, &l.a, &l.b]
-            .iter()
-            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
-        if !cpu_f32 {
-            // keeps x and the rank-r u for the backward pass (the GPU path, and other dtypes)
-            let mask = if train {
-                l.dropout.as_ref().and_then(|d| d.draw())
-            } else {
-                None
-            };
-            return add_bias(lora_op(&x, &self.weight, &l.a, &l.b, l.scaling, mask)?);
+        if lora_matmul::fits(&[&x, &self.weight, &l.a, &l.b]) {
+            let u = l.down(&x, train)?;
+            if let Some(y) = lora_matmul(&x, &self.weight, &u, &l.b) {
+                return add_bias(y?);
+            }
         }
-        let u = l.down(&x, train)?;
-        if let Some(y) = lora_matmul(&x, &self.weight, &u, &l.b) {
-            return add_bias(y?);
-        }
-        add_bias(frozen_matmul(&x, &self.weight)?)? + l.up(&u, &x)?
+        // the GPU path, and other dtypes: keeps x and the rank-r u for the backward pass
+        let mask = if train {
+            l.dropout.as_ref().and_then(|d| d.draw())
+        } else {
+            None
+        };
+        add_bias(lora_op(&x, &self.weight, &l.a, &l.b, l.scaling, mask)?)
     }
 }
 

@@ -11,8 +11,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 /// `x·Wᵀ + u·Bᵀ` for `x` `[.., in]`, `u` `[rows, r]`, `b` `[out, r]`; differentiable in x, u
 /// and b. `None` when the fused op does not apply (not CPU f32): compose instead.
 pub fn lora_matmul(x: &Tensor, w: &Tensor, u: &Tensor, b: &Tensor) -> Option<Result<Tensor>> {
-    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-    if !(cpu_f32(x) && cpu_f32(w) && cpu_f32(u) && cpu_f32(b)) {
+    if !fits(&[x, w, u, b]) {
         return None;
     }
     Some((|| {
@@ -22,6 +21,13 @@ pub fn lora_matmul(x: &Tensor, w: &Tensor, u: &Tensor, b: &Tensor) -> Option<Res
             LoraMatmul { w: w.clone() },
         )
     })())
+}
+
+/// Whether the op runs on these operands: all f32 on the CPU.
+pub fn fits(operands: &[&Tensor]) -> bool {
+    operands
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
 struct LoraMatmul {

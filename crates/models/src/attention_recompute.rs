@@ -10,8 +10,8 @@
 //! runs (and the tests check) the very code the GPU runs.
 use crate::attention_probs::{attention_probs, attention_probs_grad, ScoreRows};
 use candle_core::backend::{BackendDevice, BackendStorage};
-use candle_core::Tensor;
-use candle_core::{CpuStorage, CudaStorage, CustomOp3, Layout, Result, Shape, Storage};
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use std::sync::Mutex;
 
 /// Attention of `q` `[b, heads, s, d]` over `k`, `v` `[b, kv_heads, t, d]` with an additive
 /// f32 `bias` `[1 or b, 1, s, t]`, returning `[b, s, heads·d]` (the output projection's
@@ -24,7 +24,7 @@ pub fn attention_recompute(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) ->
         &k,
         &v,
         Attach {
-            out,
+            out: Mutex::new(Some(out)),
             bias: bias.clone(),
             shape,
         },
@@ -95,8 +95,9 @@ impl Grouping {
 
 /// Hands the output computed without a graph to the graph, with the backward pass below.
 struct Attach {
-    /// `[b, heads, s, d]`, contiguous.
-    out: Tensor,
+    /// `[b, heads, s, d]`, contiguous; taken by the forward pass (the op lives as long as the
+    /// graph, which need not keep a second copy of the output).
+    out: Mutex<Option<Tensor>>,
     bias: Tensor,
     shape: Grouping,
 }
@@ -104,6 +105,14 @@ struct Attach {
 impl Attach {
     /// The output in the `[b, s, heads·d]` layout: one strided copy (the transpose the
     /// output projection needs anyway).
+    fn take_out(&self) -> Result<Tensor> {
+        self.out
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("attention: poisoned".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("attention: forward ran twice".into()))
+    }
+
     fn emit<S>(&self, o: &S, lo: &Layout) -> Result<(S, Shape)>
     where
         S: BackendStorage,
@@ -131,7 +140,8 @@ impl CustomOp3 for Attach {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (o, lo) = self.out.storage_and_layout();
+        let out = self.take_out()?;
+        let (o, lo) = out.storage_and_layout();
         match &*o {
             Storage::Cpu(o) => self.emit(o, lo),
             _ => candle_core::bail!("attention: output is not on the CPU"),
@@ -147,7 +157,8 @@ impl CustomOp3 for Attach {
         _: &CudaStorage,
         _: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let (o, lo) = self.out.storage_and_layout();
+        let out = self.take_out()?;
+        let (o, lo) = out.storage_and_layout();
         match &*o {
             Storage::Cuda(o) => self.emit(o, lo),
             _ => candle_core::bail!("attention: output is not on the GPU"),
