@@ -109,7 +109,7 @@ fn main() -> anyhow::Result<()> {
         ("frozen_matmul_gate", &x, &wg, inter, h),
         ("frozen_matmul_down", &xi, &wd, h, inter),
     ] {
-        let us = time(&device, reps, || frozen_matmul(input, w).map(|_| ()))?;
+        let us = time(&device, reps, || frozen_matmul(input, w, None).map(|_| ()))?;
         report(name, us, Some((flops(rows, n, k), "flop")));
     }
 

@@ -4,10 +4,13 @@
 //! model-size buffer (DESIGN §3.3).
 use candle_core::backend::BackendStorage;
 use candle_core::op::{Add, Mul};
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor};
 
-/// `x @ wᵀ` for `x: [.., in]` (contiguous) and `w: [out, in]`.
-struct FrozenMatmul;
+/// `x @ wᵀ` for `x: [.., in]` (contiguous) and `w: [out, in]`; the CPU forward reads `wt`
+/// (`[in, out]`, contiguous) when given.
+struct FrozenMatmul {
+    wt: Option<Tensor>,
+}
 
 /// How the storage-level matmul is called: `(b, m, n, k)`, the layouts of x and wᵀ, and the
 /// output shape.
@@ -65,7 +68,22 @@ impl CustomOp2 for FrozenMatmul {
         sw: &CpuStorage,
         lw: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        frozen_matmul_cpu(sx, lx, sw, lw)
+        let p = Self::plan(lx, lw)?;
+        let Some(wt) = &self.wt else {
+            return Ok((sx.matmul(sw, p.bmnk, &p.x2, &p.wt)?, p.shape));
+        };
+        let (ws, wl) = wt.storage_and_layout();
+        let Storage::Cpu(ws) = &*ws else {
+            candle_core::bail!("frozen linear: Wᵀ is not on the CPU");
+        };
+        if wl.dims() != p.wt.dims() || !wl.is_contiguous() {
+            candle_core::bail!(
+                "frozen linear: Wᵀ {:?}, expected a contiguous {:?}",
+                wl.shape(),
+                p.wt.shape()
+            );
+        }
+        Ok((sx.matmul(ws, p.bmnk, &p.x2, wl)?, p.shape))
     }
 
     fn cuda_fwd(
@@ -165,21 +183,12 @@ impl CustomOp2 for FrozenBroadcast {
     }
 }
 
-/// [`frozen_matmul`]'s forward on CPU storage, for CPU ops that build on the base product.
-pub(crate) fn frozen_matmul_cpu(
-    sx: &CpuStorage,
-    lx: &Layout,
-    sw: &CpuStorage,
-    lw: &Layout,
-) -> Result<(CpuStorage, Shape)> {
-    let p = FrozenMatmul::plan(lx, lw)?;
-    Ok((sx.matmul(sw, p.bmnk, &p.x2, &p.wt)?, p.shape))
-}
-
-/// `x @ wᵀ` where `w: [out, in]` is frozen: no gradient is computed or stored for `w`.
-pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+/// `x @ wᵀ` where `w: [out, in]` is frozen: no gradient is computed or stored for `w`. `wt`, a
+/// contiguous `[in, out]` copy of `wᵀ` if the caller keeps one, is what the CPU forward reads
+/// (the CPU matmul kernel repacks a transposed operand on every call).
+pub fn frozen_matmul(x: &Tensor, w: &Tensor, wt: Option<&Tensor>) -> Result<Tensor> {
     let x = x.contiguous()?;
-    x.apply_op2(w, FrozenMatmul)
+    x.apply_op2(w, FrozenMatmul { wt: wt.cloned() })
 }
 
 /// `x * c` (c broadcast from the right), `c` frozen.
@@ -209,13 +218,29 @@ mod tests {
         let b = Tensor::randn(0f32, 1., 5, &dev)?;
         let g = Tensor::randn(0f32, 1., 5, &dev)?;
 
-        let ours = frozen_mul(&frozen_add(&frozen_matmul(x.as_tensor(), &w)?, &b)?, &g)?;
+        let ours = frozen_mul(
+            &frozen_add(&frozen_matmul(x.as_tensor(), &w, None)?, &b)?,
+            &g,
+        )?;
         let reference = x
             .as_tensor()
             .broadcast_matmul(&w.t()?)?
             .broadcast_add(&b)?
             .broadcast_mul(&g)?;
         assert!(max_diff(&ours, &reference) < 1e-5);
+        // reading a transposed copy of W gives the same values and input gradient
+        let wt = w.t()?.contiguous()?;
+        let with_copy = frozen_matmul(x.as_tensor(), &w, Some(&wt))?;
+        let plain = frozen_matmul(x.as_tensor(), &w, None)?;
+        assert!(max_diff(&with_copy, &plain) < 1e-5);
+        let up = Tensor::randn(0f32, 1., plain.shape(), &dev)?;
+        let g1 = (with_copy * &up)?.sum_all()?.backward()?;
+        let g2 = (plain * &up)?.sum_all()?.backward()?;
+        assert!(max_diff(g1.get(&x).unwrap(), g2.get(&x).unwrap()) < 1e-5);
+        assert!(g1.get(&wt).is_none() && g1.get(&w).is_none());
+        // a copy that is not Wᵀ is refused
+        let err = frozen_matmul(x.as_tensor(), &w, Some(&w)).unwrap_err();
+        assert!(err.to_string().contains("expected a contiguous"), "{err}");
 
         let go = ours.sqr()?.sum_all()?.backward()?;
         let gr = reference.sqr()?.sum_all()?.backward()?;
@@ -247,11 +272,11 @@ mod tests {
         let x = big.narrow(0, 1, 2)?; // contiguous with an offset
         let wt = Tensor::randn(0f32, 1., (8, 5), &dev)?;
         let w = wt.t()?; // [5, 8] viewed through strides
-        let ours = frozen_matmul(&x, &w)?;
+        let ours = frozen_matmul(&x, &w, None)?;
         let reference = x.reshape((12, 8))?.matmul(&wt)?.reshape((2, 6, 5))?;
         assert!(max_diff(&ours, &reference) < 1e-5);
         let bad = Tensor::zeros((2, 7), DType::F32, &dev)?;
-        assert!(frozen_matmul(&bad, &w).is_err());
+        assert!(frozen_matmul(&bad, &w, None).is_err());
         Ok(())
     }
 }

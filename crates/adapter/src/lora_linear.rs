@@ -17,25 +17,6 @@ pub struct LowRank {
 }
 
 impl LowRank {
-    /// `scaling · dropout(x)·Aᵀ` as `[rows, r]` (leading dims of x folded into rows), in the
-    /// adapter's dtype. The scaling goes on the rank-r side: a pass over `rows × r` values
-    /// instead of `rows × out`, in the forward and the backward pass.
-    pub fn down(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let (r, inner) = self.a.dims2()?;
-        let (_, r2) = self.b.dims2()?;
-        if r != r2 {
-            candle_core::bail!("LoRA A has rank {r} but B has rank {r2}");
-        }
-        let x = match (&self.dropout, train) {
-            (Some(d), true) => d.apply(x)?,
-            _ => x.clone(),
-        };
-        let rows = x.elem_count() / inner.max(1);
-        // Folding leading dims into rows keeps the left operand 2-D and contiguous (DESIGN §3.6).
-        let x2 = x.to_dtype(self.a.dtype())?.reshape((rows, inner))?;
-        x2.matmul(&self.a.t()?)? * self.scaling
-    }
-
     /// `scaling · B·A`, the dense `[out, in]` update, in f32.
     pub fn delta_weight(&self) -> Result<Tensor> {
         let a = self.a.to_dtype(candle_core::DType::F32)?;
@@ -52,6 +33,11 @@ pub struct LoraLinear {
     lora: Option<LowRank>,
     /// Weight and bias receive gradients (a module trained whole); otherwise they are frozen.
     trainable: bool,
+    /// The frozen weight stored transposed (CPU f32), made by the first training forward pass:
+    /// the CPU matmul kernel repacks a transposed operand on every call, so forward products
+    /// read this copy and backward products read `weight`. Costs the weight's size again, so
+    /// inference alone does not make it.
+    weight_t: std::sync::Arc<std::sync::OnceLock<Tensor>>,
 }
 
 impl LoraLinear {
@@ -61,6 +47,7 @@ impl LoraLinear {
             bias,
             lora,
             trainable: false,
+            weight_t: Default::default(),
         }
     }
 
@@ -71,6 +58,7 @@ impl LoraLinear {
             bias,
             lora: None,
             trainable: true,
+            weight_t: Default::default(),
         }
     }
 
@@ -91,6 +79,20 @@ impl LoraLinear {
         self.lora.as_ref()
     }
 
+    /// `weightᵀ` as a contiguous `[in, out]` copy, for a CPU f32 weight (`None` elsewhere: the
+    /// GPU matmul reads a transposed operand at full speed). Made once, when `make` (training);
+    /// otherwise the copy only if one was made.
+    pub fn weight_t(&self, make: bool) -> Result<Option<&Tensor>> {
+        if let Some(wt) = self.weight_t.get() {
+            return Ok(Some(wt));
+        }
+        if !make || !lora_matmul::fits(&[&self.weight]) {
+            return Ok(None);
+        }
+        let wt = transposed_copy(&self.weight)?;
+        Ok(Some(self.weight_t.get_or_init(|| wt)))
+    }
+
     /// Forward pass; `train` switches LoRA dropout on.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if self.trainable {
@@ -105,23 +107,55 @@ impl LoraLinear {
             None => Ok(y),
         };
         let Some(l) = &self.lora else {
-            return add_bias(frozen_matmul(x, &self.weight)?);
+            return add_bias(frozen_matmul(x, &self.weight, self.weight_t(train)?)?);
         };
         let x = x.contiguous()?;
-        if lora_matmul::fits(&[&x, &self.weight, &l.a, &l.b]) {
-            let u = l.down(&x, train)?;
-            if let Some(y) = lora_matmul(&x, &self.weight, &u, &l.b) {
-                return add_bias(y?);
-            }
-        }
-        // the GPU path, and other dtypes: keeps x and the rank-r u for the backward pass
         let mask = if train {
             l.dropout.as_ref().and_then(|d| d.draw())
         } else {
             None
         };
+        // CPU f32: the layer as one op on the matmul kernel (and W's transposed copy)
+        if lora_matmul::fits(&[&x, &self.weight, &l.a, &l.b]) {
+            let wt = self.weight_t(train)?;
+            if let Some(y) = lora_matmul(&x, &self.weight, wt, &l.a, &l.b, l.scaling, mask) {
+                return add_bias(y?);
+            }
+        }
+        // the GPU path, and other dtypes: keeps x and the rank-r u for the backward pass
         add_bias(lora_op(&x, &self.weight, &l.a, &l.b, l.scaling, mask)?)
     }
+}
+
+/// `wᵀ` of an f32 CPU matrix as a new contiguous tensor, copied in square tiles on all cores
+/// (candle's strided copy walks the source column by column: a cache miss per element, ~0.4 s
+/// for a 32k × 512 output head).
+fn transposed_copy(w: &Tensor) -> Result<Tensor> {
+    use rayon::prelude::*;
+    const TILE: usize = 64;
+    let (rows, cols) = w.dims2()?;
+    let w = w.contiguous()?;
+    let (s, l) = w.storage_and_layout();
+    let src = match (&*s, l.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => &v[a..b],
+        _ => return w.t()?.contiguous(),
+    };
+    let mut dst = vec![0f32; rows * cols];
+    // each task fills TILE rows of the output (TILE columns of w)
+    dst.par_chunks_mut(TILE * rows.max(1))
+        .enumerate()
+        .for_each(|(t, out)| {
+            let c0 = t * TILE;
+            let tile_cols = out.len() / rows.max(1);
+            for r0 in (0..rows).step_by(TILE) {
+                for c in 0..tile_cols {
+                    for r in r0..(r0 + TILE).min(rows) {
+                        out[c * rows + r] = src[r * cols + c0 + c];
+                    }
+                }
+            }
+        });
+    Tensor::from_vec(dst, (cols, rows), w.device())
 }
 
 impl Module for LoraLinear {
@@ -211,6 +245,61 @@ mod tests {
         )
         .forward(&x)?;
         assert_eq!(plain.to_vec2::<f32>()?, lora.to_vec2::<f32>()?);
+        Ok(())
+    }
+
+    #[test]
+    fn transposed_copy_equals_the_transposed_view() -> Result<()> {
+        let dev = Device::Cpu;
+        for (r, c) in [(3, 5), (130, 70), (64, 64), (1, 200), (0, 4)] {
+            let w = Tensor::randn(0f32, 1., (r, c), &dev)?;
+            let got = transposed_copy(&w)?;
+            assert_eq!(got.dims(), [c, r]);
+            assert!(got.is_contiguous());
+            assert_eq!(
+                got.flatten_all()?.to_vec1::<f32>()?,
+                w.t()?.flatten_all()?.to_vec1::<f32>()?
+            );
+        }
+        // a strided (already transposed) view is copied by its values too
+        let w = Tensor::randn(0f32, 1., (70, 130), &dev)?.t()?;
+        assert_eq!(
+            transposed_copy(&w)?.flatten_all()?.to_vec1::<f32>()?,
+            w.t()?.flatten_all()?.to_vec1::<f32>()?
+        );
+        Ok(())
+    }
+
+    /// Training makes the CPU transposed weight copy once; inference alone does not, and the
+    /// layer gives the same output either way.
+    #[test]
+    fn training_makes_the_transposed_weight_copy_and_outputs_agree() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1., (6, 5), &dev)?;
+        let x = Tensor::randn(0f32, 1., (3, 5), &dev)?;
+        let low = LowRank {
+            a: Tensor::randn(0f32, 1., (2, 5), &dev)?,
+            b: Tensor::randn(0f32, 1., (6, 2), &dev)?,
+            scaling: 2.0,
+            dropout: None,
+        };
+        for layer in [
+            LoraLinear::new(w.clone(), None, Some(low)),
+            LoraLinear::new(w.clone(), None, None),
+        ] {
+            let eval = layer.forward(&x)?;
+            assert!(layer.weight_t(false)?.is_none());
+            let train = layer.forward_t(&x, true)?;
+            let wt = layer.weight_t(false)?.expect("made by the training pass");
+            assert_eq!(wt.dims(), [5, 6]);
+            assert!(crate::compare::max_abs_diff(&eval, &train)? < 1e-5);
+            // clones share the copy
+            assert!(layer.clone().weight_t(false)?.is_some());
+        }
+        // other dtypes keep none
+        let layer = LoraLinear::new(w.to_dtype(DType::F64)?, None, None);
+        layer.forward_t(&x.to_dtype(DType::F64)?, true)?;
+        assert!(layer.weight_t(true)?.is_none());
         Ok(())
     }
 }

@@ -1,24 +1,45 @@
-//! One op for a LoRA layer's output on the CPU (f32): `y = x·Wᵀ + u·Bᵀ` with `u = s·x·Aᵀ`
-//! computed outside (rank r). The low-rank product is accumulated into the base product's
-//! buffer by the matmul kernel itself, so there is no `[rows, out]` delta buffer and no add
-//! pass, and the backward pass has one node where it had an add, a matmul and a transpose
-//! (candle's backward pays a zero-filled buffer and an add for every input of every node).
-//! W is frozen: captured, never differentiated.
+//! A whole LoRA layer as one op on the CPU (f32): `y = x·Wᵀ + u·Bᵀ` with
+//! `u = s·dropout(x)·Aᵀ` (rank r). Every product goes straight to the matmul kernel: the
+//! low-rank product is accumulated into the base product's buffer (no `[rows, out]` delta
+//! buffer, no add pass), and the backward pass is one node that writes dx, dA and dB in their
+//! final layouts, `dx = g·W + (s·g·B)·A` accumulated into one buffer. Composed from candle ops the
+//! layer is six nodes, and candle's backward pays a zero-filled buffer and an add for every
+//! input of every node. W is frozen: captured, never differentiated.
 use crate::cpu_gemm::{gemm_f32, Threads};
-use crate::frozen::frozen_matmul_cpu;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use crate::dropout::DropoutMask;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
 
-/// `x·Wᵀ + u·Bᵀ` for `x` `[.., in]`, `u` `[rows, r]`, `b` `[out, r]`; differentiable in x, u
-/// and b. `None` when the fused op does not apply (not CPU f32): compose instead.
-pub fn lora_matmul(x: &Tensor, w: &Tensor, u: &Tensor, b: &Tensor) -> Option<Result<Tensor>> {
-    if !fits(&[x, w, u, b]) {
+/// `x·Wᵀ + scaling·(dropout(x)·Aᵀ)·Bᵀ` for `x` `[.., in]`, `w` `[out, in]`, `a` `[r, in]`, `b`
+/// `[out, r]`, differentiable in x, A and B. `wt`, a contiguous `[in, out]` copy of `wᵀ` if the
+/// caller keeps one, is what the forward product reads (the kernel repacks a transposed operand
+/// on every call). `None` when the op does not apply (not all CPU f32): use the generic op.
+pub fn lora_matmul(
+    x: &Tensor,
+    w: &Tensor,
+    wt: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scaling: f64,
+    dropout: Option<DropoutMask>,
+) -> Option<Result<Tensor>> {
+    if !fits(&[x, w, a, b]) || !wt.is_none_or(|t| fits(&[t])) {
         return None;
     }
     Some((|| {
-        x.contiguous()?.apply_op3(
-            &u.contiguous()?,
-            &b.contiguous()?,
-            LoraMatmul { w: w.clone() },
+        let (x, a, b) = (x.contiguous()?, a.contiguous()?, b.contiguous()?);
+        let sizes = Sizes::of(&x, w, wt, &a, &b)?;
+        let u = low_rank(&x, &a, scaling as f32, dropout.as_ref(), sizes)?;
+        x.apply_op3(
+            &a,
+            &b,
+            LoraMatmul {
+                w: w.clone(),
+                wt: wt.cloned(),
+                scaling: scaling as f32,
+                dropout,
+                u,
+            },
         )
     })())
 }
@@ -30,8 +51,106 @@ pub fn fits(operands: &[&Tensor]) -> bool {
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
+/// Rows of x (leading dims folded), W's `[out, in]` and the rank.
+#[derive(Clone, Copy)]
+struct Sizes {
+    rows: usize,
+    out: usize,
+    inner: usize,
+    r: usize,
+}
+
+impl Sizes {
+    fn of(x: &Tensor, w: &Tensor, wt: Option<&Tensor>, a: &Tensor, b: &Tensor) -> Result<Sizes> {
+        let (out, inner) = w.dims2()?;
+        let (r, a_in) = a.dims2()?;
+        let k = x.dims().last().copied().unwrap_or(0);
+        let wt_fits = wt.is_none_or(|t| t.dims() == [inner, out] && t.is_contiguous());
+        if k != inner || a_in != inner || b.dims() != [out, r] || !wt_fits {
+            candle_core::bail!(
+                "lora matmul: x {:?}, A {:?}, B {:?} and Wᵀ {:?} do not fit W {:?}",
+                x.shape(),
+                a.shape(),
+                b.shape(),
+                wt.map(|t| t.shape()),
+                w.shape()
+            );
+        }
+        Ok(Sizes {
+            rows: x.elem_count() / inner.max(1),
+            out,
+            inner,
+            r,
+        })
+    }
+}
+
+/// The f32 values of a contiguous CPU tensor's storage.
+fn values<'a>(s: &'a Storage, l: &Layout) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("lora matmul: expected a contiguous f32 CPU tensor"),
+    }
+}
+
+/// A fresh `m×n` product `f` writes in full (`dst`, its row stride `n`); zeros when `k = 0`
+/// (nothing to sum).
+fn product(m: usize, n: usize, k: usize, f: impl FnOnce(*mut f32)) -> Vec<f32> {
+    if k == 0 || m * n == 0 {
+        return vec![0.0; m * n];
+    }
+    let mut v = Vec::with_capacity(m * n);
+    f(v.as_mut_ptr());
+    // SAFETY: the kernel wrote all m·n elements (it does not read dst when not accumulating).
+    unsafe { v.set_len(m * n) };
+    v
+}
+
+/// `dropout(x)` as a tensor (the layer's input when nothing is dropped).
+fn dropped(x: &Tensor, dropout: Option<&DropoutMask>) -> Result<Tensor> {
+    match dropout {
+        Some(mask) => mask.apply(&x.detach(), false),
+        None => Ok(x.detach()),
+    }
+}
+
+/// `u = s·dropout(x)·Aᵀ`, `[rows, r]`.
+fn low_rank(
+    x: &Tensor,
+    a: &Tensor,
+    s: f32,
+    dropout: Option<&DropoutMask>,
+    Sizes { rows, inner, r, .. }: Sizes,
+) -> Result<Vec<f32>> {
+    let xl = dropped(x, dropout)?;
+    let (xs, xl) = xl.storage_and_layout();
+    let (as_, al) = a.storage_and_layout();
+    let (xv, av) = (values(&xs, xl)?, values(&as_, al)?);
+    // SAFETY: xv is rows×inner, av r×inner read as its transpose, u rows×r.
+    Ok(product(rows, r, inner, |u| unsafe {
+        gemm_f32(
+            (rows, r, inner),
+            u,
+            r,
+            false,
+            xv.as_ptr(),
+            (inner, 1),
+            av.as_ptr(),
+            (1, inner),
+            s,
+            Threads::All,
+        )
+    }))
+}
+
 struct LoraMatmul {
     w: Tensor,
+    /// `wᵀ` stored contiguous (`[in, out]`), when the caller keeps one.
+    wt: Option<Tensor>,
+    scaling: f32,
+    dropout: Option<DropoutMask>,
+    /// `s·dropout(x)·Aᵀ`, `[rows, r]`, kept for the backward pass.
+    u: Vec<f32>,
 }
 
 impl CustomOp3 for LoraMatmul {
@@ -43,76 +162,227 @@ impl CustomOp3 for LoraMatmul {
         &self,
         sx: &CpuStorage,
         lx: &Layout,
-        su: &CpuStorage,
-        lu: &Layout,
+        _sa: &CpuStorage,
+        _la: &Layout,
         sb: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (out, inner) = self.w.dims2()?;
-        let (rows, r) = lu.shape().dims2()?;
-        let k = lx.shape().dims().last().copied().unwrap_or(0);
-        if k != inner || lx.shape().elem_count() != rows * inner || lb.shape().dims() != [out, r] {
-            candle_core::bail!(
-                "lora matmul: x {:?}, u {:?} and B {:?} do not fit W {:?}",
-                lx.shape(),
-                lu.shape(),
-                lb.shape(),
-                self.w.shape()
-            );
-        }
-        let (u, b) = match (su, sb, lu.contiguous_offsets(), lb.contiguous_offsets()) {
-            (CpuStorage::F32(u), CpuStorage::F32(b), Some((u0, u1)), Some((b0, b1))) => {
-                (&u[u0..u1], &b[b0..b1])
+        let r = lb.dims()[1];
+        let rows = self.u.len() / r.max(1);
+        let (x, b) = match (sx, sb, lx.contiguous_offsets(), lb.contiguous_offsets()) {
+            (CpuStorage::F32(x), CpuStorage::F32(b), Some((x0, x1)), Some((b0, b1))) => {
+                (&x[x0..x1], &b[b0..b1])
             }
-            _ => candle_core::bail!("lora matmul: u and B must be contiguous f32"),
+            _ => candle_core::bail!("lora matmul: x and B must be contiguous f32"),
         };
-        // base product: the frozen-weight matmul's own forward
-        let (ws, wl) = self.w.storage_and_layout();
-        let candle_core::Storage::Cpu(ws) = &*ws else {
-            candle_core::bail!("lora matmul: W must be on the CPU");
+        if x.len() != rows * inner || b.len() != out * r {
+            candle_core::bail!("lora matmul: operands changed size since u was computed");
+        }
+        let (ws, wl) = match &self.wt {
+            Some(wt) => wt.storage_and_layout(),
+            None => self.w.storage_and_layout(),
         };
-        let (y, shape) = frozen_matmul_cpu(sx, lx, ws, wl)?;
-        let CpuStorage::F32(mut y) = y else {
-            candle_core::bail!("lora matmul: expected f32");
+        let (Storage::Cpu(CpuStorage::F32(wv)), Some((w0, w1))) = (&*ws, wl.contiguous_offsets())
+        else {
+            candle_core::bail!("lora matmul: W must be a contiguous f32 CPU tensor");
         };
-        // y += u·Bᵀ, accumulated by the kernel
-        // SAFETY: y is rows×out, u rows×r and b out×r, all contiguous, as checked above.
-        unsafe {
+        let wv = &wv[w0..w1];
+        // W's elements (k = input feature, n = output feature) by their strides
+        let w_strides = if self.wt.is_some() {
+            (out, 1)
+        } else {
+            (1, inner)
+        };
+        // SAFETY (both products): y is rows×out; x rows×inner; wv holds inner×out elements
+        // reached by w_strides; u rows×r; b out×r read as its transpose.
+        let mut y = product(rows, out, inner, |y| unsafe {
             gemm_f32(
-                (rows, out, r),
-                y.as_mut_ptr(),
+                (rows, out, inner),
+                y,
                 out,
-                true,
-                u.as_ptr(),
-                (r, 1),
-                b.as_ptr(),
-                (1, r),
+                false,
+                x.as_ptr(),
+                (inner, 1),
+                wv.as_ptr(),
+                w_strides,
                 1.0,
                 Threads::All,
-            );
+            )
+        });
+        if r > 0 && rows > 0 {
+            unsafe {
+                gemm_f32(
+                    (rows, out, r),
+                    y.as_mut_ptr(),
+                    out,
+                    true,
+                    self.u.as_ptr(),
+                    (r, 1),
+                    b.as_ptr(),
+                    (1, r),
+                    1.0,
+                    Threads::All,
+                )
+            }
         }
-        Ok((CpuStorage::F32(y), shape))
+        let mut dims = lx.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = out;
+        }
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
 
     fn bwd(
         &self,
         x: &Tensor,
-        u: &Tensor,
+        a: &Tensor,
         b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (out, _) = self.w.dims2()?;
-        let rows = u.dim(0)?;
-        // u and B are tracked (B is a variable): products with them must not carry a graph
-        // into the gradients, or the optimizer state would keep every step's graph alive
-        let (u, b) = (u.detach(), b.detach());
-        let g = grad.contiguous()?.reshape((rows, out))?;
-        let dx = g.matmul(&self.w)?.reshape(x.shape())?;
-        let du = g.matmul(&b)?;
-        // (uᵀ·g)ᵀ: the kernel packs the small uᵀ instead of a transposed copy of g
-        let db = u.t()?.matmul(&g)?.t()?;
-        Ok((Some(dx), Some(du), Some(db)))
+        let (out, inner) = self.w.dims2()?;
+        let r = a.dim(0)?;
+        let rows = self.u.len() / r.max(1);
+        let s = self.scaling;
+        let g = grad.contiguous()?;
+        let xl = dropped(x, self.dropout.as_ref())?;
+        let (gs, gl) = g.storage_and_layout();
+        let (ws, wl) = self.w.storage_and_layout();
+        let (as_, al) = a.storage_and_layout();
+        let (bs, bl) = b.storage_and_layout();
+        let (xs, xll) = xl.storage_and_layout();
+        let (dx, da, db) = self.grads(
+            Sizes {
+                rows,
+                out,
+                inner,
+                r,
+            },
+            s,
+            [&gs, &ws, &as_, &bs, &xs],
+            [gl, wl, al, bl, xll],
+        )?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(da, (r, inner), dev)?),
+            Some(Tensor::from_vec(db, (out, r), dev)?),
+        ))
+    }
+}
+
+impl LoraMatmul {
+    /// `(dx, dA, dB)` from the output gradient `g` `[rows, out]`:
+    /// `du = s·g·B`, `dB = gᵀ·u`, `dA = duᵀ·dropout(x)`, `dx = g·W + dropout'(du·A)`.
+    /// The storages (and layouts) are those of g, W, A, B and `dropout(x)`.
+    fn grads(
+        &self,
+        Sizes {
+            rows,
+            out,
+            inner,
+            r,
+        }: Sizes,
+        s: f32,
+        storages: [&Storage; 5],
+        layouts: [&Layout; 5],
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let [g, w, a, b, xl] = [0, 1, 2, 3, 4].map(|i| values(storages[i], layouts[i]));
+        let (g, w, a, b, xl) = (g?, w?, a?, b?, xl?);
+        let u = &self.u;
+        let want = [rows * out, out * inner, r * inner, out * r, rows * inner];
+        if [g.len(), w.len(), a.len(), b.len(), xl.len()] != want || u.len() != rows * r {
+            candle_core::bail!("lora matmul: the output gradient does not fit the layer");
+        }
+        // SAFETY (every product): the slices hold the element counts their dims and strides
+        // reach, as checked above and by the op's forward pass; each dst is a fresh buffer.
+        let du = product(rows, r, out, |du| unsafe {
+            gemm_f32(
+                (rows, r, out),
+                du,
+                r,
+                false,
+                g.as_ptr(),
+                (out, 1),
+                b.as_ptr(),
+                (r, 1),
+                s,
+                Threads::All,
+            )
+        });
+        let db = product(out, r, rows, |db| unsafe {
+            gemm_f32(
+                (out, r, rows),
+                db,
+                r,
+                false,
+                g.as_ptr(),
+                (1, out),
+                u.as_ptr(),
+                (r, 1),
+                1.0,
+                Threads::All,
+            )
+        });
+        let da = product(r, inner, rows, |da| unsafe {
+            gemm_f32(
+                (r, inner, rows),
+                da,
+                inner,
+                false,
+                du.as_ptr(),
+                (1, r),
+                xl.as_ptr(),
+                (inner, 1),
+                1.0,
+                Threads::All,
+            )
+        });
+        let mut dx = product(rows, inner, out, |dx| unsafe {
+            gemm_f32(
+                (rows, inner, out),
+                dx,
+                inner,
+                false,
+                g.as_ptr(),
+                (out, 1),
+                w.as_ptr(),
+                (inner, 1),
+                1.0,
+                Threads::All,
+            )
+        });
+        // the low-rank part of dx: accumulated in place, or through the same dropout mask
+        let low = |dst: *mut f32, accumulate: bool| unsafe {
+            gemm_f32(
+                (rows, inner, r),
+                dst,
+                inner,
+                accumulate,
+                du.as_ptr(),
+                (r, 1),
+                a.as_ptr(),
+                (inner, 1),
+                1.0,
+                Threads::All,
+            )
+        };
+        match &self.dropout {
+            _ if r == 0 || rows == 0 => {}
+            None => low(dx.as_mut_ptr(), true),
+            Some(mask) => {
+                let tmp = product(rows, inner, r, |t| low(t, false));
+                let tmp = Tensor::from_vec(tmp, (rows, inner), &candle_core::Device::Cpu)?;
+                let tmp = mask.apply(&tmp, false)?;
+                let (ts, tl) = tmp.storage_and_layout();
+                let t = values(&ts, tl)?;
+                dx.par_iter_mut()
+                    .zip(t.par_iter())
+                    .for_each(|(d, t)| *d += t);
+            }
+        }
+        Ok((dx, da, db))
     }
 }
 
@@ -120,44 +390,85 @@ impl CustomOp3 for LoraMatmul {
 mod tests {
     use super::*;
     use crate::compare::max_abs_diff;
+    use crate::dropout::{Dropout, StepSeed};
     use candle_core::{Device, Var};
 
+    /// The op against the composed layer (candle ops), values and the gradients of x, A and B,
+    /// with the transposed weight copy and without, and with LoRA dropout (the composed side
+    /// through `Dropout::apply`, the same mask).
     #[test]
     fn fused_lora_matmul_matches_the_composed_layer_and_its_gradients() -> Result<()> {
         let dev = Device::Cpu;
-        let (rows, inner, out, r) = (10, 24, 18, 4);
+        let (rows, inner, out, r, s) = (10, 24, 18, 4, 0.75);
         let x = Var::randn(0f32, 1., (2, rows / 2, inner), &dev)?;
         let w = Tensor::randn(0f32, 1., (out, inner), &dev)?;
-        let u = Var::randn(0f32, 1., (rows, r), &dev)?;
+        let wt = w.t()?.contiguous()?;
+        let a = Var::randn(0f32, 1., (r, inner), &dev)?;
         let b = Var::randn(0f32, 1., (out, r), &dev)?;
-        let fused = lora_matmul(x.as_tensor(), &w, u.as_tensor(), b.as_tensor()).unwrap()?;
-        let base = x.as_tensor().broadcast_matmul(&w.t()?)?;
-        let delta = u
-            .as_tensor()
-            .matmul(&b.as_tensor().t()?)?
-            .reshape((2, rows / 2, out))?;
-        let want = (base + delta)?;
-        assert_eq!(fused.dims(), [2, rows / 2, out]);
-        assert!(max_abs_diff(&fused, &want)? < 1e-4);
-        let up = Tensor::randn(0f32, 1., fused.shape(), &dev)?;
-        let g1 = (fused * &up)?.sum_all()?.backward()?;
-        let g2 = (want * &up)?.sum_all()?.backward()?;
-        for v in [&x, &u, &b] {
-            let d = max_abs_diff(
-                g1.get(v.as_tensor()).unwrap(),
-                g2.get(v.as_tensor()).unwrap(),
-            )?;
-            assert!(d < 1e-4, "{:?}: {d}", v.dims());
+        let seed = StepSeed::default();
+        seed.set(7, 3, 0);
+        let drop = Dropout::new(0.3, "layers.0.q_proj", seed);
+        let up = Tensor::randn(0f32, 1., (2, rows / 2, out), &dev)?;
+        for (wt, dropout) in [(None, None), (Some(&wt), None), (Some(&wt), Some(&drop))] {
+            let (xt, at, bt) = (x.as_tensor(), a.as_tensor(), b.as_tensor());
+            let mask = dropout.and_then(|d| d.draw());
+            let fused = lora_matmul(xt, &w, wt, at, bt, s, mask).unwrap()?;
+            let xl = match dropout {
+                Some(d) => d.apply(xt)?,
+                None => xt.clone(),
+            };
+            let base = xt.broadcast_matmul(&w.t()?)?;
+            let delta = (xl.broadcast_matmul(&at.t()?)?.broadcast_matmul(&bt.t()?)? * s)?;
+            let want = (base + delta)?;
+            assert_eq!(fused.dims(), [2, rows / 2, out]);
+            assert!(max_abs_diff(&fused, &want)? < 1e-4);
+            let g1 = (fused * &up)?.sum_all()?.backward()?;
+            let g2 = (want * &up)?.sum_all()?.backward()?;
+            for v in [&x, &a, &b] {
+                let (d1, d2) = (
+                    g1.get(v.as_tensor()).unwrap(),
+                    g2.get(v.as_tensor()).unwrap(),
+                );
+                let d = max_abs_diff(d1, d2)?;
+                assert!(
+                    d < 1e-4,
+                    "{:?} (dropout {}): {d}",
+                    v.dims(),
+                    dropout.is_some()
+                );
+                // the gradients carry no graph (one that did leaked every step's activations
+                // through the optimizer's moments)
+                assert!(!d1.track_op());
+            }
+            assert!(g1.get(&w).is_none());
         }
-        assert!(g1.get(&w).is_none());
-        // the gradients carry no graph (one that did leaked every step's activations through
-        // the optimizer's moments)
-        for v in [&x, &u, &b] {
-            assert!(!g1.get(v.as_tensor()).unwrap().track_op());
-        }
-        // other dtypes are not fused
-        let x64 = x.as_tensor().to_dtype(DType::F64)?;
-        assert!(lora_matmul(&x64, &w, u.as_tensor(), b.as_tensor()).is_none());
+        // the dropout mask matters: without it the low-rank part differs
+        let (xt, at, bt) = (x.as_tensor(), a.as_tensor(), b.as_tensor());
+        let with = lora_matmul(xt, &w, None, at, bt, s, drop.draw()).unwrap()?;
+        let without = lora_matmul(xt, &w, None, at, bt, s, None).unwrap()?;
+        assert!(max_abs_diff(&with, &without)? > 1e-3);
+        Ok(())
+    }
+
+    #[test]
+    fn misfit_operands_are_errors_and_other_dtypes_are_not_fused() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (3, 8), &dev)?;
+        let w = Tensor::randn(0f32, 1., (5, 8), &dev)?;
+        let a = Tensor::randn(0f32, 1., (2, 8), &dev)?;
+        let b = Tensor::randn(0f32, 1., (5, 2), &dev)?;
+        let bad_b = Tensor::randn(0f32, 1., (4, 2), &dev)?;
+        let err = lora_matmul(&x, &w, None, &a, &bad_b, 1.0, None).unwrap();
+        assert!(err.unwrap_err().to_string().contains("do not fit W"));
+        // a transposed copy of the wrong shape (W itself, not Wᵀ)
+        let err = lora_matmul(&x, &w, Some(&w), &a, &b, 1.0, None).unwrap();
+        assert!(err.unwrap_err().to_string().contains("do not fit W"));
+        let x64 = x.to_dtype(DType::F64)?;
+        assert!(lora_matmul(&x64, &w, None, &a, &b, 1.0, None).is_none());
+        // no rows: an empty output, and empty gradients that still have their shapes
+        let empty = Var::zeros((0, 8), DType::F32, &dev)?;
+        let y = lora_matmul(empty.as_tensor(), &w, None, &a, &b, 1.0, None).unwrap()?;
+        assert_eq!(y.dims(), [0, 5]);
         Ok(())
     }
 }

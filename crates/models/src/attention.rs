@@ -5,6 +5,7 @@
 //! many in its backward pass; here each head is a few calls of the `gemm` crate's kernels plus
 //! one softmax pass. The forward pass keeps the probabilities for the backward pass, like the
 //! composed version does. Checked against the composed version (values and gradients) below.
+use crate::row_exp;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use lorakit_adapter::cpu_gemm::{gemm_f32, Threads};
 use rayon::prelude::*;
@@ -186,16 +187,11 @@ struct Out(*mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
-/// Softmax of `row` in place; the sum is taken in f64.
+/// Softmax of `row` in place (vectorized passes, [`row_exp`]).
 pub(crate) fn softmax_in_place(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f64;
-    for x in row.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x as f64;
-    }
-    let inv = (1.0 / sum) as f32;
-    row.iter_mut().for_each(|x| *x *= inv);
+    let max = row_exp::max(row);
+    let sum = row_exp::exp_shifted_in_place(row, max);
+    row_exp::scale(row, (1.0 / sum) as f32);
 }
 
 impl CustomOp3 for FusedAttention {

@@ -14,9 +14,12 @@ pub const CHUNK_ELEMENTS: usize = 1 << 24;
 /// Per-row cross-entropy `[n]` of `hidden @ weightᵀ` (`hidden` `[n, d]`, `weight` `[vocab, d]`,
 /// frozen) against `labels` `[n]`, `chunk_rows` rows at a time. Differentiable in `hidden` when
 /// `with_grad` (the gradient is computed in this forward pass); `weight` gets no gradient.
+/// `weight_t`, a contiguous `[d, vocab]` copy of `weightᵀ` if the caller keeps one, is what the
+/// CPU kernels read for the logits (the matmul kernel repacks a transposed operand per call).
 pub fn linear_cross_entropy(
     hidden: &Tensor,
     weight: &Tensor,
+    weight_t: Option<&Tensor>,
     labels: &Tensor,
     chunk_rows: usize,
     with_grad: bool,
@@ -31,10 +34,11 @@ pub fn linear_cross_entropy(
     let rows = chunk_rows.max(1);
     // the gradient is only worth computing when something upstream wants it
     let with_grad = with_grad && n > 0 && hidden.track_op();
-    let (loss, dh) = match cpu::linear_cross_entropy(&h, weight, &labels, rows, with_grad)? {
-        Some(done) => done,
-        None => composed_chunks(&h, weight, &labels, rows, with_grad)?,
-    };
+    let (loss, dh) =
+        match cpu::linear_cross_entropy(&h, weight, weight_t, &labels, rows, with_grad)? {
+            Some(done) => done,
+            None => composed_chunks(&h, weight, &labels, rows, with_grad)?,
+        };
     let Some(dh) = dh else {
         return Ok(loss);
     };
@@ -47,6 +51,7 @@ pub fn linear_cross_entropy(
 /// buffer reused across chunks, loss and `softmax − onehot` written over the logits in one
 /// pass per row (one `exp` per logit), then `dh` by the matmul kernel.
 mod cpu {
+    use crate::row_exp;
     use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
     use lorakit_adapter::cpu_gemm::{gemm_f32, Threads};
     use rayon::prelude::*;
@@ -62,12 +67,13 @@ mod cpu {
     pub(super) fn linear_cross_entropy(
         h: &Tensor,
         w: &Tensor,
+        wt: Option<&Tensor>,
         labels: &Tensor,
         chunk: usize,
         with_grad: bool,
     ) -> Result<Option<(Tensor, Option<Tensor>)>> {
         let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-        if !(cpu_f32(h) && cpu_f32(w)) {
+        if !(cpu_f32(h) && cpu_f32(w) && wt.is_none_or(cpu_f32)) {
             return Ok(None);
         }
         let (n, d) = h.dims2()?;
@@ -78,6 +84,19 @@ mod cpu {
         let (ys, yl) = labels.storage_and_layout();
         let (Some(hv), Some(wv)) = (data(&hs, hl), data(&ws, wl)) else {
             return Ok(None);
+        };
+        let wt = wt.map(|t| t.storage_and_layout());
+        // the logits' right operand: wt as [d, vocab] rows, or w read transposed
+        let (rhs, rhs_strides) = match &wt {
+            Some((s, l)) if l.dims() == [d, vocab] => match data(s, l) {
+                Some(v) => (v, (vocab, 1)),
+                None => return Ok(None),
+            },
+            Some((_, l)) => candle_core::bail!(
+                "output head: transposed weight {:?}, expected [{d}, {vocab}]",
+                l.dims()
+            ),
+            None => (wv, (1, d)),
         };
         let y = match (&*ys, yl.contiguous_offsets()) {
             (Storage::Cpu(CpuStorage::U32(v)), Some((a, b))) => &v[a..b],
@@ -90,7 +109,8 @@ mod cpu {
         while start < n {
             let len = chunk.min(n - start);
             let logits = &mut buf[..len * vocab];
-            // SAFETY: logits is len×vocab, hv holds rows start.. of n×d, wv is vocab×d.
+            // SAFETY: logits is len×vocab, hv holds rows start.. of n×d, rhs is d×vocab by
+            // its strides (wv vocab×d read transposed, or wt d×vocab).
             unsafe {
                 gemm_f32(
                     (len, vocab, d),
@@ -99,8 +119,8 @@ mod cpu {
                     false,
                     hv[start * d..].as_ptr(),
                     (d, 1),
-                    wv.as_ptr(),
-                    (1, d),
+                    rhs.as_ptr(),
+                    rhs_strides,
                     1.0,
                     Threads::All,
                 );
@@ -111,21 +131,17 @@ mod cpu {
                 .zip(y[start..start + len].par_iter())
                 .for_each(|((row, l), &label)| {
                     let picked = row.get(label as usize).copied().unwrap_or(f32::NAN);
-                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0f64;
-                    if with_grad {
-                        for x in row.iter_mut() {
-                            *x = (*x - max).exp();
-                            sum += *x as f64;
-                        }
-                        let inv = (1.0 / sum) as f32;
-                        row.iter_mut().for_each(|x| *x *= inv);
+                    let max = row_exp::max(row);
+                    let sum = if with_grad {
+                        let sum = row_exp::exp_shifted_in_place(row, max);
+                        row_exp::scale(row, (1.0 / sum) as f32);
                         if let Some(t) = row.get_mut(label as usize) {
                             *t -= 1.0;
                         }
+                        sum
                     } else {
-                        sum = row.iter().map(|x| (x - max).exp() as f64).sum();
-                    }
+                        row_exp::sum_exp_shifted(row, max)
+                    };
                     *l = (sum.ln() as f32) + max - picked;
                 });
             if with_grad {
@@ -171,7 +187,8 @@ fn composed_chunks(
     let mut start = 0;
     while start < n {
         let len = rows.min(n - start);
-        let logits = frozen_matmul(&h.narrow(0, start, len)?, weight)?.to_dtype(DType::F32)?;
+        let logits =
+            frozen_matmul(&h.narrow(0, start, len)?, weight, None)?.to_dtype(DType::F32)?;
         let y = labels.narrow(0, start, len)?;
         losses.push(cross_entropy(&logits, &y)?.detach());
         if with_grad {
@@ -224,15 +241,16 @@ mod tests {
         let want = composed(h.as_tensor(), &w, &y)?;
         let want_g = (want.clone() * &up)?.sum_all()?.backward()?;
         let want_g = want_g.get(h.as_tensor()).unwrap();
-        for rows in [1, 4, n, 1000] {
-            let got = linear_cross_entropy(h.as_tensor(), &w, &y, rows, true)?;
+        let wt = w.t()?.contiguous()?;
+        for (rows, wt) in [(1, None), (4, Some(&wt)), (n, None), (1000, Some(&wt))] {
+            let got = linear_cross_entropy(h.as_tensor(), &w, wt, &y, rows, true)?;
             assert!(max_abs_diff(&got, &want)? < 1e-5, "rows {rows}");
             let g = (got * &up)?.sum_all()?.backward()?;
             let d = max_abs_diff(g.get(h.as_tensor()).unwrap(), want_g)?;
             assert!(d < 1e-5, "rows {rows}: gradient differs by {d}");
             assert!(g.get(&w).is_none());
             // without the gradient: same values, nothing to backpropagate into
-            let plain = linear_cross_entropy(h.as_tensor(), &w, &y, rows, false)?;
+            let plain = linear_cross_entropy(h.as_tensor(), &w, wt, &y, rows, false)?;
             assert!(max_abs_diff(&plain, &want)? < 1e-5);
             assert!(!plain.track_op());
         }
@@ -246,14 +264,23 @@ mod tests {
         let h = Tensor::randn(0f32, 1., (9, 16), &dev)?;
         let w = Tensor::randn(0f32, 0.5, (301, 16), &dev)?;
         let y = Tensor::new(&[0u32, 5, 300, 17, 17, 42, 3, 299, 1], &dev)?;
+        let wt = w.t()?.contiguous()?;
         for rows in [1, 4, 9] {
-            let (l1, g1) = cpu::linear_cross_entropy(&h, &w, &y, rows, true)?.unwrap();
             let (l2, g2) = composed_chunks(&h, &w, &y, rows, true)?;
-            assert!(max_abs_diff(&l1, &l2)? < 1e-5);
-            assert!(max_abs_diff(&g1.unwrap(), &g2.unwrap())? < 1e-5);
-            let (l3, g3) = cpu::linear_cross_entropy(&h, &w, &y, rows, false)?.unwrap();
-            assert!(max_abs_diff(&l3, &l2)? < 1e-5 && g3.is_none());
+            let g2 = g2.unwrap();
+            // the weight read transposed, and its transposed copy
+            for wt in [None, Some(&wt)] {
+                let (l1, g1) = cpu::linear_cross_entropy(&h, &w, wt, &y, rows, true)?.unwrap();
+                assert!(max_abs_diff(&l1, &l2)? < 1e-5);
+                assert!(max_abs_diff(&g1.unwrap(), &g2)? < 1e-5);
+                let (l3, g3) = cpu::linear_cross_entropy(&h, &w, wt, &y, rows, false)?.unwrap();
+                assert!(max_abs_diff(&l3, &l2)? < 1e-5 && g3.is_none());
+            }
         }
+        // a transposed copy of the wrong shape is refused, not read out of bounds
+        let bad = Tensor::zeros((16, 300), DType::F32, &dev)?;
+        let err = cpu::linear_cross_entropy(&h, &w, Some(&bad), &y, 4, true).unwrap_err();
+        assert!(err.to_string().contains("expected [16, 301]"), "{err}");
         Ok(())
     }
 
@@ -263,7 +290,7 @@ mod tests {
         let h = Var::randn(0f64, 1., (5, 8), &dev)?;
         let w = Tensor::randn(0f64, 0.5, (33, 8), &dev)?;
         let y = Tensor::new(&[0u32, 5, 32, 17, 9], &dev)?;
-        let got = linear_cross_entropy(h.as_tensor(), &w, &y, 2, true)?;
+        let got = linear_cross_entropy(h.as_tensor(), &w, None, &y, 2, true)?;
         let want = composed(h.as_tensor(), &w, &y)?.to_dtype(DType::F32)?;
         assert!(max_abs_diff(&got, &want)? < 1e-5);
         let g1 = got.sum_all()?.backward()?;

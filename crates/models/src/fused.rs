@@ -6,6 +6,7 @@
 //! composed version (values and gradients) in the tests below. With the `cuda` feature the same ops run lorakit-kernels'
 //! CUDA kernels (f32 and bf16; their element math is shared with `csrc/row_math.c`, which the
 //! tests below check against these CPU kernels). Elsewhere the composed versions run.
+use crate::row_exp;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
 };
@@ -52,15 +53,10 @@ fn inv_rms(row: &[f32], eps: f32) -> f32 {
     1.0 / (ms as f32 + eps).sqrt()
 }
 
-/// Writes `exp(row − max)` into `out` and returns `(max, Σ out)`, the sum in f64.
+/// Writes `exp(row − max)` into `out` and returns `(max, Σ out)` ([`row_exp`]).
 fn exp_shifted(row: &[f32], out: &mut [f32]) -> (f32, f64) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f64;
-    for (o, a) in out.iter_mut().zip(row) {
-        *o = (a - max).exp();
-        sum += *o as f64;
-    }
-    (max, sum)
+    let max = row_exp::max(row);
+    (max, row_exp::exp_shifted(row, out, max))
 }
 
 /// Per-row cross-entropy `[n]` of logits `[n, vocab]` against labels `[n]`.
@@ -97,8 +93,8 @@ impl CustomOp2 for CrossEntropy {
             .par_chunks(v)
             .zip(y.par_iter())
             .map(|(row, &label)| {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f64 = row.iter().map(|a| (a - max).exp() as f64).sum();
+                let max = row_exp::max(row);
+                let sum = row_exp::sum_exp_shifted(row, max);
                 (sum.ln() as f32) + max - row.get(label as usize).copied().unwrap_or(f32::NAN)
             })
             .collect();

@@ -15,6 +15,7 @@ pub mod hub;
 pub mod llama;
 pub mod load;
 pub mod ops;
+pub mod row_exp;
 
 pub use config::{Arch, LlamaConfig, RopeScaling};
 pub use error::{ModelError, Result};

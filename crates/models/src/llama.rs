@@ -333,7 +333,14 @@ impl CausalLm {
         let head = &self.lm_head;
         let loss = if head.lora().is_none() && head.bias().is_none() && !head.is_trainable() {
             let chunk = chunk_rows(self.cfg.vocab_size);
-            linear_cross_entropy(&rows, head.weight(), labels, chunk, train)?
+            linear_cross_entropy(
+                &rows,
+                head.weight(),
+                head.weight_t(train)?,
+                labels,
+                chunk,
+                train,
+            )?
         } else {
             let logits = head.forward_t(&rows, train)?.to_dtype(DType::F32)?;
             crate::fused::cross_entropy(&logits, labels)?
