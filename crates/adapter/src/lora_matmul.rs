@@ -5,7 +5,7 @@
 //! final layouts, `dx = g·W + (s·g·B)·A` accumulated into one buffer. Composed from candle ops the
 //! layer is six nodes, and candle's backward pays a zero-filled buffer and an add for every
 //! input of every node. W is frozen: captured, never differentiated.
-use crate::cpu_gemm::{gemm_f32, Threads};
+use crate::cpu_gemm::{product, product_into, Strided, Threads};
 use crate::dropout::DropoutMask;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
@@ -13,7 +13,8 @@ use rayon::prelude::*;
 /// `x·Wᵀ + scaling·(dropout(x)·Aᵀ)·Bᵀ` for `x` `[.., in]`, `w` `[out, in]`, `a` `[r, in]`, `b`
 /// `[out, r]`, differentiable in x, A and B. `wt`, a contiguous `[in, out]` copy of `wᵀ` if the
 /// caller keeps one, is what the forward product reads (the kernel repacks a transposed operand
-/// on every call). `None` when the op does not apply (not all CPU f32): use the generic op.
+/// on every call). `None` when the op does not apply (not all CPU f32, or W not contiguous):
+/// use the generic op.
 pub fn lora_matmul(
     x: &Tensor,
     w: &Tensor,
@@ -23,7 +24,7 @@ pub fn lora_matmul(
     scaling: f64,
     dropout: Option<DropoutMask>,
 ) -> Option<Result<Tensor>> {
-    if !fits(&[x, w, a, b]) || !wt.is_none_or(|t| fits(&[t])) {
+    if !fits(&[x, w, a, b]) || !wt.is_none_or(|t| fits(&[t])) || !w.is_contiguous() {
         return None;
     }
     Some((|| {
@@ -93,19 +94,6 @@ fn values<'a>(s: &'a Storage, l: &Layout) -> Result<&'a [f32]> {
     }
 }
 
-/// A fresh `m×n` product `f` writes in full (`dst`, its row stride `n`); zeros when `k = 0`
-/// (nothing to sum).
-fn product(m: usize, n: usize, k: usize, f: impl FnOnce(*mut f32)) -> Vec<f32> {
-    if k == 0 || m * n == 0 {
-        return vec![0.0; m * n];
-    }
-    let mut v = Vec::with_capacity(m * n);
-    f(v.as_mut_ptr());
-    // SAFETY: the kernel wrote all m·n elements (it does not read dst when not accumulating).
-    unsafe { v.set_len(m * n) };
-    v
-}
-
 /// `dropout(x)` as a tensor (the layer's input when nothing is dropped).
 fn dropped(x: &Tensor, dropout: Option<&DropoutMask>) -> Result<Tensor> {
     match dropout {
@@ -126,21 +114,22 @@ fn low_rank(
     let (xs, xl) = xl.storage_and_layout();
     let (as_, al) = a.storage_and_layout();
     let (xv, av) = (values(&xs, xl)?, values(&as_, al)?);
-    // SAFETY: xv is rows×inner, av r×inner read as its transpose, u rows×r.
-    Ok(product(rows, r, inner, |u| unsafe {
-        gemm_f32(
-            (rows, r, inner),
-            u,
-            r,
-            false,
-            xv.as_ptr(),
-            (inner, 1),
-            av.as_ptr(),
-            (1, inner),
-            s,
-            Threads::All,
-        )
-    }))
+    // x rows×inner times Aᵀ (A r×inner read transposed)
+    product(
+        (rows, r, inner),
+        Strided {
+            data: xv,
+            rs: inner,
+            cs: 1,
+        },
+        Strided {
+            data: av,
+            rs: 1,
+            cs: inner,
+        },
+        s,
+        Threads::All,
+    )
 }
 
 struct LoraMatmul {
@@ -169,14 +158,14 @@ impl CustomOp3 for LoraMatmul {
     ) -> Result<(CpuStorage, Shape)> {
         let (out, inner) = self.w.dims2()?;
         let r = lb.dims()[1];
-        let rows = self.u.len() / r.max(1);
+        let rows = lx.shape().elem_count() / inner.max(1);
         let (x, b) = match (sx, sb, lx.contiguous_offsets(), lb.contiguous_offsets()) {
             (CpuStorage::F32(x), CpuStorage::F32(b), Some((x0, x1)), Some((b0, b1))) => {
                 (&x[x0..x1], &b[b0..b1])
             }
             _ => candle_core::bail!("lora matmul: x and B must be contiguous f32"),
         };
-        if x.len() != rows * inner || b.len() != out * r {
+        if self.u.len() != rows * r || b.len() != out * r {
             candle_core::bail!("lora matmul: operands changed size since u was computed");
         }
         let (ws, wl) = match &self.wt {
@@ -187,45 +176,39 @@ impl CustomOp3 for LoraMatmul {
         else {
             candle_core::bail!("lora matmul: W must be a contiguous f32 CPU tensor");
         };
-        let wv = &wv[w0..w1];
-        // W's elements (k = input feature, n = output feature) by their strides
-        let w_strides = if self.wt.is_some() {
-            (out, 1)
-        } else {
-            (1, inner)
+        let data = &wv[w0..w1];
+        // as the right operand (k = input feature, n = output feature): Wᵀ's rows, or W read
+        // transposed
+        let w = match self.wt {
+            Some(_) => Strided {
+                data,
+                rs: out,
+                cs: 1,
+            },
+            None => Strided {
+                data,
+                rs: 1,
+                cs: inner,
+            },
         };
-        // SAFETY (both products): y is rows×out; x rows×inner; wv holds inner×out elements
-        // reached by w_strides; u rows×r; b out×r read as its transpose.
-        let mut y = product(rows, out, inner, |y| unsafe {
-            gemm_f32(
-                (rows, out, inner),
-                y,
-                out,
-                false,
-                x.as_ptr(),
-                (inner, 1),
-                wv.as_ptr(),
-                w_strides,
-                1.0,
-                Threads::All,
-            )
-        });
-        if r > 0 && rows > 0 {
-            unsafe {
-                gemm_f32(
-                    (rows, out, r),
-                    y.as_mut_ptr(),
-                    out,
-                    true,
-                    self.u.as_ptr(),
-                    (r, 1),
-                    b.as_ptr(),
-                    (1, r),
-                    1.0,
-                    Threads::All,
-                )
-            }
-        }
+        let x = Strided {
+            data: x,
+            rs: inner,
+            cs: 1,
+        };
+        let mut y = product((rows, out, inner), x, w, 1.0, Threads::All)?;
+        // y += u·Bᵀ (B out×r read transposed)
+        let u = Strided {
+            data: &self.u,
+            rs: r,
+            cs: 1,
+        };
+        let bt = Strided {
+            data: b,
+            rs: 1,
+            cs: r,
+        };
+        product_into(&mut y, (rows, out, r), true, u, bt, 1.0, Threads::All)?;
         let mut dims = lx.dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = out;
@@ -243,7 +226,7 @@ impl CustomOp3 for LoraMatmul {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (out, inner) = self.w.dims2()?;
         let r = a.dim(0)?;
-        let rows = self.u.len() / r.max(1);
+        let rows = x.elem_count() / inner.max(1);
         let s = self.scaling;
         let g = grad.contiguous()?;
         let xl = dropped(x, self.dropout.as_ref())?;
@@ -295,91 +278,29 @@ impl LoraMatmul {
         if [g.len(), w.len(), a.len(), b.len(), xl.len()] != want || u.len() != rows * r {
             candle_core::bail!("lora matmul: the output gradient does not fit the layer");
         }
-        // SAFETY (every product): the slices hold the element counts their dims and strides
-        // reach, as checked above and by the op's forward pass; each dst is a fresh buffer.
-        let du = product(rows, r, out, |du| unsafe {
-            gemm_f32(
-                (rows, r, out),
-                du,
-                r,
-                false,
-                g.as_ptr(),
-                (out, 1),
-                b.as_ptr(),
-                (r, 1),
-                s,
-                Threads::All,
-            )
-        });
-        let db = product(out, r, rows, |db| unsafe {
-            gemm_f32(
-                (out, r, rows),
-                db,
-                r,
-                false,
-                g.as_ptr(),
-                (1, out),
-                u.as_ptr(),
-                (r, 1),
-                1.0,
-                Threads::All,
-            )
-        });
-        let da = product(r, inner, rows, |da| unsafe {
-            gemm_f32(
-                (r, inner, rows),
-                da,
-                inner,
-                false,
-                du.as_ptr(),
-                (1, r),
-                xl.as_ptr(),
-                (inner, 1),
-                1.0,
-                Threads::All,
-            )
-        });
-        let mut dx = product(rows, inner, out, |dx| unsafe {
-            gemm_f32(
-                (rows, inner, out),
-                dx,
-                inner,
-                false,
-                g.as_ptr(),
-                (out, 1),
-                w.as_ptr(),
-                (inner, 1),
-                1.0,
-                Threads::All,
-            )
-        });
-        // the low-rank part of dx: accumulated in place, or through the same dropout mask
-        let low = |dst: *mut f32, accumulate: bool| unsafe {
-            gemm_f32(
-                (rows, inner, r),
-                dst,
-                inner,
-                accumulate,
-                du.as_ptr(),
-                (r, 1),
-                a.as_ptr(),
-                (inner, 1),
-                1.0,
-                Threads::All,
-            )
-        };
+        let m = |data, rs, cs| Strided { data, rs, cs };
+        let t = Threads::All;
+        // du = s·g·B: g rows×out, B out×r
+        let du = product((rows, r, out), m(g, out, 1), m(b, r, 1), s, t)?;
+        // dB = gᵀ·u: g read transposed (out×rows), u rows×r
+        let db = product((out, r, rows), m(g, 1, out), m(u, r, 1), 1.0, t)?;
+        // dA = duᵀ·dropout(x): du read transposed (r×rows), x rows×inner
+        let da = product((r, inner, rows), m(&du, 1, r), m(xl, inner, 1), 1.0, t)?;
+        // dx = g·W (W out×inner) + the low-rank part du·A (A r×inner), through the same
+        // dropout mask when there is one
+        let mut dx = product((rows, inner, out), m(g, out, 1), m(w, inner, 1), 1.0, t)?;
+        let (du_, a_) = (m(&du, r, 1), m(a, inner, 1));
         match &self.dropout {
-            _ if r == 0 || rows == 0 => {}
-            None => low(dx.as_mut_ptr(), true),
+            None => product_into(&mut dx, (rows, inner, r), true, du_, a_, 1.0, t)?,
             Some(mask) => {
-                let tmp = product(rows, inner, r, |t| low(t, false));
-                let tmp = Tensor::from_vec(tmp, (rows, inner), &candle_core::Device::Cpu)?;
-                let tmp = mask.apply(&tmp, false)?;
-                let (ts, tl) = tmp.storage_and_layout();
-                let t = values(&ts, tl)?;
+                let low = product((rows, inner, r), du_, a_, 1.0, t)?;
+                let low = Tensor::from_vec(low, (rows, inner), &candle_core::Device::Cpu)?;
+                let low = mask.apply(&low, false)?;
+                let (ls, ll) = low.storage_and_layout();
+                let low = values(&ls, ll)?;
                 dx.par_iter_mut()
-                    .zip(t.par_iter())
-                    .for_each(|(d, t)| *d += t);
+                    .zip(low.par_iter())
+                    .for_each(|(d, l)| *d += l);
             }
         }
         Ok((dx, da, db))
@@ -465,6 +386,9 @@ mod tests {
         assert!(err.unwrap_err().to_string().contains("do not fit W"));
         let x64 = x.to_dtype(DType::F64)?;
         assert!(lora_matmul(&x64, &w, None, &a, &b, 1.0, None).is_none());
+        // a strided W is left to the generic op
+        let w_strided = Tensor::randn(0f32, 1., (8, 5), &dev)?.t()?;
+        assert!(lora_matmul(&x, &w_strided, None, &a, &b, 1.0, None).is_none());
         // no rows: an empty output, and empty gradients that still have their shapes
         let empty = Var::zeros((0, 8), DType::F32, &dev)?;
         let y = lora_matmul(empty.as_tensor(), &w, None, &a, &b, 1.0, None).unwrap()?;
