@@ -111,19 +111,16 @@ pub fn product_into(
     // SAFETY: dst is m×n contiguous and exclusively borrowed; lhs and rhs hold every element
     // their strides reach (checked above) and cannot overlap dst (a &mut borrow).
     unsafe {
-        gemm_f32(
-            (m, n, k),
+        strided_gemm(
             dst.as_mut_ptr(),
-            n,
+            (m, n, k),
             accumulate,
-            lhs.data.as_ptr(),
-            (lhs.rs, lhs.cs),
-            rhs.data.as_ptr(),
-            (rhs.rs, rhs.cs),
+            lhs,
+            rhs,
             beta,
             threads,
         )
-    }
+    };
     Ok(())
 }
 
@@ -153,21 +150,38 @@ pub fn product(
     // does not read dst when not accumulating and writes all m·n of them, so set_len after it
     // exposes only written values.
     unsafe {
-        gemm_f32(
-            (m, n, k),
-            v.as_mut_ptr(),
-            n,
-            false,
-            lhs.data.as_ptr(),
-            (lhs.rs, lhs.cs),
-            rhs.data.as_ptr(),
-            (rhs.rs, rhs.cs),
-            beta,
-            threads,
-        );
+        strided_gemm(v.as_mut_ptr(), (m, n, k), false, lhs, rhs, beta, threads);
         v.set_len(m * n);
     }
     Ok(v)
+}
+
+/// [`gemm_f32`] with [`Strided`] operands and a contiguous `m×n` destination.
+///
+/// # Safety
+/// As [`gemm_f32`]: `dst` valid for `m·n` writes (and reads when accumulating), the operands
+/// holding every element their strides reach, no overlap.
+unsafe fn strided_gemm(
+    dst: *mut f32,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    lhs: Strided,
+    rhs: Strided,
+    beta: f32,
+    threads: Threads,
+) {
+    gemm_f32(
+        (m, n, k),
+        dst,
+        n,
+        accumulate,
+        lhs.data.as_ptr(),
+        (lhs.rs, lhs.cs),
+        rhs.data.as_ptr(),
+        (rhs.rs, rhs.cs),
+        beta,
+        threads,
+    )
 }
 
 #[cfg(test)]
