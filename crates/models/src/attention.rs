@@ -5,7 +5,7 @@
 //! many in its backward pass; here each head is a few calls of the `gemm` crate's kernels plus
 //! one softmax pass. The forward pass keeps the probabilities for the backward pass, like the
 //! composed version does. Checked against the composed version (values and gradients) below.
-use crate::row_exp;
+use crate::row_exp::softmax_in_place;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use lorakit_adapter::cpu_gemm::{gemm_f32, Threads};
 use rayon::prelude::*;
@@ -186,13 +186,6 @@ fn cpu_data<'a>(s: &'a Storage, l: &Layout, what: &str) -> Result<&'a [f32]> {
 struct Out(*mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
-
-/// Softmax of `row` in place (vectorized passes, [`row_exp`]).
-pub(crate) fn softmax_in_place(row: &mut [f32]) {
-    let max = row_exp::max(row);
-    let sum = row_exp::exp_shifted_in_place(row, max);
-    row_exp::scale(row, (1.0 / sum) as f32);
-}
 
 impl CustomOp3 for FusedAttention {
     fn name(&self) -> &'static str {

@@ -131,16 +131,15 @@ mod cpu {
                 .zip(y[start..start + len].par_iter())
                 .for_each(|((row, l), &label)| {
                     let picked = row.get(label as usize).copied().unwrap_or(f32::NAN);
-                    let max = row_exp::max(row);
-                    let sum = if with_grad {
-                        let sum = row_exp::exp_shifted_in_place(row, max);
-                        row_exp::scale(row, (1.0 / sum) as f32);
+                    let (max, sum) = if with_grad {
+                        let (max, sum) = row_exp::softmax_in_place(row);
                         if let Some(t) = row.get_mut(label as usize) {
                             *t -= 1.0;
                         }
-                        sum
+                        (max, sum)
                     } else {
-                        row_exp::sum_exp_shifted(row, max)
+                        let max = row_exp::max(row);
+                        (max, row_exp::sum_exp_shifted(row, max))
                     };
                     *l = (sum.ln() as f32) + max - picked;
                 });

@@ -53,12 +53,6 @@ fn inv_rms(row: &[f32], eps: f32) -> f32 {
     1.0 / (ms as f32 + eps).sqrt()
 }
 
-/// Writes `exp(row − max)` into `out` and returns `(max, Σ out)` ([`row_exp`]).
-fn exp_shifted(row: &[f32], out: &mut [f32]) -> (f32, f64) {
-    let max = row_exp::max(row);
-    (max, row_exp::exp_shifted(row, out, max))
-}
-
 /// Per-row cross-entropy `[n]` of logits `[n, vocab]` against labels `[n]`.
 struct CrossEntropy;
 
@@ -153,11 +147,9 @@ impl CustomOp3 for CrossEntropyGrad {
             .zip(x.par_chunks(v))
             .zip(y.par_iter().zip(g.par_iter()))
             .for_each(|((o, row), (&label, &gi))| {
-                let (_, sum) = exp_shifted(row, o);
-                let scale = (gi as f64 / sum) as f32;
-                for oj in o.iter_mut() {
-                    *oj *= scale;
-                }
+                o.copy_from_slice(row);
+                row_exp::softmax_in_place(o);
+                row_exp::scale(o, gi);
                 if let Some(t) = o.get_mut(label as usize) {
                     *t -= gi;
                 }
@@ -342,9 +334,8 @@ impl CustomOp1 for Softmax {
         out.par_chunks_mut(d)
             .zip(x.par_chunks(d))
             .for_each(|(o, row)| {
-                let (_, sum) = exp_shifted(row, o);
-                let inv = (1.0 / sum) as f32;
-                o.iter_mut().for_each(|v| *v *= inv);
+                o.copy_from_slice(row);
+                row_exp::softmax_in_place(o);
             });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }

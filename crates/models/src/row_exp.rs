@@ -98,11 +98,12 @@ simd_fn! {
     }
 }
 
-/// `exp(src − shift)` into `dst` (same length), returning the sum as
-/// [`exp_shifted_in_place`] does.
-pub fn exp_shifted(src: &[f32], dst: &mut [f32], shift: f32) -> f64 {
-    dst.copy_from_slice(src);
-    exp_shifted_in_place(dst, shift)
+/// Softmax of `row` in place; returns the row's max and `Σ exp(row − max)` (for a log-sum-exp).
+pub fn softmax_in_place(row: &mut [f32]) -> (f32, f64) {
+    let max = max(row);
+    let sum = exp_shifted_in_place(row, max);
+    scale(row, (1.0 / sum) as f32);
+    (max, sum)
 }
 
 simd_fn! {
@@ -174,14 +175,19 @@ mod tests {
             let want: f64 = row.iter().map(|x| ((*x - m) as f64).exp()).sum();
             let tol = 1e-6 * want.max(1.0);
             assert!((sum_exp_shifted(&row, m) - want).abs() < tol, "len {len}");
-            let mut out = vec![0f32; len];
-            assert!((exp_shifted(&row, &mut out, m) - want).abs() < tol);
-            let mut inplace = row.clone();
-            assert!((exp_shifted_in_place(&mut inplace, m) - want).abs() < tol);
-            assert_eq!(inplace, out);
+            let mut out = row.clone();
+            assert!((exp_shifted_in_place(&mut out, m) - want).abs() < tol);
             for (o, x) in out.iter().zip(&row) {
                 let w = ((*x - m) as f64).exp();
                 assert!((*o as f64 - w).abs() <= 3e-7 * w.max(1e-30), "{x}");
+            }
+            let mut soft = row.clone();
+            let (m2, sum) = softmax_in_place(&mut soft);
+            assert_eq!(m2, m);
+            assert!((sum - want).abs() < tol);
+            for (p, x) in soft.iter().zip(&row) {
+                let w = ((*x - m) as f64).exp() / want;
+                assert!((*p as f64 - w).abs() <= 1e-6 * w.max(1e-30), "{x}");
             }
         }
     }
