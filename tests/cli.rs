@@ -249,6 +249,21 @@ fn merge_refuses_to_overwrite_without_force() {
     assert!(err.contains("--force") && err.contains("merged"), "{err}");
     assert_eq!(std::fs::read(out.join("notes.txt")).unwrap(), b"keep me");
 
+    // --force replaces only a directory lorakit made: not this one, which is the user's
+    let o = Command::new(env!("CARGO_BIN_EXE_lorakit"))
+        .args(args(true))
+        .output()
+        .unwrap();
+    let err = assert_clean_failure(&o);
+    assert!(err.contains(".lorakit-output.json"), "{err}");
+    assert_eq!(std::fs::read(out.join("notes.txt")).unwrap(), b"keep me");
+    std::fs::remove_dir_all(&out).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_lorakit"))
+        .args(args(false))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o).1);
+    std::fs::write(out.join("notes.txt"), b"added later").unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_lorakit"))
         .args(args(true))
         .output()

@@ -5,6 +5,7 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use lorakit_adapter::fsutil::{atomic_write, AtomicDir};
+use lorakit_adapter::output_guard::{check_replaceable, occupied, write_marker, Input};
 use lorakit_models::gguf::{llama_config_json, load_llama, GgufHeader};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -19,7 +20,8 @@ pub struct Args {
     /// dtype of the written weights.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DTypeArg,
-    /// Replace OUT if it exists and is not empty.
+    /// Replace OUT if it exists and is not empty — only a directory lorakit made, never one that
+    /// is, holds or lies inside the GGUF file.
     #[arg(long)]
     pub force: bool,
 }
@@ -33,6 +35,9 @@ pub enum DTypeArg {
 
 /// Writes the Hugging Face directory for `gguf` at `out` (all at once: temp dir + rename).
 pub fn convert(gguf: &Path, out: &Path, dtype: DType, force: bool) -> Result<()> {
+    if force && occupied(out) {
+        check_replaceable(out, &[Input::new("the GGUF model", gguf)])?;
+    }
     if !lorakit_models::is_gguf(gguf) {
         bail!("{}: not a .gguf file", gguf.display());
     }
@@ -77,6 +82,7 @@ pub fn convert(gguf: &Path, out: &Path, dtype: DType, force: bool) -> Result<()>
         tc["chat_template"] = t.clone().into();
     }
     atomic_write(&dir.path().join("tokenizer_config.json"), &json(&tc)?)?;
+    write_marker(dir.path(), "convert")?;
     dir.commit()?;
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! `lorakit eval --model MODEL [--adapter DIR] --data FILE.jsonl`: loss, perplexity, tokens —
 //! or, with `--labels a,b,...`, classification accuracy (the most likely label after the prompt).
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use lorakit_adapter::{Adapters, PeftAdapter};
 use lorakit_models::ModelDir;
 use lorakit_train::eval::evaluate;
@@ -81,10 +81,12 @@ pub fn load_model(
     adapter: Option<&Path>,
     device: &candle_core::Device,
 ) -> Result<(lorakit_models::CausalLm, TextTokenizer)> {
+    // the model's header first: a config that cannot be right is reported before anything else
+    let dir = ModelDir::open(path)?;
     let tok = TextTokenizer::open(path)?;
     let adapters = adapters_of(adapter)?;
     let dtype = runtime::dtype("auto", device);
-    let (m, _) = ModelDir::open(path)?.load(adapters, dtype, device)?;
+    let (m, _) = dir.load(adapters, dtype, device)?;
     Ok((m, tok))
 }
 
@@ -97,7 +99,7 @@ fn run_classifier(args: &Args, path: &Path) -> Result<ExitCode> {
         (None, None) => anyhow::bail!("{}: a BERT classifier needs its label names: pass --labels a,b,... (adapters trained by lorakit carry them)", path.display()),
     };
     let tok = TextTokenizer::open(path)?;
-    let ds = data::load_labelled(&args.data, &tok, args.max_seq_len.max(2), &labels)?;
+    let ds = data::load_labelled(&args.data, &tok, args.max_seq_len, &labels)?;
     let adapters = adapters_of(args.adapter.as_deref())?;
     let (m, _) = lorakit_models::bert::load_classifier(
         path,
@@ -107,7 +109,8 @@ fn run_classifier(args: &Args, path: &Path) -> Result<ExitCode> {
         &device,
     )?;
     let model = TaskModel::Classifier(m);
-    let r = evaluate(&model, &ds, tok.pad_id, args.batch_size, &device)?;
+    let r = evaluate(&model, &ds, tok.pad_id, args.batch_size, &device)
+        .with_context(|| format!("evaluating on {}", args.data.display()))?;
     let acc = r.accuracy.unwrap_or(0.0);
     if args.json {
         say!(
@@ -126,6 +129,15 @@ fn run_classifier(args: &Args, path: &Path) -> Result<ExitCode> {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1, got 0");
+    }
+    if args.max_seq_len < 2 {
+        bail!(
+            "--max-seq-len must be at least 2 (a scored token needs one before it), got {}",
+            args.max_seq_len
+        );
+    }
     let format: DataFormat = args.format.into();
     let path = lorakit_models::hub::resolve(&args.model)?;
     if lorakit_models::bert::is_bert_dir(&path) || format == DataFormat::Classification {
@@ -136,7 +148,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
     if let Some(labels) = &args.labels {
         let labels: Vec<String> = labels.iter().map(|l| l.trim().to_string()).collect();
         let set = choices::load(&args.data, format, &tok, &labels)?;
-        let r = choices::classify(&model, &set, &labels, tok.pad_id, args.batch_size, &device)?;
+        let r = choices::classify(&model, &set, &labels, tok.pad_id, args.batch_size, &device)
+            .with_context(|| format!("scoring --labels on {}", args.data.display()))?;
         if args.json {
             say!("{}", r.to_json());
         } else {
@@ -163,11 +176,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
         &args.data,
         format,
         &tok,
-        args.max_seq_len.max(2),
+        args.max_seq_len,
         args.train_on_inputs,
     )?;
     let model = TaskModel::CausalLm(model);
-    let r = evaluate(&model, &ds, tok.pad_id, args.batch_size, &device)?;
+    let r = evaluate(&model, &ds, tok.pad_id, args.batch_size, &device)
+        .with_context(|| format!("evaluating on {}", args.data.display()))?;
     if args.json {
         say!(
             "{}",

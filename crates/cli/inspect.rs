@@ -86,6 +86,26 @@ fn summarize_gguf(path: &Path) -> Result<Summary> {
             .and_then(|v| v.as_u64())
             .unwrap_or(0) as usize
     };
+    if h.tensors.is_empty() {
+        bail!("{}: the GGUF file holds no tensors", path.display());
+    }
+    let declared = h
+        .metadata
+        .get(&format!("{arch}.block_count"))
+        .and_then(|v| v.as_u64())
+        .with_context(|| {
+            format!(
+                "{}: `{arch}.block_count`: missing or not an integer",
+                path.display()
+            )
+        })?;
+    lorakit_models::layer_count::check(
+        declared,
+        h.tensors.iter().map(|t| t.name.as_str()),
+        path,
+        &format!("{arch}.block_count"),
+        "the file",
+    )?;
     let mut linears = Vec::new();
     let mut params = 0usize;
     let mut vocab = 0;

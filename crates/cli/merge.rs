@@ -2,8 +2,9 @@
 //! verifying that the merged model computes what base + adapter computes.
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use lorakit_adapter::output_guard::{check_replaceable, occupied, Input};
 use lorakit_adapter::{Adapters, PeftAdapter};
-use lorakit_merge::{merge, MergeOptions, OutDType};
+use lorakit_merge::{merge_pending, MergeOptions, OutDType};
 use lorakit_models::ModelDir;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -32,16 +33,27 @@ pub struct Args {
     /// dtype of the merged weights; `auto` keeps the base's.
     #[arg(long, value_enum, default_value = "auto")]
     pub dtype: DTypeArg,
-    /// Run base + adapter and the merged model on a fixed input and report the largest logit difference.
+    /// Run base + adapter and the merged model on a fixed input and report the largest logit
+    /// difference; the merged model takes OUT's place only if the check passes.
     #[arg(long)]
     pub verify: bool,
-    /// Replace OUT if it exists and is not empty.
+    /// Replace OUT if it exists and is not empty — only a directory lorakit made, never one that
+    /// is, holds or lies inside the base or the adapter.
     #[arg(long)]
     pub force: bool,
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
     let start = Instant::now();
+    if args.force && occupied(&args.out) {
+        check_replaceable(
+            &args.out,
+            &[
+                Input::new("the base model", &args.base),
+                Input::new("the adapter", &args.adapter),
+            ],
+        )?;
+    }
     let adapter = PeftAdapter::load(&args.adapter)?;
     for w in &adapter.warnings {
         crate::warn(w);
@@ -75,7 +87,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         .as_ref()
         .map(|(_, d)| d.as_path())
         .unwrap_or(&args.base);
-    let summary = merge(
+    let pending = merge_pending(
         base,
         &adapter,
         &args.out,
@@ -84,6 +96,23 @@ pub fn run(args: Args) -> Result<ExitCode> {
             force: args.force,
         },
     )?;
+    // --verify checks the finished model under its temporary name: a failed check leaves OUT
+    // as it was
+    let verified = if args.verify {
+        let (diff, positions) = verify(&args.base, &args.adapter, pending.path())
+            .context("--verify (running both models)")?;
+        let tolerance = match args.dtype {
+            DTypeArg::F32 => 1e-3,
+            _ => f32::INFINITY, // rounding to 16 bits moves logits; report, don't judge
+        };
+        if diff > tolerance || !diff.is_finite() {
+            bail!("verification failed: the merged model differs from base + adapter by {diff:.3e} (> {tolerance:.0e}) over {positions} positions; {} was left as it was", args.out.display());
+        }
+        Some((diff, positions))
+    } else {
+        None
+    };
+    let summary = pending.commit()?;
     say!(
         "merged {} LoRA module{} ({} replaced whole) into {} tensors; wrote {} ({} shard{}, {:.1} MB) in {:.2} s",
         summary.merged.len(),
@@ -99,17 +128,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
     if let Some(head) = &summary.untied {
         say!("note: the adapter changes the output head, so `{head}` is now stored apart from the embeddings (tie_word_embeddings: false)");
     }
-    if args.verify {
-        let (diff, positions) = verify(&args.base, &args.adapter, &args.out)
-            .context("--verify (running both models)")?;
+    if let Some((diff, positions)) = verified {
         say!("verify: max |logit difference| between base + adapter and the merged model = {diff:.3e} over {positions} positions");
-        let tolerance = match args.dtype {
-            DTypeArg::F32 => 1e-3,
-            _ => f32::INFINITY, // rounding to 16 bits moves logits; report, don't judge
-        };
-        if diff > tolerance || !diff.is_finite() {
-            bail!("verification failed: the merged model differs from base + adapter by {diff:.3e} (> {tolerance:.0e})");
-        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -129,6 +149,16 @@ fn verify(base: &Path, adapter: &Path, merged: &Path) -> Result<(f32, usize)> {
     let ids = Tensor::from_vec(ids, (1, len), &dev)?;
     let a = with_adapter.forward(&ids, None, false)?;
     let b = merged_model.forward(&ids, None, false)?;
+    // logits that are not numbers agree with nothing, not even with themselves
+    let finite = |t: &Tensor| -> Result<bool> {
+        Ok(t.flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .all(|v| v.is_finite()))
+    };
+    if !finite(&a)? || !finite(&b)? {
+        return Ok((f32::NAN, len));
+    }
     let diff = lorakit_adapter::compare::max_abs_diff(&a, &b)?;
     Ok((diff, len))
 }

@@ -19,7 +19,8 @@ pub struct Args {
     /// Continue from the newest checkpoint in output.dir.
     #[arg(long, conflicts_with = "force")]
     pub resume: bool,
-    /// Start over: delete an existing output.dir first.
+    /// Start over: delete an existing output.dir first — only a run directory lorakit made, never
+    /// one that is, holds or lies inside the model, the data or this recipe.
     #[arg(long)]
     pub force: bool,
 }
@@ -120,6 +121,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         &TrainOptions {
             resume: args.resume,
             force: args.force,
+            recipe_file: Some(args.recipe.clone()),
             stop,
         },
         &mut progress,

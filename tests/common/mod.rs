@@ -1,4 +1,5 @@
 //! Helpers shared by the end-to-end tests that drive the `lorakit` binary.
+#![allow(dead_code)] // each test binary uses its own subset of the helpers
 use std::path::PathBuf;
 use std::process::Command;
 

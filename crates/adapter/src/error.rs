@@ -55,6 +55,13 @@ pub enum AdapterError {
         (is the adapter made for another base model?)", names.len(), names.iter().take(3).cloned().collect::<Vec<_>>().join(", "))]
     UnusedTensors { file: String, names: Vec<String> },
 
+    #[error("{file}: {} tensor(s) are for modules that {config} does not target (target_modules, exclude_modules, layers_to_transform), e.g. {}", names.len(), names.iter().take(3).cloned().collect::<Vec<_>>().join(", "))]
+    UntargetedTensors {
+        file: String,
+        config: String,
+        names: Vec<String>,
+    },
+
     #[error("{file}: tensor `{name}`: {message}")]
     BadTensor {
         file: String,
@@ -67,6 +74,10 @@ pub enum AdapterError {
 
     #[error("adapter tensor(s) received no gradient: {} (a non-differentiable op sits between them and the loss)", names.join(", "))]
     DeadAdapters { names: Vec<String> },
+
+    /// `--force` asked to replace a directory lorakit must not touch (see `output_guard`).
+    #[error("{0}")]
+    RefusedOutput(String),
 
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

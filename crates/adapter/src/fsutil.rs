@@ -57,6 +57,7 @@ pub fn is_non_empty_dir(dir: &Path) -> bool {
 pub struct AtomicDir {
     tmp: PathBuf,
     dest: PathBuf,
+    overwrite: bool,
     committed: bool,
 }
 
@@ -76,7 +77,10 @@ impl AtomicDir {
         if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| AdapterError::io(parent, e))?;
         }
-        let tmp = sibling_temp(dest, "partial");
+        // a counter too, so two outputs of one process never share a temporary directory
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = sibling_temp(dest, &format!("partial{n}"));
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(|e| AdapterError::io(&tmp, e))?;
         }
@@ -84,6 +88,7 @@ impl AtomicDir {
         Ok(AtomicDir {
             tmp,
             dest: dest.to_path_buf(),
+            overwrite,
             committed: false,
         })
     }
@@ -94,7 +99,26 @@ impl AtomicDir {
     }
 
     /// Moves the finished directory into place, replacing an old one if allowed at creation.
+    /// Without that permission the rename itself refuses a destination that became a non-empty
+    /// directory meanwhile (another lorakit writing the same output), so of two racing writers
+    /// one fails instead of replacing the other's result.
     pub fn commit(mut self) -> Result<PathBuf> {
+        if !self.overwrite {
+            if let Err(e) = std::fs::rename(&self.tmp, &self.dest) {
+                let why = if self.dest.exists() {
+                    std::io::Error::new(
+                        std::io::ErrorKind::AlreadyExists,
+                        "was written by another process meanwhile and is not empty (pass --force to replace it)",
+                    )
+                } else {
+                    e
+                };
+                return Err(AdapterError::io(&self.dest, why));
+            }
+            self.committed = true;
+            sync_dir(self.dest.parent());
+            return Ok(self.dest.clone());
+        }
         let old = sibling_temp(&self.dest, "old");
         let had_old = self.dest.exists();
         if had_old {
@@ -150,6 +174,21 @@ mod tests {
         std::fs::write(a.path().join("y"), b"2").unwrap();
         a.commit().unwrap();
         assert!(dest.join("y").exists() && !dest.join("x").exists());
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn of_two_racing_writers_without_overwrite_one_fails() {
+        let d = tempfile::tempdir().unwrap();
+        let dest = d.path().join("out");
+        let first = AtomicDir::create(&dest, false).unwrap();
+        let second = AtomicDir::create(&dest, false).unwrap();
+        std::fs::write(first.path().join("first"), b"1").unwrap();
+        std::fs::write(second.path().join("second"), b"2").unwrap();
+        first.commit().unwrap();
+        let e = second.commit().unwrap_err().to_string();
+        assert!(e.contains("meanwhile"), "{e}");
+        assert!(dest.join("first").is_file() && !dest.join("second").exists());
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
     }
 

@@ -14,6 +14,7 @@ pub mod lora_linear;
 pub mod lora_matmul;
 pub mod lora_op;
 pub mod merged_backend;
+pub mod output_guard;
 pub mod peft_format;
 pub mod safetensors_writer;
 pub mod target;

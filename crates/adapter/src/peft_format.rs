@@ -5,6 +5,7 @@ use crate::config::LoraConfig;
 use crate::error::{AdapterError, Result};
 use crate::fsutil::atomic_write;
 use crate::lora_linear::LowRank;
+use crate::target::TargetSelector;
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -196,6 +197,24 @@ impl PeftAdapter {
                 name: lora_key(module, "A"),
                 why: format!("{} is present", lora_key(module, "B")),
             });
+        }
+        // PEFT builds LoRA layers only where the config's targets (target_modules,
+        // exclude_modules, layers_to_transform, ...) say; tensors for any other module are not
+        // this config's adapter. Refused here, so every command reads the same adapter.
+        if config.target_modules.is_some() {
+            let selector = TargetSelector::new(&config)?;
+            let untargeted: Vec<String> = lora
+                .keys()
+                .filter(|m| !selector.matches(m))
+                .map(|m| lora_key(m, "A"))
+                .collect();
+            if !untargeted.is_empty() {
+                return Err(AdapterError::UntargetedTensors {
+                    file,
+                    config: dir.join(CONFIG_FILE).display().to_string(),
+                    names: untargeted,
+                });
+            }
         }
         Ok(PeftAdapter {
             config,

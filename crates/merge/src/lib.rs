@@ -5,4 +5,4 @@ pub mod error;
 pub mod merge;
 
 pub use error::{MergeError, Result};
-pub use merge::{merge, MergeOptions, MergeSummary, OutDType};
+pub use merge::{merge, merge_pending, MergeOptions, MergeSummary, OutDType, PendingMerge};

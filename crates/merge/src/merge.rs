@@ -4,8 +4,11 @@ use crate::error::{MergeError, Result};
 use candle_core::{DType, Device, Tensor};
 use lorakit_adapter::checkpoint::{INDEX_FILE, SINGLE_FILE};
 use lorakit_adapter::fsutil::{atomic_write, AtomicDir};
+use lorakit_adapter::output_guard::{self, Input};
+use lorakit_adapter::peft_format::lora_key;
 use lorakit_adapter::safetensors_writer::{index_json, Planned, StreamWriter};
-use lorakit_adapter::{Checkpoint, PeftAdapter};
+use lorakit_adapter::target::ALL_LINEAR;
+use lorakit_adapter::{AdapterError, Checkpoint, ModuleSpec, PeftAdapter, TargetSelector};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
@@ -20,8 +23,34 @@ pub enum OutDType {
 #[derive(Clone, Debug)]
 pub struct MergeOptions {
     pub dtype: OutDType,
-    /// Replace an existing non-empty output directory.
+    /// Replace an existing non-empty output directory, if lorakit made it and it holds none of
+    /// the inputs (see `lorakit_adapter::output_guard`).
     pub force: bool,
+}
+
+/// A merged model complete under a temporary name next to its destination, not yet in place:
+/// check it at [`path`](PendingMerge::path), then [`commit`](PendingMerge::commit) it. Dropped
+/// uncommitted, it is removed and the destination keeps what it held.
+pub struct PendingMerge {
+    dir: AtomicDir,
+    summary: MergeSummary,
+}
+
+impl PendingMerge {
+    /// The finished model directory, under its temporary name.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn summary(&self) -> &MergeSummary {
+        &self.summary
+    }
+
+    /// Moves the model into place (replacing the old output when `force` allowed it).
+    pub fn commit(self) -> Result<MergeSummary> {
+        self.dir.commit()?;
+        Ok(self.summary)
+    }
 }
 
 /// What a merge did.
@@ -73,6 +102,26 @@ pub fn merge(
     out: &Path,
     opts: &MergeOptions,
 ) -> Result<MergeSummary> {
+    merge_pending(base_dir, adapter, out, opts)?.commit()
+}
+
+/// [`merge`] up to the last step: the model is written under a temporary name and returned
+/// for checking before it takes `out`'s place.
+pub fn merge_pending(
+    base_dir: &Path,
+    adapter: &PeftAdapter,
+    out: &Path,
+    opts: &MergeOptions,
+) -> Result<PendingMerge> {
+    if opts.force && output_guard::occupied(out) {
+        output_guard::check_replaceable(
+            out,
+            &[
+                Input::new("the base model", base_dir),
+                Input::new("the adapter", &adapter.dir),
+            ],
+        )?;
+    }
     let base = Checkpoint::open_dir(base_dir)?;
     let config_path = base_dir.join("config.json");
     let mut config: serde_json::Value = {
@@ -136,6 +185,33 @@ pub fn merge(
             });
         };
         adapter.low_rank(module, in_dim, out_dim, &dev)?;
+    }
+    // Every module the config targets must have its tensors, as when the adapter is loaded to
+    // run (`eval`, `generate`); the base's 2-D `.weight` tensors stand for its linear modules
+    // (with `all-linear`, embeddings are not linear modules).
+    if adapter.config.target_modules.is_some() {
+        let selector = TargetSelector::new(&adapter.config)?;
+        let all_linear = matches!(&adapter.config.target_modules,
+            Some(ModuleSpec::Regex(s)) if s.eq_ignore_ascii_case(ALL_LINEAR));
+        let have: BTreeSet<&str> = adapter.modules().collect();
+        for module in base.names().filter_map(|n| n.strip_suffix(".weight")) {
+            let is_matrix = base
+                .meta(&format!("{module}.weight"))
+                .is_ok_and(|m| m.shape.len() == 2);
+            let embedding = module.contains("embed") || module.ends_with("wte");
+            if is_matrix
+                && !(all_linear && embedding)
+                && selector.matches(module)
+                && !have.contains(module)
+            {
+                return Err(AdapterError::MissingTensor {
+                    file: adapter.weights_file(),
+                    name: lora_key(module, "A"),
+                    why: "adapter_config.json targets this module".into(),
+                }
+                .into());
+            }
+        }
     }
 
     let out_dtype = |stored: DType| match opts.dtype {
@@ -247,15 +323,18 @@ pub fn merge(
     let text = serde_json::to_vec_pretty(&config).map_err(|e| MergeError::io(&config_path, e))?;
     atomic_write(&dir.path().join("config.json"), &text)?;
     copy_side_files(base_dir, dir.path())?;
-    let out = dir.commit()?;
-    Ok(MergeSummary {
-        out,
-        merged,
-        replaced,
-        tensors,
-        shards: n_files,
-        bytes: total,
-        untied,
+    output_guard::write_marker(dir.path(), "merge")?;
+    Ok(PendingMerge {
+        dir,
+        summary: MergeSummary {
+            out: out.to_path_buf(),
+            merged,
+            replaced,
+            tensors,
+            shards: n_files,
+            bytes: total,
+            untied,
+        },
     })
 }
 

@@ -334,6 +334,13 @@ pub fn load_classifier(
 ) -> Result<(BertClassifier, BuildReport)> {
     let cfg = BertConfig::from_file(&dir.join("config.json"))?;
     let checkpoint = Checkpoint::open_dir(dir)?;
+    crate::layer_count::check(
+        cfg.num_hidden_layers as u64,
+        checkpoint.names(),
+        &dir.join("config.json"),
+        "num_hidden_layers",
+        &checkpoint.describe(),
+    )?;
     let names: Vec<String> = checkpoint.names().map(String::from).collect();
     let describe = checkpoint.describe();
     let prefixed = names.iter().any(|n| n.starts_with("bert."));

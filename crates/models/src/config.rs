@@ -181,6 +181,19 @@ impl LlamaConfig {
                     .and_then(Value::as_f64)
             })
             .unwrap_or(10_000.0);
+        if !(rope_theta.is_finite() && rope_theta > 0.0) {
+            return Err(err(
+                "rope_theta",
+                format!("must be a positive number, got {rope_theta}"),
+            ));
+        }
+        let rms_norm_eps = raw.rms_norm_eps.unwrap_or(1e-6);
+        if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0) {
+            return Err(err(
+                "rms_norm_eps",
+                format!("must be a small positive number, got {rms_norm_eps}"),
+            ));
+        }
         let scaling = raw
             .rope_scaling
             .as_ref()
@@ -216,7 +229,7 @@ impl LlamaConfig {
             num_attention_heads: raw.num_attention_heads,
             num_key_value_heads: kv,
             head_dim,
-            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+            rms_norm_eps,
             rope_theta,
             rope_scaling,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),

@@ -96,6 +96,13 @@ pub fn generate(
         let ids = Tensor::new(input.as_slice(), device)?.unsqueeze(0)?;
         let logits = model.forward_cached(&ids, &mut cache)?;
         let last = logits.squeeze(0)?.get(input.len() - 1)?.to_vec1::<f32>()?;
+        // NaN or infinite logits pick garbage: a broken model or adapter, not an answer
+        if let Some(bad) = last.iter().find(|v| !v.is_finite()) {
+            return Err(ModelError::Input(format!(
+                "the model computes a logit of {bad} at generated token {} (NaN or infinite values in the model or adapter: check lora_alpha in adapter_config.json, rms_norm_eps and rope_theta in config.json)",
+                out.len() + 1
+            )));
+        }
         let next = pick(&last, opts, &mut rng);
         out.push(next);
         if !on_token(next)? || opts.stop.contains(&next) {

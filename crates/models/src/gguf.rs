@@ -20,7 +20,85 @@ pub enum Value {
     F64(f64),
     Bool(bool),
     Str(String),
-    Array(Vec<Value>),
+    Array(Array),
+}
+
+/// A metadata array, stored about as compactly as in the file: fixed-size items as their raw
+/// little-endian bytes (a 50 MB `u8` array takes 50 MB, not 32 bytes an item), strings as
+/// strings, nested arrays as values.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Array {
+    /// GGUF item type (0–7, 10–12) and the items' bytes.
+    Scalars {
+        item: u32,
+        raw: Vec<u8>,
+    },
+    Strings(Vec<String>),
+    Nested(Vec<Value>),
+}
+
+/// Bytes per item of a fixed-size GGUF value type.
+fn scalar_size(ty: u32) -> Option<u64> {
+    Some(match ty {
+        0 | 1 | 7 => 1,
+        2 | 3 => 2,
+        4..=6 => 4,
+        10..=12 => 8,
+        _ => return None,
+    })
+}
+
+/// One fixed-size value from its little-endian bytes.
+fn decode_scalar(ty: u32, b: &[u8]) -> Value {
+    let mut a = [0u8; 8];
+    a[..b.len()].copy_from_slice(b);
+    let bits = u64::from_le_bytes(a);
+    match ty {
+        1 => Value::I64(bits as u8 as i8 as i64),
+        3 => Value::I64(bits as u16 as i16 as i64),
+        5 => Value::I64(bits as u32 as i32 as i64),
+        6 => Value::F64(f32::from_bits(bits as u32) as f64),
+        7 => Value::Bool(bits != 0),
+        11 => Value::I64(bits as i64),
+        12 => Value::F64(f64::from_bits(bits)),
+        _ => Value::U64(bits),
+    }
+}
+
+impl Array {
+    pub fn len(&self) -> usize {
+        match self {
+            Array::Scalars { item, raw } => {
+                raw.len() / scalar_size(*item).unwrap_or(1).max(1) as usize
+            }
+            Array::Strings(v) => v.len(),
+            Array::Nested(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The items as values (scalars decoded one at a time).
+    pub fn iter(&self) -> Box<dyn Iterator<Item = Value> + '_> {
+        match self {
+            Array::Scalars { item, raw } => {
+                let size = scalar_size(*item).unwrap_or(1).max(1) as usize;
+                Box::new(raw.chunks_exact(size).map(|b| decode_scalar(*item, b)))
+            }
+            Array::Strings(v) => Box::new(v.iter().cloned().map(Value::Str)),
+            Array::Nested(v) => Box::new(v.iter().cloned()),
+        }
+    }
+
+    /// The items, when this is an array of strings.
+    pub fn strings(&self) -> Option<&[String]> {
+        match self {
+            Array::Strings(v) => Some(v),
+            _ => None,
+        }
+    }
 }
 
 impl Value {
@@ -152,11 +230,22 @@ impl<'a> Reader<'a> {
                         self.remaining()
                     ));
                 }
-                let mut v = Vec::with_capacity(count.min(1 << 20) as usize);
+                if let Some(size) = scalar_size(item) {
+                    let raw = self.take(count.saturating_mul(size), what)?.to_vec();
+                    return Ok(Value::Array(Array::Scalars { item, raw }));
+                }
+                if item == 8 {
+                    let mut v = Vec::with_capacity(count.min(1 << 20) as usize);
+                    for _ in 0..count {
+                        v.push(self.string(what)?);
+                    }
+                    return Ok(Value::Array(Array::Strings(v)));
+                }
+                let mut v = Vec::with_capacity(count.min(1 << 16) as usize);
                 for _ in 0..count {
                     v.push(self.value(item, what, depth + 1)?);
                 }
-                Value::Array(v)
+                Value::Array(Array::Nested(v))
             }
             10 => Value::U64(scalar(self, 8)?),
             11 => Value::I64(scalar(self, 8)? as i64),
@@ -358,6 +447,13 @@ pub fn llama_config_json(header: &GgufHeader, path: &Path) -> Result<serde_json:
         .find(|t| t.name == "token_embd.weight")
         .ok_or_else(|| err("token_embd.weight", "missing".into()))?;
     let heads = num("attention.head_count")?;
+    crate::layer_count::check(
+        num("block_count")?,
+        header.tensors.iter().map(|t| t.name.as_str()),
+        path,
+        "llama.block_count",
+        "the file",
+    )?;
     let json = serde_json::json!({
         "model_type": "llama",
         "vocab_size": embed.dims.get(1).copied().unwrap_or(0),

@@ -12,6 +12,7 @@ pub mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod hub;
+pub mod layer_count;
 pub mod llama;
 pub mod load;
 pub mod ops;

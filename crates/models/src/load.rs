@@ -52,6 +52,13 @@ impl ModelDir {
         }
         let config = LlamaConfig::from_file(&dir.join("config.json"))?;
         let checkpoint = Checkpoint::open_dir(dir)?;
+        crate::layer_count::check(
+            config.num_hidden_layers as u64,
+            checkpoint.names(),
+            &dir.join("config.json"),
+            "num_hidden_layers",
+            &checkpoint.describe(),
+        )?;
         Ok(ModelDir {
             dir: dir.to_path_buf(),
             config,

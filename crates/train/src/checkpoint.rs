@@ -20,6 +20,7 @@ pub const STATE_FILE: &str = "state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct TrainState {
     /// Optimizer steps done.
     pub step: usize,
@@ -86,6 +87,64 @@ pub fn latest(out: &Path) -> Result<Option<PathBuf>> {
     Ok(best.map(|(_, p)| p))
 }
 
+/// Refuses a state this recipe and data could not have produced: a step past the run's
+/// `total`, a data position past the epoch, or step, epoch and position that disagree
+/// (`step = epoch · steps_per_epoch + step_in_epoch` for the same data and batch settings).
+pub fn check_state(
+    state: &TrainState,
+    dir: &Path,
+    steps_per_epoch: usize,
+    total: usize,
+) -> Result<()> {
+    let file = dir.join(STATE_FILE);
+    let bad = |message: String| {
+        Err(TrainError::Resume(format!(
+            "{}: {message}; resume with the recipe and data that made it, or start over with --force",
+            file.display()
+        )))
+    };
+    let named = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("step-"))
+        .and_then(|n| n.parse::<usize>().ok());
+    if named.is_some_and(|n| n != state.step) {
+        return bad(format!(
+            "`step` is {} but the directory is {}",
+            state.step,
+            dir.display()
+        ));
+    }
+    if state.step > total {
+        return bad(format!(
+            "`step` is {} but this recipe runs {total} steps",
+            state.step
+        ));
+    }
+    if state.step_in_epoch >= steps_per_epoch.max(1) {
+        return bad(format!(
+            "`step_in_epoch` is {} but an epoch of this data has {steps_per_epoch} steps",
+            state.step_in_epoch
+        ));
+    }
+    let expected = state
+        .epoch
+        .checked_mul(steps_per_epoch)
+        .and_then(|s| s.checked_add(state.step_in_epoch));
+    if expected != Some(state.step) {
+        return bad(format!(
+            "`step` {} does not match `epoch` {} and `step_in_epoch` {} with {steps_per_epoch} steps per epoch (was the data or the batch size changed?)",
+            state.step, state.epoch, state.step_in_epoch
+        ));
+    }
+    if state.best_step.is_some_and(|b| b > state.step)
+        || state.best_eval_loss.is_some_and(|l| !l.is_finite())
+    {
+        return bad("`best_step` / `best_eval_loss` are not a past, finite evaluation".into());
+    }
+    Ok(())
+}
+
 /// Reads a checkpoint: adapter tensors by PEFT key, optimizer tensors, state.
 pub fn load(dir: &Path) -> Result<Checkpoint> {
     let read = |name: &str| -> Result<BTreeMap<String, Tensor>> {
@@ -98,7 +157,12 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
     let optimizer = read(OPTIMIZER_FILE)?;
     let p = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&p).map_err(|e| TrainError::io(&p, e))?;
-    let state: TrainState = serde_json::from_str(&text)
-        .map_err(|e| TrainError::io(&p, format!("invalid checkpoint state: {e}")))?;
+    let state = parse_state(&text, &p)?;
     Ok((adapter, optimizer, state))
+}
+
+/// A `state.json`'s text as a [`TrainState`]; `file` names it in errors.
+pub fn parse_state(text: &str, file: &Path) -> Result<TrainState> {
+    serde_json::from_str(text)
+        .map_err(|e| TrainError::io(file, format!("invalid checkpoint state: {e}")))
 }

@@ -108,7 +108,9 @@ pub fn load(
         let mut rendered = Vec::with_capacity(labels.len());
         for label in labels {
             *answer_slot(&mut v, format).map_err(err)? = Value::String(label.clone());
-            rendered.push(tokenise(&v, format, tok, template.as_ref(), false).map_err(err)?);
+            rendered.push(
+                tokenise(&v, format, tok, template.as_ref(), false, usize::MAX).map_err(err)?,
+            );
         }
         // the prompt: the common prefix, up to the first scored token of any rendering
         let mut p = rendered[0].ids.len();
@@ -241,6 +243,12 @@ pub fn classify(
     device: &Device,
 ) -> Result<ClassifyReport> {
     let scores = score(model, choices, pad_id, batch_size, device)?;
+    if let Some(bad) = scores.iter().flatten().find(|s| !s.is_finite()) {
+        return Err(crate::error::TrainError::NonFiniteOutput {
+            what: "a label score",
+            value: *bad,
+        });
+    }
     let mut confusion = vec![vec![0; labels.len()]; labels.len()];
     for (c, s) in choices.iter().zip(&scores) {
         let best = (0..s.len())

@@ -47,6 +47,37 @@ impl Dataset {
 /// Longest JSON line accepted (guards memory before parsing).
 const MAX_LINE_BYTES: usize = 16 << 20;
 
+/// Why `path` cannot be a data file, if it cannot: missing, a directory, or not a regular file
+/// (a device such as /dev/zero or a pipe would be read without end).
+pub fn not_a_data_file(path: &Path) -> Option<String> {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Some(format!("{} does not exist", path.display()))
+        }
+        Err(e) => Some(format!("{}: {e}", path.display())),
+        Ok(m) if m.is_dir() => Some(format!(
+            "{} is a directory, expected a JSON Lines file",
+            path.display()
+        )),
+        Ok(m) if !m.is_file() => Some(format!(
+            "{} is not a regular file (a device or a pipe?), expected a JSON Lines file",
+            path.display()
+        )),
+        Ok(_) => None,
+    }
+}
+
+/// The whole of a data file, refusing anything but a regular file.
+fn read_data_file(path: &Path) -> Result<Vec<u8>> {
+    if let Some(why) = not_a_data_file(path) {
+        return Err(TrainError::DataFile {
+            file: path.into(),
+            message: why,
+        });
+    }
+    std::fs::read(path).map_err(|e| TrainError::io(path, e))
+}
+
 /// Reads and tokenises `path`.
 pub fn load(
     path: &Path,
@@ -55,7 +86,7 @@ pub fn load(
     max_seq_len: usize,
     train_on_inputs: bool,
 ) -> Result<Dataset> {
-    let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
+    let bytes = read_data_file(path)?;
     parse(bytes, path, format, tok, max_seq_len, train_on_inputs)
 }
 
@@ -95,10 +126,7 @@ pub(crate) fn records(bytes: Vec<u8>, path: &Path) -> Result<Vec<(usize, Value)>
 
 /// [`records`] of the file at `path`.
 pub(crate) fn read_records(path: &Path) -> Result<Vec<(usize, Value)>> {
-    records(
-        std::fs::read(path).map_err(|e| TrainError::io(path, e))?,
-        path,
-    )
+    records(read_data_file(path)?, path)
 }
 
 /// Parses and tokenises JSON Lines `bytes`; `path` names them in messages.
@@ -121,7 +149,15 @@ pub fn parse(
             line: n,
             message,
         };
-        let mut ex = tokenise(&v, format, tok, template.as_ref(), train_on_inputs).map_err(err)?;
+        let mut ex = tokenise(
+            &v,
+            format,
+            tok,
+            template.as_ref(),
+            train_on_inputs,
+            max_seq_len,
+        )
+        .map_err(err)?;
         if ex.ids.len() > max_seq_len {
             ex.ids.truncate(max_seq_len);
             ex.targets.truncate(max_seq_len);
@@ -147,21 +183,48 @@ pub fn parse(
 }
 
 /// One record as an example (`template` is needed by the chat format).
+/// Tokens past `max_tokens` may be left out (the caller truncates there).
 pub(crate) fn tokenise(
     v: &Value,
     format: DataFormat,
     tok: &TextTokenizer,
     template: Option<&ChatTemplate>,
     train_on_inputs: bool,
+    max_tokens: usize,
 ) -> std::result::Result<Example, String> {
     match format {
         DataFormat::Completion => completion(v, tok),
         DataFormat::Instruction => instruction(v, tok, train_on_inputs),
         DataFormat::Chat => template
-            .map(|t| t.example(v, tok, train_on_inputs))
+            .map(|t| t.example(v, tok, train_on_inputs, max_tokens))
             .unwrap_or(Err("no chat template".into())),
         DataFormat::Classification => Err("classification data is read by load_labelled".into()),
     }
+}
+
+/// Tokens and their byte offsets for at least the first `max_tokens` tokens of `text`: a text far
+/// longer than `max_tokens` tokens could be is tokenised only up to a generous byte budget
+/// (64 bytes a token), and whole whenever that prefix does not yield comfortably more than
+/// `max_tokens` tokens, so the kept tokens are those of the whole text.
+fn encode_prefix(
+    tok: &TextTokenizer,
+    text: &str,
+    max_tokens: usize,
+) -> std::result::Result<crate::tokenizer::IdsWithOffsets, String> {
+    let budget = max_tokens.saturating_mul(64).max(1 << 16);
+    if text.len() > budget {
+        let mut cut = budget;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let (ids, offsets) = tok
+            .encode_with_offsets(&text[..cut])
+            .map_err(|e| e.to_string())?;
+        if ids.len() > max_tokens.saturating_add(64) {
+            return Ok((ids, offsets));
+        }
+    }
+    tok.encode_with_offsets(text).map_err(|e| e.to_string())
 }
 
 /// The sorted distinct `label` values of a `classification` file (the default label set).
@@ -303,9 +366,37 @@ fn instruction(
     })
 }
 
+/// The steps (minijinja "fuel") one rendering may take: a fixed allowance plus an allowance per
+/// message. Real templates take tens of steps a message, so any conversation renders, while a
+/// template that loops without bound stops within a second or so.
+const TEMPLATE_FUEL: u64 = 5_000_000;
+const TEMPLATE_FUEL_PER_MESSAGE: u64 = 500;
+
+/// The most text one rendering may produce.
+const TEMPLATE_MAX_OUTPUT: usize = 64 << 20;
+
+/// A rendering's output, refused past [`TEMPLATE_MAX_OUTPUT`] bytes.
+#[derive(Default)]
+struct BoundedText(Vec<u8>);
+
+impl std::io::Write for BoundedText {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > TEMPLATE_MAX_OUTPUT {
+            self.0.resize(TEMPLATE_MAX_OUTPUT, 0);
+            return Err(std::io::Error::other("output too large"));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A compiled chat template.
 pub struct ChatTemplate {
-    env: minijinja::Environment<'static>,
+    /// Behind a lock because each rendering sets its own fuel on the environment.
+    env: std::sync::Mutex<minijinja::Environment<'static>>,
 }
 
 impl ChatTemplate {
@@ -314,6 +405,11 @@ impl ChatTemplate {
             file: tok.config_file.clone(),
             message: "the model has no `chat_template` (needed by data.format: chat); use format: instruction or completion".into(),
         })?;
+        Self::from_source(source, &tok.config_file)
+    }
+
+    /// Compiles template `source`; `file` names it in errors.
+    pub fn from_source(source: String, file: &Path) -> Result<Self> {
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -328,10 +424,12 @@ impl ChatTemplate {
         );
         env.add_template_owned("chat", source)
             .map_err(|e| TrainError::Template {
-                file: tok.config_file.clone(),
+                file: file.to_path_buf(),
                 message: e.to_string(),
             })?;
-        Ok(ChatTemplate { env })
+        Ok(ChatTemplate {
+            env: std::sync::Mutex::new(env),
+        })
     }
 
     /// Renders `messages` (with a generation prompt if asked).
@@ -341,21 +439,44 @@ impl ChatTemplate {
         tok: &TextTokenizer,
         generation_prompt: bool,
     ) -> std::result::Result<String, String> {
-        let t = self.env.get_template("chat").map_err(|e| e.to_string())?;
-        t.render(minijinja::context! {
+        // Templates come with downloaded models: bound the work one rendering may do
+        let fuel = TEMPLATE_FUEL
+            .saturating_add(TEMPLATE_FUEL_PER_MESSAGE.saturating_mul(messages.len() as u64));
+        let mut env = self.env.lock().unwrap_or_else(|p| p.into_inner());
+        env.set_fuel(Some(fuel));
+        let t = env.get_template("chat").map_err(|e| e.to_string())?;
+        let mut out = BoundedText::default();
+        let ctx = minijinja::context! {
             messages => messages,
             add_generation_prompt => generation_prompt,
             bos_token => tok.bos.clone().unwrap_or_default(),
             eos_token => tok.eos.clone().unwrap_or_default(),
-        })
-        .map_err(|e| format!("chat template failed: {e}"))
+        };
+        let rendered = match t.render_captured_to(ctx, &mut out) {
+            Ok(_) => String::from_utf8(out.0).map_err(|e| format!("chat template failed: {e}")),
+            Err(_) if out.0.len() >= TEMPLATE_MAX_OUTPUT => Err(format!(
+                "chat template failed: its output passed {} MiB",
+                TEMPLATE_MAX_OUTPUT >> 20
+            )),
+            Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => Err(format!(
+                "chat template failed: it ran more than {fuel} steps for {} messages (a template loop without bound?)",
+                messages.len()
+            )),
+            Err(e) => Err(format!("chat template failed: {e}")),
+        };
+        rendered
     }
 
+    /// One conversation as an example. Only its first `max_tokens` tokens can reach the model,
+    /// so assistant turns that start past them are not located (rendering each turn's prefix
+    /// costs the length of the conversation so far) and a very long rendering is tokenised
+    /// only as far as needed.
     pub(crate) fn example(
         &self,
         v: &Value,
         tok: &TextTokenizer,
         train_on_inputs: bool,
+        max_tokens: usize,
     ) -> std::result::Result<Example, String> {
         let messages = v
             .get("messages")
@@ -382,11 +503,20 @@ impl ChatTemplate {
             return Err("no assistant message to learn from".into());
         }
         let full = self.render(messages, tok, false)?;
+        let (ids, offsets) = encode_prefix(tok, &full, max_tokens)?;
+        // the end of the last token that can be kept: turns starting past it are cut off
+        let limit = offsets
+            .get(max_tokens.saturating_sub(1))
+            .map(|o| o.1)
+            .unwrap_or(full.len());
         // Assistant spans: from the end of the prompt that asks for turn i to the end of turn i.
         let mut spans = Vec::new();
         for (i, m) in messages.iter().enumerate() {
             if m["role"] == "assistant" {
                 let start = self.render(&messages[..i], tok, true)?.len();
+                if start >= limit || spans.len() > max_tokens {
+                    break;
+                }
                 let end = self.render(&messages[..=i], tok, false)?.len();
                 if !full.is_char_boundary(start) || start > end || end > full.len() {
                     return Err("the chat template does not render conversations prefix by prefix; cannot locate assistant turns".into());
@@ -394,7 +524,6 @@ impl ChatTemplate {
                 spans.push((start, end));
             }
         }
-        let (ids, offsets) = tok.encode_with_offsets(&full).map_err(|e| e.to_string())?;
         let targets = offsets
             .iter()
             .map(|(s, e)| {

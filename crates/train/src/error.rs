@@ -29,6 +29,10 @@ pub enum TrainError {
     #[error("training diverged at step {step}: the loss is {loss} (lower the learning rate or check the data); the last good checkpoint is kept")]
     NonFinite { step: usize, loss: f32 },
 
+    /// A forward pass gave NaN or infinity: a result, not a number, so never reported as one.
+    #[error("the model computes {what} of {value} (NaN or infinite values in the model or adapter: check lora_alpha in adapter_config.json, rms_norm_eps and rope_theta in config.json)")]
+    NonFiniteOutput { what: &'static str, value: f64 },
+
     #[error("{0}")]
     Resume(String),
 

@@ -42,6 +42,12 @@ pub fn evaluate(
         tokens += batch.targets;
     }
     let loss = total / tokens.max(1) as f64;
+    if !loss.is_finite() {
+        return Err(crate::error::TrainError::NonFiniteOutput {
+            what: "a loss",
+            value: loss,
+        });
+    }
     Ok(EvalResult {
         loss,
         perplexity: loss.exp(),

@@ -68,12 +68,9 @@ pub fn from_header(h: &GgufHeader) -> Result<GgufTokenizer, (String, String)> {
     let strings = |k: &str| -> Result<Vec<&str>, (String, String)> {
         match get(k) {
             Some(Value::Array(a)) => a
-                .iter()
-                .map(|v| {
-                    v.as_str()
-                        .ok_or_else(|| err(k, "expected an array of strings".into()))
-                })
-                .collect(),
+                .strings()
+                .map(|v| v.iter().map(String::as_str).collect())
+                .ok_or_else(|| err(k, "expected an array of strings".into())),
             _ => Err(err(k, "missing or not an array".into())),
         }
     };

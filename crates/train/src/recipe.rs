@@ -236,7 +236,22 @@ const SECTIONS: &[(&str, &[&str])] = &[
 impl Recipe {
     /// Reads a recipe file and applies `--set key.path=value` overrides.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+        // read at most one byte past the limit: a device or a pipe may never end
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| {
+                use std::io::Read as _;
+                f.take(MAX_RECIPE_BYTES + 1).read_to_end(&mut bytes)
+            })
+            .map_err(|e| TrainError::io(path, e))?;
+        if bytes.len() as u64 > MAX_RECIPE_BYTES {
+            return Err(TrainError::io(
+                path,
+                format!("larger than {MAX_RECIPE_BYTES} bytes: a recipe is a few hundred"),
+            ));
+        }
+        let text = String::from_utf8(bytes)
+            .map_err(|e| TrainError::io(path, format!("not UTF-8 text: {e}")))?;
         Self::parse(&text, &path.display().to_string(), overrides)
     }
 
@@ -245,8 +260,15 @@ impl Recipe {
         let bad = |field: &str, message: String| TrainError::InvalidRecipe {
             file: file.into(),
             field: field.into(),
-            message,
+            message: plain_type_words(
+                message
+                    .strip_prefix(&format!("{field}: "))
+                    .unwrap_or(&message),
+            ),
         };
+        if let Some((line, why)) = too_deep(text) {
+            return Err(bad("(syntax)", format!("{why} (line {line})")));
+        }
         let mut value: Value =
             serde_yaml::from_str(text).map_err(|e| bad("(syntax)", yaml_error(&e)))?;
         if value.is_null() {
@@ -263,7 +285,7 @@ impl Recipe {
         }
         check_keys(&value, "", text).map_err(|(field, m)| bad(&field, m))?;
         let recipe: Recipe = if overrides.is_empty() {
-            serde_yaml::from_str(text).map_err(|e| bad(&serde_field(&e), yaml_error(&e)))?
+            serde_yaml::from_str(text).map_err(|e| bad(&serde_field(&e, text), yaml_error(&e)))?
         } else {
             // Round-trip through text so type errors carry the key path; their line numbers would
             // point into the generated text, so they are dropped.
@@ -271,7 +293,7 @@ impl Recipe {
             serde_yaml::from_str(&merged).map_err(|e| {
                 let msg = e.to_string();
                 let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
-                bad(&serde_field(&e), format!("{msg} (after --set)"))
+                bad(&serde_field(&e, &merged), format!("{msg} (after --set)"))
             })?
         };
         let mut recipe = recipe;
@@ -371,15 +393,12 @@ impl Recipe {
                 format!("{dev:?} is not one of auto, cpu, cuda, cuda:N"),
             ));
         }
-        if !self.data.train.is_file() {
-            return Err(bad(
-                "data.train",
-                format!("{} does not exist", self.data.train.display()),
-            ));
+        if let Some(why) = crate::data::not_a_data_file(&self.data.train) {
+            return Err(bad("data.train", why));
         }
         if let Some(e) = &self.data.eval {
-            if !e.is_file() {
-                return Err(bad("data.eval", format!("{} does not exist", e.display())));
+            if let Some(why) = crate::data::not_a_data_file(e) {
+                return Err(bad("data.eval", why));
             }
             if self.data.eval_split.is_some() {
                 return Err(bad(
@@ -587,6 +606,72 @@ fn line_of_key(text: &str, key: &str) -> Option<usize> {
         .map(|i| i + 1)
 }
 
+/// serde's Rust type names in a type error, in the recipe's words
+/// (`invalid type: integer `-4`, expected usize` → `..., expected a whole number >= 0`).
+fn plain_type_words(message: &str) -> String {
+    let mut m = message.to_string();
+    for (rust, plain) in [
+        ("expected usize", "expected a whole number >= 0"),
+        ("expected u64", "expected a whole number >= 0"),
+        ("expected u32", "expected a whole number >= 0"),
+        ("expected f64", "expected a number"),
+        ("expected f32", "expected a number"),
+        ("expected a boolean", "expected true or false"),
+    ] {
+        m = m.replace(rust, plain);
+    }
+    m
+}
+
+/// The largest recipe file read (a recipe is a few hundred bytes).
+const MAX_RECIPE_BYTES: u64 = 1 << 20;
+
+/// The deepest nesting a recipe may have: recipes have three levels; the YAML parser's work
+/// grows faster than linearly with depth, so deep input is refused before parsing.
+const MAX_RECIPE_DEPTH: usize = 32;
+
+/// Where `text` nests deeper than [`MAX_RECIPE_DEPTH`]: `[`/`{` flow collections (outside
+/// quotes and comments), or block nesting by indentation and `- ` items on one line.
+fn too_deep(text: &str) -> Option<(usize, String)> {
+    let mut flow = 0usize;
+    for (i, line) in text.lines().enumerate() {
+        let body = line.trim_start();
+        let indent = line.len() - body.len();
+        let mut dashes = 0;
+        let mut rest = body;
+        while let Some(r) = rest.strip_prefix("- ").or_else(|| rest.strip_prefix("-\t")) {
+            dashes += 1;
+            rest = r.trim_start();
+        }
+        if indent / 2 + dashes > MAX_RECIPE_DEPTH * 2 {
+            return Some((i + 1, format!("nested deeper than a recipe can be ({indent} columns of indentation, {dashes} list markers)")));
+        }
+        let mut quote: Option<char> = None;
+        let mut prev = ' ';
+        for c in line.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '"' | '\'') => quote = Some(c),
+                (None, '#') if prev.is_whitespace() => break,
+                (None, '[' | '{') => {
+                    flow += 1;
+                    if flow > MAX_RECIPE_DEPTH {
+                        return Some((
+                            i + 1,
+                            format!("brackets nested more than {MAX_RECIPE_DEPTH} levels deep"),
+                        ));
+                    }
+                }
+                (None, ']' | '}') => flow = flow.saturating_sub(1),
+                _ => {}
+            }
+            prev = c;
+        }
+    }
+    None
+}
+
 fn yaml_error(e: &serde_yaml::Error) -> String {
     let msg = e.to_string();
     match e.location() {
@@ -597,13 +682,57 @@ fn yaml_error(e: &serde_yaml::Error) -> String {
     }
 }
 
-/// serde_yaml prefixes type errors with the key path (`train.learning_rate: invalid type ...`).
-fn serde_field(e: &serde_yaml::Error) -> String {
+/// serde_yaml prefixes type errors with the key path (`train.learning_rate: invalid type ...`);
+/// where it does not (a value read by a hand-written deserializer), the key path is read off
+/// the recipe text at the error's line.
+fn serde_field(e: &serde_yaml::Error, text: &str) -> String {
     let msg = e.to_string();
-    match msg.split_once(": ") {
-        Some((path, _)) if !path.contains(' ') => path.to_string(),
+    let at_line = e.location().and_then(|l| key_path_at_line(text, l.line()));
+    match (msg.split_once(": "), at_line) {
+        // a section named, the key inside it found at the line
+        (Some((path, _)), Some(l)) if !path.contains(' ') && l.starts_with(&format!("{path}.")) => {
+            l
+        }
+        (Some((path, _)), _) if !path.contains(' ') => path.to_string(),
+        (_, Some(l)) => l,
         _ => "(recipe)".into(),
     }
+}
+
+/// The dotted key path of the block-style `key:` on 1-based line `line` (`lora.r` for the
+/// `  r: -4` under `lora:`), found by walking up to lines with less indentation.
+fn key_path_at_line(text: &str, line: usize) -> Option<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let key_of = |l: &str| -> Option<(usize, String)> {
+        let indent = l.len() - l.trim_start().len();
+        let body = l.trim_start().trim_start_matches("- ");
+        let (k, _) = body.split_once(':')?;
+        let k = k.trim();
+        (!k.is_empty() && !k.starts_with('#') && !k.contains(' ')).then(|| {
+            (
+                indent,
+                k.trim_matches(|c| c == '"' || c == '\'').to_string(),
+            )
+        })
+    };
+    let (mut indent, key) = key_of(lines.get(line.checked_sub(1)?)?)?;
+    let mut path = vec![key];
+    for l in lines[..line - 1].iter().rev() {
+        if indent == 0 {
+            break;
+        }
+        if l.trim().is_empty() || l.trim_start().starts_with('#') {
+            continue;
+        }
+        if let Some((i, k)) = key_of(l) {
+            if i < indent {
+                path.push(k);
+                indent = i;
+            }
+        }
+    }
+    path.reverse();
+    Some(path.join("."))
 }
 
 #[cfg(test)]

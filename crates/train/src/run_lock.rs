@@ -68,7 +68,7 @@ impl Drop for RunLock {
     }
 }
 
-/// Removes `.name.tmp-PID` / `.name.partial-PID` leftovers of an interrupted write in `dir` and
+/// Removes `.name.tmp-PID` / `.name.partialN-PID` leftovers of an interrupted write in `dir` and
 /// `dir/checkpoints`; a `.name.old-PID` whose `name` is missing (killed between the two renames
 /// of a directory swap) is renamed back.
 fn clean_leftovers(dir: &Path) -> Vec<String> {
@@ -89,7 +89,7 @@ fn clean_leftovers(dir: &Path) -> Vec<String> {
             let removed = if tag.starts_with("old-") && !d.join(orig).exists() {
                 std::fs::rename(&path, d.join(orig)).is_ok()
             } else if tag.starts_with("tmp-")
-                || tag.starts_with("partial-")
+                || tag.starts_with("partial")
                 || tag.starts_with("old-")
             {
                 if path.is_dir() {

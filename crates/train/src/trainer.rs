@@ -17,6 +17,7 @@ use crate::tokenizer::TextTokenizer;
 use candle_core::{Tensor, Var};
 use candle_nn::VarMap;
 use lorakit_adapter::fsutil::AtomicDir;
+use lorakit_adapter::output_guard::{self, Input};
 use lorakit_adapter::{save_adapter_with, AdapterError, Adapters, StepSeed};
 use lorakit_models::ModelDir;
 use std::collections::{BTreeMap, HashMap};
@@ -48,8 +49,11 @@ pub trait Reporter {
 
 pub struct TrainOptions {
     pub resume: bool,
-    /// Start over: remove an existing output directory first.
+    /// Start over: remove an existing output directory first — only one lorakit made, never
+    /// one that is, holds or lies inside an input (see `lorakit_adapter::output_guard`).
     pub force: bool,
+    /// The recipe's file, when it came from one: an input `--force` must never delete.
+    pub recipe_file: Option<PathBuf>,
     /// Set (e.g. by Ctrl-C) to stop after the current step with a checkpoint.
     pub stop: Arc<AtomicBool>,
 }
@@ -206,10 +210,17 @@ pub fn train(
         if !opts.force {
             return Err(TrainError::io(&out, "output.dir already exists and is not empty: pass --resume to continue that run, --force to start over, or choose another output.dir"));
         }
-        // --force deletes only what looks like a lorakit run, never an arbitrary directory
-        if !out.join("recipe.yaml").is_file() {
-            return Err(TrainError::io(&out, "--force: this directory holds no recipe.yaml, so it is not a lorakit run; lorakit will not delete it"));
+        let mut inputs = vec![
+            Input::new("the model", &model_path),
+            Input::new("the training data", &recipe.data.train),
+        ];
+        if let Some(e) = &recipe.data.eval {
+            inputs.push(Input::new("the eval data", e));
         }
+        if let Some(r) = &opts.recipe_file {
+            inputs.push(Input::new("the recipe", r));
+        }
+        output_guard::check_replaceable(&out, &inputs)?;
     }
     let lora_json = serde_json::to_value(&recipe.lora).unwrap_or_default();
     let varmap = VarMap::new();
@@ -227,6 +238,17 @@ pub fn train(
     let mut optimizer_state = None;
     if let Some(ck) = &latest {
         let (adapter, optim, st) = checkpoint::load(ck)?;
+        let steps_per_epoch = train_ds
+            .examples
+            .len()
+            .div_ceil(t.batch_size)
+            .div_ceil(t.grad_accum_steps);
+        checkpoint::check_state(
+            &st,
+            ck,
+            steps_per_epoch,
+            t.max_steps.unwrap_or(t.epochs * steps_per_epoch),
+        )?;
         if st.lora != lora_json || st.seed != t.seed {
             return Err(TrainError::Resume(format!("{}: the checkpoint was made with a different lora: block or seed than this recipe; resume with the recipe that started the run (saved as {}/recipe.yaml)", ck.display(), out.display())));
         }
@@ -268,9 +290,12 @@ pub fn train(
     };
     // All inputs are good: now write, holding the directory's lock.
     if start_over {
-        std::fs::remove_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
+        output_guard::remove_replaced(&out)?;
     }
     std::fs::create_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
+    // marked before anything else is written, so a run killed at any point leaves a directory
+    // that is either empty or one `--force` may replace
+    output_guard::write_marker(&out, "train")?;
     let (_lock, notes) = crate::run_lock::RunLock::acquire(&out)?;
     for n in notes {
         reporter.message(&n);

@@ -47,6 +47,7 @@ fn opts(resume: bool) -> TrainOptions {
     TrainOptions {
         resume,
         force: false,
+        recipe_file: None,
         stop: Arc::new(AtomicBool::new(false)),
     }
 }
@@ -134,6 +135,7 @@ fn resume_is_bit_identical_to_an_uninterrupted_run() {
             &TrainOptions {
                 resume: false,
                 force: false,
+                recipe_file: None,
                 stop: flag,
             },
             &mut rep,
