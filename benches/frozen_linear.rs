@@ -1,6 +1,6 @@
 //! Frozen-weight path vs candle's default for one LoRA layer, forward + backward.
 //! candle's matmul backward computes and keeps a gradient for the frozen base weight
-//! (DESIGN §3.3); lorakit's frozen op does not. Reports ms/step and the bytes the GradStore
+//! until backward ends (candle 0.11's `Op::Matmul` backward); lorakit's frozen op does not. Reports ms/step and the bytes the GradStore
 //! holds after backward, as ratios measured in this same run. Numbers are reported, not asserted.
 //!
 //!   cargo bench --bench frozen_linear [-- DIM TOKENS RANK]

@@ -1,12 +1,10 @@
 //! The catalogue of bad inputs. Every case runs the `lorakit` binary and asserts: exit status 1
 //! (never a panic's 101), one paragraph on stderr that starts with `error:` and names the file and
 //! the field or line at fault, no backtrace, and no output file or directory left behind.
+mod common;
+use common::root;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// A scratch directory with a copy of the tiny model, its data and a recipe.
 struct Scratch {

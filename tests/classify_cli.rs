@@ -2,19 +2,8 @@
 //! `task: sequence_classification` learns a separable task, saves a PEFT SEQ_CLS adapter (LoRA on
 //! query/value + the `classifier` as modules_to_save, under PEFT's key names), and `lorakit eval`
 //! on that adapter reproduces the trainer's accuracy.
-use std::path::PathBuf;
-use std::process::Command;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn lorakit(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_lorakit"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+mod common;
+use common::{lorakit, root};
 
 /// Seeded sentences: a sentiment word among fillers; the label follows the sentiment word.
 fn data(n: usize, seed: u64) -> String {

@@ -1,23 +1,11 @@
 //! End-to-end tests through the `lorakit` binary: `inspect` and `merge` on the PEFT fixtures.
+mod common;
+use common::{lorakit, text};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft")
-}
-
-fn lorakit(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lorakit"))
-        .args(args)
-        .output()
-        .expect("run lorakit")
-}
-
-fn text(o: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
 }
 
 /// A failure must be an ordinary error: exit 1, a message, no panic or backtrace.

@@ -1,13 +1,11 @@
 //! kill -9 at arbitrary moments during `lorakit train`, then `--resume`: the final adapters are
 //! byte-identical to an uninterrupted run. Also: one writer per output directory, and a killed
 //! run's stale lock is taken over.
-use std::path::{Path, PathBuf};
+mod common;
+use common::root;
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 const STEPS: &str = "train.max_steps=48";
 

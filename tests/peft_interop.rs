@@ -1,12 +1,9 @@
 //! Adapters cross between lorakit and PEFT: PEFT loads a lorakit-trained adapter with no missing
 //! or unexpected keys and computes the same eval loss, and `lorakit eval` reproduces the loss
 //! PEFT computes for a PEFT-made adapter (numbers from tests/fixtures/make_peft_fixtures.py --interop).
-use std::path::PathBuf;
+mod common;
+use common::root;
 use std::process::Command;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn expected() -> serde_json::Value {
     serde_json::from_str(

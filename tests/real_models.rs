@@ -3,19 +3,17 @@
 //! skipped and passes.
 use std::path::PathBuf;
 mod common;
-use common::{lorakit_ok as lorakit, root};
+use common::{lorakit_ok as lorakit, real_cache_dir, skipped};
 
 fn cache() -> Option<PathBuf> {
-    let c = std::env::var_os("LORAKIT_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join(".cache/lorakit"));
+    let c = real_cache_dir();
     let ok = c.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").is_file()
         && c.join("minilm/model.safetensors").is_file();
     if !ok {
-        eprintln!(
-            "SKIPPED: no real models in {}; run `bash scripts/fetch-real.sh`",
+        skipped(&format!(
+            "no real models in {}; run `bash scripts/fetch-real.sh`",
             c.display()
-        );
+        ));
     }
     ok.then_some(c)
 }

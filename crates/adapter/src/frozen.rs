@@ -1,7 +1,7 @@
 //! Ops whose second operand is a frozen base tensor: forward as usual, backward gives the
 //! gradient of the activation only. candle's own matmul/mul/add compute (and keep until backward
 //! ends) a gradient for every operand, which for a frozen weight is wasted work and a full
-//! model-size buffer (DESIGN §3.3).
+//! model-size buffer.
 use candle_core::backend::BackendStorage;
 use candle_core::op::{Add, Mul};
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor};

@@ -128,8 +128,8 @@ impl LoraLinear {
 }
 
 /// `wᵀ` of an f32 CPU matrix as a new contiguous tensor, copied in square tiles on all cores
-/// (candle's strided copy walks the source column by column: 0.17–0.23 s for a 32k × 512 output
-/// head on the 2-core CI-class machine, 0.034–0.041 s this way).
+/// (candle's strided copy walks the source column by column, several times slower for an
+/// output head: `benches/README.md`).
 fn transposed_copy(w: &Tensor) -> Result<Tensor> {
     use rayon::prelude::*;
     const TILE: usize = 64;

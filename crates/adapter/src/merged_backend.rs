@@ -1,6 +1,7 @@
 //! `MergedBackend`: a candle `SimpleBackend` that serves `W + s·B·A` for adapted weights, so any
 //! candle-transformers model runs a PEFT adapter at full speed without knowing about LoRA.
-//! The merged tensor is a snapshot: never train through it (DESIGN §3.4).
+//! The merged tensor is a snapshot: never train through it (a `Var` updated in place would not
+//! change it).
 use crate::checkpoint::Checkpoint;
 use crate::peft_format::PeftAdapter;
 use candle_core::{DType, Device, Result, Shape, Tensor};

@@ -1,5 +1,6 @@
 //! Differentiable building blocks shared by the architectures (composed from candle ops that
-//! have a backward pass; DESIGN §3.1 lists the fused ones that silently don't).
+//! have a backward pass: candle 0.11's fused `softmax_last_dim`, `rms_norm` and `rope*` are built
+//! without one, so gradients silently stop at them).
 use candle_core::{DType, Device, Result, Tensor, D};
 use lorakit_adapter::frozen::frozen_mul;
 

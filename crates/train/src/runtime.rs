@@ -77,21 +77,19 @@ pub fn dtype(spec: &str, device: &Device) -> DType {
 }
 
 /// Process settings for fast CPU training; call at start-up, before any tensor op (and before
-/// other threads exist). Measured on the 2-core CI-class machine, `small` preset, 2 × 128:
+/// other threads exist). Each setting is kept when the user set it explicitly; the figures that
+/// justify them are in `benches/README.md`.
 /// - candle's CPU pool for elementwise ops spins (25,000 iterations by default) after every op,
 ///   waiting for the next; with few cores the spinning thread takes the core the matmul threads
-///   need (482 → 530 tokens/s without spinning). An explicit
-///   `CANDLE_BARRIER_POOL_SPIN_LIMIT` is kept.
+///   need: `CANDLE_BARRIER_POOL_SPIN_LIMIT` turns it off.
 /// - glibc returns freed heap memory to the kernel eagerly, and every reuse then page-faults
-///   through fresh zeroed pages (activation and logits buffers are re-allocated each step). A
-///   fixed mmap threshold of 32 MiB (glibc's maximum) and a 1 GiB trim threshold keep them in
-///   the heap: 198k → 121k page faults over 7 steps. Explicit `MALLOC_MMAP_THRESHOLD_` /
-///   `MALLOC_TRIM_THRESHOLD_` are kept.
+///   through fresh zeroed pages (activation and logits buffers are re-allocated each step): a
+///   fixed mmap threshold of 32 MiB (glibc's maximum) and a 1 GiB trim threshold
+///   (`MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_`) keep them in the heap.
 /// - candle looks up its thread count on every CPU matmul; unless `RAYON_NUM_THREADS` is set,
 ///   on a Linux machine that reports no per-core capacities (VMs, most servers) the lookup
 ///   re-reads `/proc/cpuinfo` each time (the kernel interrupts every core to report its
-///   clock). Setting the variable once to candle's own answer makes it an environment read:
-///   588–686 → 686–790 tokens/s, alternating runs. An explicit value is kept.
+///   clock). Setting the variable once to candle's own answer makes it an environment read.
 pub fn tune_process() {
     const THREADS: &str = "RAYON_NUM_THREADS";
     if std::env::var_os(THREADS).is_none() {

@@ -1,4 +1,7 @@
-//! Learning-rate schedules with linear warmup (the shapes of transformers' `get_*_schedule`).
+//! Learning-rate schedules with linear warmup. After warmup the curves are transformers'
+//! `get_{constant,linear,cosine}_schedule_with_warmup`; the warmup itself is one step ahead of
+//! them: step `k` (0-based) of `W` warmup steps runs at `lr·(k+1)/W`, where transformers runs
+//! it at `lr·k/W` and so spends its first step at a learning rate of 0.
 use crate::recipe::Scheduler;
 
 /// Learning rate for optimizer step `step` (0-based) of `total`.

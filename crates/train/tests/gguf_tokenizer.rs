@@ -164,10 +164,16 @@ pub fn real_cache() -> Option<PathBuf> {
     if c.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").is_file() {
         Some(c)
     } else {
-        eprintln!(
-            "SKIPPED: {} has no real models; run `bash scripts/fetch-real.sh` (CI does)",
+        let why = format!(
+            "{} has no real models; run `bash scripts/fetch-real.sh` (CI does)",
             c.display()
         );
+        // CI fetches the real models first: there a skip means a broken setup
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true, but {why}"
+        );
+        eprintln!("SKIPPED: {why}");
         None
     }
 }
