@@ -826,40 +826,17 @@ fn outputs() {
     }
 }
 
-/// A minimal llama GGUF: string/u32 metadata and F32 tensors given as (name, [in, out]).
+/// A minimal GGUF of architecture `arch`: one block of embedding size 8, and F32 tensors given as
+/// (name, [in, out]).
 fn gguf(arch: &str, tensors: &[(&str, [u64; 2])]) -> Vec<u8> {
-    let mut b = Vec::new();
-    let s = |b: &mut Vec<u8>, t: &str| {
-        b.extend((t.len() as u64).to_le_bytes());
-        b.extend(t.as_bytes());
-    };
-    b.extend(b"GGUF");
-    b.extend(3u32.to_le_bytes());
-    b.extend((tensors.len() as u64).to_le_bytes());
-    b.extend(3u64.to_le_bytes());
-    s(&mut b, "general.architecture");
-    b.extend(8u32.to_le_bytes());
-    s(&mut b, arch);
-    for (k, v) in [("llama.block_count", 1u32), ("llama.embedding_length", 8)] {
-        s(&mut b, k);
-        b.extend(4u32.to_le_bytes());
-        b.extend(v.to_le_bytes());
-    }
-    let mut offset = 0u64;
-    for (name, dims) in tensors {
-        s(&mut b, name);
-        b.extend(2u32.to_le_bytes());
-        b.extend(dims[0].to_le_bytes());
-        b.extend(dims[1].to_le_bytes());
-        b.extend(0u32.to_le_bytes());
-        b.extend(offset.to_le_bytes());
-        offset += (dims[0] * dims[1] * 4).div_ceil(32) * 32;
-    }
-    while b.len() % 32 != 0 {
-        b.push(0);
-    }
-    b.extend(vec![0u8; offset as usize]);
-    b
+    common::gguf(
+        &[
+            ("general.architecture", 8, common::gguf_str(arch)),
+            ("llama.block_count", 4, 1u32.to_le_bytes().to_vec()),
+            ("llama.embedding_length", 4, 8u32.to_le_bytes().to_vec()),
+        ],
+        tensors,
+    )
 }
 
 #[test]

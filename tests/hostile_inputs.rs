@@ -3,7 +3,7 @@
 //! on stderr naming the file and the field at fault, no panic or abort, nothing written.
 mod common;
 
-use common::root;
+use common::{gguf, gguf_str, root};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -361,45 +361,6 @@ fn numbers_that_are_not_numbers_are_failures() {
             );
         }
     }
-}
-
-/// A GGUF v3 file: `meta` as (key, type, payload bytes), tensors as (name, dims) in F32.
-fn gguf(meta: &[(&str, u32, Vec<u8>)], tensors: &[(&str, [u64; 2])]) -> Vec<u8> {
-    let mut b = Vec::new();
-    let s = |b: &mut Vec<u8>, t: &str| {
-        b.extend((t.len() as u64).to_le_bytes());
-        b.extend(t.as_bytes());
-    };
-    b.extend(b"GGUF");
-    b.extend(3u32.to_le_bytes());
-    b.extend((tensors.len() as u64).to_le_bytes());
-    b.extend((meta.len() as u64).to_le_bytes());
-    for (k, ty, payload) in meta {
-        s(&mut b, k);
-        b.extend(ty.to_le_bytes());
-        b.extend(payload);
-    }
-    let mut offset = 0u64;
-    for (name, dims) in tensors {
-        s(&mut b, name);
-        b.extend(2u32.to_le_bytes());
-        b.extend(dims[0].to_le_bytes());
-        b.extend(dims[1].to_le_bytes());
-        b.extend(0u32.to_le_bytes());
-        b.extend(offset.to_le_bytes());
-        offset += (dims[0] * dims[1] * 4).div_ceil(32) * 32;
-    }
-    while b.len() % 32 != 0 {
-        b.push(0);
-    }
-    b.extend(vec![0u8; offset as usize]);
-    b
-}
-
-fn gguf_str(v: &str) -> Vec<u8> {
-    let mut b = (v.len() as u64).to_le_bytes().to_vec();
-    b.extend(v.as_bytes());
-    b
 }
 
 fn llama_meta(block_count: u32) -> Vec<(&'static str, u32, Vec<u8>)> {
