@@ -145,6 +145,12 @@ fn datasets(
     Ok((train, eval))
 }
 
+/// Optimizer steps in one pass over `examples` examples: micro-batches of `batch_size`, grouped
+/// `grad_accum_steps` to a step (the last group of an epoch may be short).
+fn steps_per_epoch(examples: usize, t: &crate::recipe::TrainSection) -> usize {
+    examples.div_ceil(t.batch_size).div_ceil(t.grad_accum_steps)
+}
+
 /// Runs a recipe to the end (or to an interruption). Everything that can fail on bad input
 /// (recipe, data, model, checkpoint) is checked before `output.dir` is touched.
 pub fn train(
@@ -238,11 +244,7 @@ pub fn train(
     let mut optimizer_state = None;
     if let Some(ck) = &latest {
         let (adapter, optim, st) = checkpoint::load(ck)?;
-        let steps_per_epoch = train_ds
-            .examples
-            .len()
-            .div_ceil(t.batch_size)
-            .div_ceil(t.grad_accum_steps);
+        let steps_per_epoch = steps_per_epoch(train_ds.examples.len(), t);
         checkpoint::check_state(
             &st,
             ck,
@@ -331,8 +333,7 @@ pub fn train(
 
     // Step plan.
     let n = train_ds.examples.len();
-    let micro_per_epoch = n.div_ceil(t.batch_size);
-    let steps_per_epoch = micro_per_epoch.div_ceil(t.grad_accum_steps);
+    let steps_per_epoch = steps_per_epoch(n, t);
     let total = t.max_steps.unwrap_or(t.epochs * steps_per_epoch);
     let warmup = t
         .warmup_steps
