@@ -12,7 +12,7 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use lorakit_adapter::{Adapters, LoraConfig, ModuleSpec};
-use lorakit_models::{build, LlamaConfig};
+use lorakit_models::{build_causal_lm, registry};
 use lorakit_train::loss::summed_loss;
 use lorakit_train::optim::AdamW;
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -155,7 +155,7 @@ fn main() -> anyhow::Result<()> {
         Some("bf16") => DType::BF16,
         _ => DType::F32,
     };
-    let cfg = LlamaConfig::from_json(
+    let cfg = registry::parse_config(
         serde_json::json!({"model_type": "llama", "vocab_size": vocab, "hidden_size": h,
             "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
             "num_key_value_heads": kv, "max_position_embeddings": seq.max(2048),
@@ -214,8 +214,8 @@ fn main() -> anyhow::Result<()> {
         .to_vec(),
     ));
     let varmap = VarMap::new();
-    let (model, _) = build(
-        &cfg,
+    let (model, _) = build_causal_lm(
+        &*cfg,
         VarBuilder::from_tensors(tensors, dtype, &device),
         Adapters::Train {
             config: lora,

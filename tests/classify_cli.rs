@@ -161,3 +161,45 @@ fn bert_classifier_trains_saves_peft_seq_cls_and_evaluates() {
         weights_before
     );
 }
+
+/// Every command opens a BERT directory through the same model registry as a decoder: `inspect`
+/// walks its modules, and a recipe asking a BERT model for a task it is not built for is refused
+/// before anything is written.
+#[test]
+fn bert_goes_through_the_shared_model_interface() {
+    let base = root().join("tests/fixtures/peft/bert_seq_cls/base");
+    let b = base.to_str().unwrap();
+    let out = common::lorakit_ok(&["inspect", b]);
+    assert!(out.contains("architecture: bert (2 layers"), "{out}");
+    assert!(
+        out.contains("bert.encoder.layer.1.attention.self.query    [32, 32] +bias"),
+        "{out}"
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    std::fs::write(
+        d.join("train.jsonl"),
+        "{\"text\": \"good movie\"}\n{\"text\": \"bad movie\"}\n",
+    )
+    .unwrap();
+    let recipe = d.join("recipe.yaml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "model:\n  path: {b}\ndata:\n  train: {t}\n  format: completion\ntrain:\n  max_steps: 1\noutput:\n  dir: {o}\n",
+            t = d.join("train.jsonl").display(),
+            o = d.join("out").display()
+        ),
+    )
+    .unwrap();
+    let o = lorakit(&["train", recipe.to_str().unwrap()]);
+    let (_, err) = common::text(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("config.json")
+            && err.contains("\"bert\" models are built for sequence_classification, not causal_lm"),
+        "{err}"
+    );
+    assert!(!d.join("out").exists());
+}

@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use lorakit_adapter::fsutil::{atomic_write, AtomicDir};
 use lorakit_adapter::output_guard::{check_replaceable, occupied, write_marker, Input};
-use lorakit_models::gguf::{llama_config_json, load_llama, GgufHeader};
+use lorakit_models::gguf::{hf_config_json, load_hf, GgufHeader};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -42,10 +42,10 @@ pub fn convert(gguf: &Path, out: &Path, dtype: DType, force: bool) -> Result<()>
         bail!("{}: not a .gguf file", gguf.display());
     }
     let header = GgufHeader::from_file(gguf)?;
-    let mut config = llama_config_json(&header, gguf)?;
+    let mut config = hf_config_json(&header, gguf)?;
     let tok = lorakit_train::gguf_tokenizer::from_header(&header)
         .map_err(|(k, m)| anyhow::anyhow!("{}: `{k}`: {m}", gguf.display()))?;
-    let (_, tensors) = load_llama(gguf, &Device::Cpu)?;
+    let (_, tensors) = load_hf(gguf, &Device::Cpu)?;
     let mut named: Vec<(String, candle_core::Tensor)> = tensors
         .into_iter()
         .map(|(n, t)| Ok((n, t.to_dtype(dtype)?)))

@@ -2,7 +2,7 @@
 //! or, with `--labels a,b,...`, classification accuracy (the most likely label after the prompt).
 use anyhow::{bail, Context, Result};
 use lorakit_adapter::{Adapters, PeftAdapter};
-use lorakit_models::ModelDir;
+use lorakit_models::{BaseModel, CausalLm, Task};
 use lorakit_train::eval::evaluate;
 use lorakit_train::task_model::TaskModel;
 use lorakit_train::{choices, data, runtime, DataFormat, TextTokenizer};
@@ -80,31 +80,31 @@ pub fn load_model(
     path: &Path,
     adapter: Option<&Path>,
     device: &candle_core::Device,
-) -> Result<(lorakit_models::CausalLm, TextTokenizer)> {
+) -> Result<(Box<dyn CausalLm>, TextTokenizer)> {
     // the model's header first: a config that cannot be right is reported before anything else
-    let dir = ModelDir::open(path)?;
+    let base = BaseModel::open(path)?;
+    base.check_task(Task::CausalLm)?;
     let tok = TextTokenizer::open(path)?;
     let adapters = adapters_of(adapter)?;
     let dtype = runtime::dtype("auto", device);
-    let (m, _) = dir.load(adapters, dtype, device)?;
+    let (m, _) = base.load_causal_lm(adapters, dtype, device)?;
     Ok((m, tok))
 }
 
-/// A BERT classifier: loss and accuracy on `{"text", "label"}` data.
-fn run_classifier(args: &Args, path: &Path) -> Result<ExitCode> {
+/// A sequence classifier: loss and accuracy on `{"text", "label"}` data.
+fn run_classifier(args: &Args, path: &Path, base: BaseModel) -> Result<ExitCode> {
     let device = runtime::device(&args.device)?;
     let labels = match (&args.labels, args.adapter.as_deref().and_then(lorakit_train::adapter_labels)) {
         (Some(l), _) => l.iter().map(|l| l.trim().to_string()).collect(),
         (None, Some(l)) => l,
-        (None, None) => anyhow::bail!("{}: a BERT classifier needs its label names: pass --labels a,b,... (adapters trained by lorakit carry them)", path.display()),
+        (None, None) => anyhow::bail!("{}: a {} classifier needs its label names: pass --labels a,b,... (adapters trained by lorakit carry them)", path.display(), base.config.model_type()),
     };
     let tok = TextTokenizer::open(path)?;
     let ds = data::load_labelled(&args.data, &tok, args.max_seq_len, &labels)?;
     let adapters = adapters_of(args.adapter.as_deref())?;
-    let (m, _) = lorakit_models::bert::load_classifier(
-        path,
-        labels.len(),
+    let (m, _) = base.load_classifier(
         adapters,
+        labels.len(),
         runtime::dtype("auto", &device),
         &device,
     )?;
@@ -140,15 +140,21 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
     let format: DataFormat = args.format.into();
     let path = lorakit_models::hub::resolve(&args.model)?;
-    if lorakit_models::bert::is_bert_dir(&path) || format == DataFormat::Classification {
-        return run_classifier(&args, &path);
+    let base = BaseModel::open(&path)?;
+    let is_classifier = matches!(
+        base.config.default_task(),
+        Task::SequenceClassification { .. }
+    );
+    if is_classifier || format == DataFormat::Classification {
+        return run_classifier(&args, &path, base);
     }
     let device = runtime::device(&args.device)?;
+    drop(base);
     let (model, tok) = load_model(&path, args.adapter.as_deref(), &device)?;
     if let Some(labels) = &args.labels {
         let labels: Vec<String> = labels.iter().map(|l| l.trim().to_string()).collect();
         let set = choices::load(&args.data, format, &tok, &labels)?;
-        let r = choices::classify(&model, &set, &labels, tok.pad_id, args.batch_size, &device)
+        let r = choices::classify(&*model, &set, &labels, tok.pad_id, args.batch_size, &device)
             .with_context(|| format!("scoring --labels on {}", args.data.display()))?;
         if args.json {
             say!("{}", r.to_json());

@@ -86,7 +86,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let mut shown = 0usize;
     let mut text_ids: Vec<u32> = Vec::new();
     let mut out = std::io::stdout();
-    generate(&model, &ids, &opts, &device, |t| {
+    generate(&*model, &ids, &opts, &device, |t| {
         if stop.contains(&t) {
             return Ok(true);
         }

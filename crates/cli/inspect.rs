@@ -2,8 +2,8 @@
 //! shape, and which modules a LoRA target list would wrap.
 use anyhow::{bail, Context, Result};
 use lorakit_adapter::{Adapters, LinearInfo, LoraConfig, ModuleSpec, TargetSelector};
-use lorakit_models::gguf::{hf_name, GgufHeader};
-use lorakit_models::ModelDir;
+use lorakit_models::gguf::GgufHeader;
+use lorakit_models::BaseModel;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -46,26 +46,27 @@ struct Summary {
 }
 
 fn summarize_dir(path: &Path) -> Result<Summary> {
-    let dir = ModelDir::open(path)?;
-    let cfg = dir.config.clone();
-    let checkpoint = dir
+    let model = BaseModel::open(path)?;
+    let d = model.config.dimensions();
+    let checkpoint = model
         .checkpoint()
         .context("expected a safetensors model directory")?;
     let params = checkpoint.parameter_count();
     let files = checkpoint.files().len();
-    let dtype = format!("{:?}", dir.stored_dtype());
-    let linears = dir
+    let dtype = format!("{:?}", model.stored_dtype());
+    let arch = model.config.model_type().to_string();
+    let linears = model
         .linear_modules(Adapters::None)
         .with_context(|| format!("walking the model in {}", path.display()))?;
     Ok(Summary {
-        arch: cfg.arch.name().into(),
-        layers: cfg.num_hidden_layers,
-        hidden: cfg.hidden_size,
-        heads: cfg.num_attention_heads,
-        kv_heads: cfg.num_key_value_heads,
-        head_dim: cfg.head_dim,
-        vocab: cfg.vocab_size,
-        tied: cfg.tie_word_embeddings,
+        arch,
+        layers: d.layers,
+        hidden: d.hidden,
+        heads: d.heads,
+        kv_heads: d.kv_heads,
+        head_dim: d.head_dim,
+        vocab: d.vocab,
+        tied: d.tied_embeddings,
         params,
         dtype,
         files,
@@ -113,7 +114,7 @@ fn summarize_gguf(path: &Path) -> Result<Summary> {
     for t in &h.tensors {
         params += t.dims.iter().product::<u64>() as usize;
         types.insert(t.ggml_type);
-        let Some(name) = hf_name(&t.name) else {
+        let Some(name) = h.hf_name(&t.name) else {
             continue;
         };
         if name == "model.embed_tokens.weight" {

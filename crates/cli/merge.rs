@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use lorakit_adapter::output_guard::{check_replaceable, occupied, Input};
 use lorakit_adapter::{Adapters, PeftAdapter};
 use lorakit_merge::{merge_pending, MergeOptions, OutDType};
-use lorakit_models::ModelDir;
+use lorakit_models::BaseModel;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -137,13 +137,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
 /// Largest absolute logit difference on a fixed input, and the number of positions compared.
 fn verify(base: &Path, adapter: &Path, merged: &Path) -> Result<(f32, usize)> {
     let dev = Device::Cpu;
-    let (with_adapter, _) = ModelDir::open(base)?.load(
+    let (with_adapter, _) = BaseModel::open(base)?.load_causal_lm(
         Adapters::Loaded(PeftAdapter::load(adapter)?),
         DType::F32,
         &dev,
     )?;
-    let (merged_model, _) = ModelDir::open(merged)?.load(Adapters::None, DType::F32, &dev)?;
-    let vocab = with_adapter.config().vocab_size as u32;
+    let (merged_model, _) =
+        BaseModel::open(merged)?.load_causal_lm(Adapters::None, DType::F32, &dev)?;
+    let vocab = with_adapter.vocab_size() as u32;
     let len = 16usize;
     let ids: Vec<u32> = (0..len as u32).map(|i| (i * 7919 + 13) % vocab).collect();
     let ids = Tensor::from_vec(ids, (1, len), &dev)?;

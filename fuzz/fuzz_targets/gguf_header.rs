@@ -7,7 +7,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(h) = lorakit_models::gguf::GgufHeader::parse(data) {
         let _ = h.architecture();
         for t in &h.tensors {
-            let _ = lorakit_models::gguf::hf_name(&t.name);
+            let _ = h.hf_name(&t.name);
             assert!(h.data_start + t.offset + t.bytes <= data.len() as u64);
         }
     }

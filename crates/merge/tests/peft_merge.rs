@@ -167,9 +167,9 @@ fn lm_head_adapter_on_tied_model_unties_the_head() {
         "r": 2, "lora_alpha": 4, "target_modules": ["lm_head", "q_proj"]}))
     .unwrap();
     let varmap = candle_nn::VarMap::new();
-    let (_, report) = lorakit_models::ModelDir::open(&dir.join("base"))
+    let (_, report) = lorakit_models::BaseModel::open(&dir.join("base"))
         .unwrap()
-        .load(
+        .load_causal_lm(
             lorakit_adapter::Adapters::Train {
                 config: config.clone(),
                 varmap: varmap.clone(),
@@ -213,17 +213,17 @@ fn lm_head_adapter_on_tied_model_unties_the_head() {
 
     // the merged model (untied) computes what the base + adapter computes
     let ids = Tensor::new(&[[4u32, 8, 15, 16, 23, 42]], &dev).unwrap();
-    let (with_adapter, _) = lorakit_models::ModelDir::open(&dir.join("base"))
+    let (with_adapter, _) = lorakit_models::BaseModel::open(&dir.join("base"))
         .unwrap()
-        .load(
+        .load_causal_lm(
             lorakit_adapter::Adapters::Loaded(PeftAdapter::load(&adir).unwrap()),
             DType::F32,
             &dev,
         )
         .unwrap();
-    let (merged, _) = lorakit_models::ModelDir::open(&out)
+    let (merged, _) = lorakit_models::BaseModel::open(&out)
         .unwrap()
-        .load(lorakit_adapter::Adapters::None, DType::F32, &dev)
+        .load_causal_lm(lorakit_adapter::Adapters::None, DType::F32, &dev)
         .unwrap();
     let d = max_diff(
         &with_adapter.forward(&ids, None, false).unwrap(),
@@ -337,9 +337,9 @@ fn merging_a_tied_head_adapter_matches_peft_unmerged_logits() {
     assert_eq!(s.untied.as_deref(), Some("lm_head.weight"));
     let exp =
         candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
-    let (model, _) = lorakit_models::ModelDir::open(&out)
+    let (model, _) = lorakit_models::BaseModel::open(&out)
         .unwrap()
-        .load(lorakit_adapter::Adapters::None, DType::F32, &Device::Cpu)
+        .load_causal_lm(lorakit_adapter::Adapters::None, DType::F32, &Device::Cpu)
         .unwrap();
     let logits = model
         .forward(&exp["input_ids"], Some(&exp["attention_mask"]), false)

@@ -5,13 +5,26 @@
 //! checkpoints of a bare `BertModel` (no `bert.` prefix, no head) are read too. Dropout of the
 //! base model is off: only LoRA dropout applies.
 use crate::error::{ModelError, Result};
-use candle_core::{DType, Device, Shape, Tensor, D};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::VarBuilder;
+use crate::model::{Dimensions, Model, ModelConfig, SequenceClassifier, Task};
+use crate::registry::Architecture;
+use candle_core::{DType, Tensor, D};
 use lorakit_adapter::frozen::{frozen_add, frozen_mul};
-use lorakit_adapter::{Adapters, BuildReport, Checkpoint, LayerBuilder, LoraLinear};
+use lorakit_adapter::{Adapters, LayerBuilder, LoraLinear};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+/// The registry entry of BERT.
+pub struct Bert;
+
+impl Architecture for Bert {
+    fn model_types(&self) -> &'static [&'static str] {
+        &["bert"]
+    }
+
+    fn parse_config(&self, json: Value, file: &Path) -> Result<Box<dyn ModelConfig>> {
+        Ok(Box::new(BertConfig::from_json(&json, file)?))
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Activation {
@@ -33,11 +46,13 @@ pub struct BertConfig {
     pub max_position_embeddings: usize,
     pub type_vocab_size: usize,
     pub layer_norm_eps: f64,
+    /// Classes of the checkpoint's own head (`id2label`, else `num_labels`, else 2).
+    pub num_labels: usize,
 }
 
 impl BertConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        Self::from_json(&crate::config::read_json(path)?, path)
+        Self::from_json(&crate::registry::read_json(path)?, path)
     }
 
     pub fn from_json(v: &Value, file: &Path) -> Result<Self> {
@@ -50,7 +65,7 @@ impl BertConfig {
         if model_type != "bert" {
             return Err(err(
                 "model_type",
-                format!("{model_type:?}: expected \"bert\" for task sequence_classification"),
+                format!("{model_type:?}: expected \"bert\""),
             ));
         }
         let num = |k: &str| -> Result<usize> {
@@ -95,6 +110,17 @@ impl BertConfig {
                 .get("layer_norm_eps")
                 .and_then(Value::as_f64)
                 .unwrap_or(1e-12),
+            num_labels: v
+                .get("id2label")
+                .and_then(Value::as_object)
+                .map(|m| m.len())
+                .or_else(|| {
+                    v.get("num_labels")
+                        .and_then(Value::as_u64)
+                        .map(|n| n as usize)
+                })
+                .filter(|n| *n > 0)
+                .unwrap_or(2),
         };
         if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             return Err(err(
@@ -106,6 +132,58 @@ impl BertConfig {
             ));
         }
         Ok(cfg)
+    }
+}
+
+impl ModelConfig for BertConfig {
+    fn model_type(&self) -> &'static str {
+        "bert"
+    }
+
+    fn dimensions(&self) -> Dimensions {
+        Dimensions {
+            layers: self.num_hidden_layers,
+            hidden: self.hidden_size,
+            heads: self.num_attention_heads,
+            kv_heads: self.num_attention_heads,
+            head_dim: self.hidden_size / self.num_attention_heads,
+            vocab: self.vocab_size,
+            tied_embeddings: false,
+        }
+    }
+
+    fn declared_dtype(&self) -> Option<DType> {
+        None
+    }
+
+    fn default_task(&self) -> Task {
+        Task::SequenceClassification {
+            num_labels: self.num_labels,
+        }
+    }
+
+    fn build(&self, lb: &LayerBuilder, task: Task) -> Result<Model> {
+        match task {
+            Task::SequenceClassification { num_labels } => Ok(Model::Classifier(Box::new(
+                BertClassifier::new(self, num_labels, lb)?,
+            ))),
+            other => Err(ModelError::Input(format!(
+                "a bert model is built for sequence_classification, not {}",
+                other.name()
+            ))),
+        }
+    }
+
+    /// Position ids, and the heads of other tasks (pretraining `cls.`, a classifier the
+    /// task does not use).
+    fn may_leave_unused(&self, name: &str) -> bool {
+        name.ends_with("position_ids")
+            || name.starts_with("classifier.")
+            || name.starts_with("cls.")
+    }
+
+    fn optional_prefix(&self) -> Option<&'static str> {
+        Some("bert.")
     }
 }
 
@@ -201,21 +279,22 @@ impl BertClassifier {
         })
     }
 
-    pub fn config(&self) -> &BertConfig {
+    pub fn bert_config(&self) -> &BertConfig {
+        &self.cfg
+    }
+}
+
+impl SequenceClassifier for BertClassifier {
+    fn config(&self) -> &dyn ModelConfig {
         &self.cfg
     }
 
-    pub fn num_labels(&self) -> usize {
+    fn num_labels(&self) -> usize {
         self.num_labels
     }
 
     /// The encoder's last hidden states `[b, s, hidden]` (`attention_mask`: 1 = token, 0 = pad).
-    pub fn encode(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-        train: bool,
-    ) -> Result<Tensor> {
+    fn encode(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
         if attention_mask.dims() != [b, s] {
             return Err(ModelError::Input(format!(
@@ -280,12 +359,7 @@ impl BertClassifier {
     }
 
     /// Class logits `[b, num_labels]` (f32) from the pooled [CLS] state.
-    pub fn forward(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-        train: bool,
-    ) -> Result<Tensor> {
+    fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Result<Tensor> {
         let x = self.encode(input_ids, attention_mask, train)?;
         let cls = x.narrow(1, 0, 1)?.squeeze(1)?;
         let pooled = self.pooler.forward_t(&cls, train)?.tanh()?;
@@ -294,99 +368,4 @@ impl BertClassifier {
         })?;
         Ok(head.forward_t(&pooled, train)?.to_dtype(DType::F32)?)
     }
-}
-
-/// Serves `bert.X` from a checkpoint that stores a bare `BertModel` as `X`.
-struct AddBertPrefix(Checkpoint);
-
-impl AddBertPrefix {
-    fn name<'a>(&self, name: &'a str) -> &'a str {
-        name.strip_prefix("bert.").unwrap_or(name)
-    }
-}
-
-impl SimpleBackend for AddBertPrefix {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        h: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        self.0.get(s, self.name(name), h, dtype, dev)
-    }
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.0.get_unchecked(self.name(name), dtype, dev)
-    }
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.0.contains_tensor(self.name(name))
-    }
-}
-
-/// Opens a BERT model directory and builds the classifier with `adapters`.
-pub fn load_classifier(
-    dir: &Path,
-    num_labels: usize,
-    adapters: Adapters,
-    dtype: DType,
-    device: &Device,
-) -> Result<(BertClassifier, BuildReport)> {
-    let cfg = BertConfig::from_file(&dir.join("config.json"))?;
-    let checkpoint = Checkpoint::open_dir(dir)?;
-    crate::layer_count::check(
-        cfg.num_hidden_layers as u64,
-        checkpoint.names(),
-        &dir.join("config.json"),
-        "num_hidden_layers",
-        &checkpoint.describe(),
-    )?;
-    let names: Vec<String> = checkpoint.names().map(String::from).collect();
-    let describe = checkpoint.describe();
-    let prefixed = names.iter().any(|n| n.starts_with("bert."));
-    let backend: Box<dyn SimpleBackend> = if prefixed {
-        Box::new(checkpoint)
-    } else {
-        Box::new(AddBertPrefix(checkpoint))
-    };
-    let lb = LayerBuilder::new(
-        VarBuilder::from_backend(backend, dtype, device.clone()),
-        adapters,
-    )?;
-    let model = BertClassifier::new(&cfg, num_labels, &lb)?;
-    let report = lb.finish()?;
-    // A checkpoint tensor nobody asked for means config and weights disagree.
-    let used: std::collections::HashSet<String> = report
-        .frozen
-        .iter()
-        .map(|(n, _)| {
-            if prefixed {
-                n.clone()
-            } else {
-                n.strip_prefix("bert.").unwrap_or(n).to_string()
-            }
-        })
-        .collect();
-    let unused: Vec<&String> = names
-        .iter()
-        .filter(|n| !used.contains(*n))
-        .filter(|n| {
-            !n.ends_with("position_ids") && !n.starts_with("classifier.") && !n.starts_with("cls.")
-        })
-        .collect();
-    if !unused.is_empty() {
-        return Err(ModelError::Config {
-            file: PathBuf::from(describe),
-            key: unused.iter().take(3).map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
-            message: format!("{} tensor(s) are not used by a BERT model with this config.json (num_hidden_layers = {}); do config.json and the weights belong together?", unused.len(), cfg.num_hidden_layers),
-        });
-    }
-    Ok((model, report))
-}
-
-/// Whether a model directory holds a BERT model (`model_type: bert` in config.json).
-pub fn is_bert_dir(dir: &Path) -> bool {
-    crate::config::read_json(&dir.join("config.json"))
-        .ok()
-        .is_some_and(|v| v.get("model_type").and_then(Value::as_str) == Some("bert"))
 }

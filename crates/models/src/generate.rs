@@ -2,7 +2,7 @@
 //! temperature 0, else temperature + nucleus (top-p) sampling from a seeded generator, so a
 //! seed reproduces a sample.
 use crate::error::{ModelError, Result};
-use crate::llama::CausalLm;
+use crate::model::CausalLm;
 use candle_core::{Device, Tensor};
 
 #[derive(Clone, Debug)]
@@ -72,7 +72,7 @@ fn pick(logits: &[f32], opts: &GenerateOptions, rng: &mut Rng) -> u32 {
 /// Generates after `prompt`, calling `on_token` with each new token as soon as it is chosen
 /// (return `false` to stop). Returns the new tokens.
 pub fn generate(
-    model: &CausalLm,
+    model: &dyn CausalLm,
     prompt: &[u32],
     opts: &GenerateOptions,
     device: &Device,
@@ -81,7 +81,7 @@ pub fn generate(
     if prompt.is_empty() {
         return Err(ModelError::Input("the prompt is empty".into()));
     }
-    let limit = model.config().max_position_embeddings;
+    let limit = model.max_positions();
     if prompt.len() >= limit {
         return Err(ModelError::Input(format!(
             "the prompt has {} tokens; the model's context is {limit}",

@@ -1,14 +1,14 @@
 //! A bounds-checked reader for GGUF headers (llama.cpp's format): metadata and tensor table.
 //! Every count and length is checked against the bytes that remain before anything is
 //! allocated, and every tensor's byte range against the file size, so a hostile or truncated
-//! file gives an error, never a huge allocation or a read past the end.
+//! file gives an error, never a huge allocation or a read past the end. What the tensors mean
+//! (names, layout, config) is the architecture's business (`registry::Architecture`).
 use crate::error::{ModelError, Result};
+use crate::registry::{self, Architecture};
 use std::collections::BTreeMap;
 use std::path::Path;
 
 const MAGIC: &[u8; 4] = b"GGUF";
-/// Architectures lorakit can build from a GGUF.
-pub const SUPPORTED_ARCHS: &[&str] = &["llama"];
 /// Longest single string accepted (a chat template or a token is far shorter).
 const MAX_STRING: u64 = 16 << 20;
 const MAX_DIMS: u32 = 8;
@@ -370,119 +370,49 @@ impl GgufHeader {
 
     /// `general.architecture`, checked against what lorakit can build.
     pub fn architecture(&self) -> std::result::Result<&str, String> {
+        self.family().map(|(name, _)| name)
+    }
+
+    /// `general.architecture` and the architecture that reads it.
+    pub fn family(&self) -> std::result::Result<(&str, &'static dyn Architecture), String> {
         let arch = self
             .metadata
             .get("general.architecture")
             .and_then(Value::as_str)
             .ok_or("missing `general.architecture`")?;
-        if !SUPPORTED_ARCHS.contains(&arch) {
-            return Err(format!(
+        let family = registry::by_gguf_architecture(arch).ok_or_else(|| {
+            format!(
                 "general.architecture = {arch:?} is not supported (supported: {})",
-                SUPPORTED_ARCHS.join(", ")
-            ));
-        }
-        Ok(arch)
+                registry::gguf_architectures().join(", ")
+            )
+        })?;
+        Ok((arch, family))
+    }
+
+    /// The Hugging Face name of a tensor of this file's architecture.
+    pub fn hf_name(&self, gguf_name: &str) -> Option<String> {
+        self.family().ok()?.1.hf_tensor_name(gguf_name)
     }
 }
 
-/// The Hugging Face module path of a llama.cpp tensor name (`blk.3.attn_q.weight` →
-/// `model.layers.3.self_attn.q_proj.weight`).
-pub fn hf_name(gguf: &str) -> Option<String> {
-    let (stem, suffix) = gguf.rsplit_once('.')?;
-    let mapped = match stem {
-        "token_embd" => "model.embed_tokens".to_string(),
-        "output_norm" => "model.norm".to_string(),
-        "output" => "lm_head".to_string(),
-        _ => {
-            let rest = stem.strip_prefix("blk.")?;
-            let (n, part) = rest.split_once('.')?;
-            let n: usize = n.parse().ok()?;
-            let m = match part {
-                "attn_q" => "self_attn.q_proj",
-                "attn_k" => "self_attn.k_proj",
-                "attn_v" => "self_attn.v_proj",
-                "attn_output" => "self_attn.o_proj",
-                "ffn_gate" => "mlp.gate_proj",
-                "ffn_up" => "mlp.up_proj",
-                "ffn_down" => "mlp.down_proj",
-                "attn_norm" => "input_layernorm",
-                "ffn_norm" => "post_attention_layernorm",
-                _ => return None,
-            };
-            format!("model.layers.{n}.{m}")
-        }
-    };
-    Some(format!("{mapped}.{suffix}"))
-}
-
-/// The Hugging Face config of a llama GGUF, from its `llama.*` metadata.
-pub fn llama_config(header: &GgufHeader, path: &Path) -> Result<crate::LlamaConfig> {
-    crate::LlamaConfig::from_json(llama_config_json(header, path)?, path)
-}
-
-/// `config.json` of a llama GGUF as transformers writes it for `LlamaForCausalLM`.
-pub fn llama_config_json(header: &GgufHeader, path: &Path) -> Result<serde_json::Value> {
-    let err = |key: &str, message: String| ModelError::Config {
+/// config.json, as transformers writes it, of the model in a GGUF file.
+pub fn hf_config_json(header: &GgufHeader, path: &Path) -> Result<serde_json::Value> {
+    let (_, family) = header.family().map_err(|m| ModelError::Config {
         file: path.to_path_buf(),
-        key: key.into(),
-        message,
-    };
-    header
-        .architecture()
-        .map_err(|m| err("general.architecture", m))?;
-    let num = |k: &str| -> Result<u64> {
-        header
-            .metadata
-            .get(&format!("llama.{k}"))
-            .and_then(Value::as_u64)
-            .ok_or_else(|| err(&format!("llama.{k}"), "missing or not an integer".into()))
-    };
-    let float = |k: &str| match header.metadata.get(&format!("llama.{k}")) {
-        Some(Value::F64(v)) => Some(*v),
-        _ => None,
-    };
-    let embed = header
-        .tensors
-        .iter()
-        .find(|t| t.name == "token_embd.weight")
-        .ok_or_else(|| err("token_embd.weight", "missing".into()))?;
-    let heads = num("attention.head_count")?;
-    crate::layer_count::check(
-        num("block_count")?,
-        header.tensors.iter().map(|t| t.name.as_str()),
-        path,
-        "llama.block_count",
-        "the file",
-    )?;
-    let json = serde_json::json!({
-        "model_type": "llama",
-        "vocab_size": embed.dims.get(1).copied().unwrap_or(0),
-        "hidden_size": num("embedding_length")?,
-        "intermediate_size": num("feed_forward_length")?,
-        "num_hidden_layers": num("block_count")?,
-        "num_attention_heads": heads,
-        "num_key_value_heads": num("attention.head_count_kv").unwrap_or(heads),
-        "rms_norm_eps": float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
-        "rope_theta": float("rope.freq_base").unwrap_or(10_000.0),
-        "max_position_embeddings": num("context_length").unwrap_or(2048),
-        "tie_word_embeddings": !header.tensors.iter().any(|t| t.name == "output.weight"),
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_act": "silu",
-        "bos_token_id": header.metadata.get("tokenizer.ggml.bos_token_id").and_then(Value::as_u64),
-        "eos_token_id": header.metadata.get("tokenizer.ggml.eos_token_id").and_then(Value::as_u64),
-    });
-    Ok(json)
+        key: "general.architecture".into(),
+        message: m,
+    })?;
+    family.gguf_config_json(header, path)
 }
 
-/// A llama GGUF as a Hugging Face model: the config from its metadata and its tensors,
-/// dequantised, renamed (`blk.0.attn_q.weight` → `model.layers.0.self_attn.q_proj.weight`) and with
-/// q/k rows put back from llama.cpp's interleaved-RoPE order into the Hugging Face order, so that
-/// adapters trained on it apply to the Hugging Face release of the same model.
-pub fn load_llama(
+/// A GGUF model as a Hugging Face one: its config.json and its tensors, dequantised, under their
+/// Hugging Face names and in the Hugging Face layout, so that adapters trained on it apply to
+/// the Hugging Face release of the same model.
+pub fn load_hf(
     path: &Path,
     device: &candle_core::Device,
 ) -> Result<(
-    crate::LlamaConfig,
+    serde_json::Value,
     std::collections::HashMap<String, candle_core::Tensor>,
 )> {
     let header = GgufHeader::from_file(path)?;
@@ -491,7 +421,10 @@ pub fn load_llama(
         key: key.into(),
         message,
     };
-    let config = llama_config(&header, path)?;
+    let config = hf_config_json(&header, path)?;
+    let (_, family) = header
+        .family()
+        .map_err(|m| err("general.architecture", m))?;
 
     // Our header check has bounded every count and range; candle's reader does the rest.
     let mut file = std::fs::File::open(path).map_err(|source| ModelError::Io {
@@ -502,34 +435,20 @@ pub fn load_llama(
         .map_err(|e| err("GGUF header", e.to_string()))?;
     let mut tensors = std::collections::HashMap::new();
     for info in &header.tensors {
-        let name = hf_name(&info.name)
-            .ok_or_else(|| err(&info.name, "not a llama tensor lorakit knows".into()))?;
+        let name = family.hf_tensor_name(&info.name).ok_or_else(|| {
+            err(
+                &info.name,
+                "not a tensor lorakit knows for this architecture".into(),
+            )
+        })?;
         let q = content
             .tensor(&mut file, &info.name, &candle_core::Device::Cpu)
             .map_err(|e| err(&info.name, e.to_string()))?;
-        let mut t = q.dequantize(&candle_core::Device::Cpu)?;
-        if name.ends_with("self_attn.q_proj.weight") {
-            t = unpermute_rope_rows(&t, config.num_attention_heads)?;
-        } else if name.ends_with("self_attn.k_proj.weight") {
-            t = unpermute_rope_rows(&t, config.num_key_value_heads)?;
-        }
+        let t = q.dequantize(&candle_core::Device::Cpu)?;
+        let t = family.gguf_tensor_to_hf(&name, t, &config)?;
         tensors.insert(name, t.to_device(device)?);
     }
     Ok((config, tensors))
-}
-
-/// Inverse of llama.cpp's `permute` of q/k weights: within each head, rows stored as interleaved
-/// pairs (0, d/2, 1, d/2+1, ...) go back to halves (0..d/2, d/2..d).
-pub fn unpermute_rope_rows(
-    w: &candle_core::Tensor,
-    heads: usize,
-) -> candle_core::Result<candle_core::Tensor> {
-    let (out, inp) = w.dims2()?;
-    let d = out / heads.max(1);
-    w.reshape((heads, d / 2, 2, inp))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((out, inp))
 }
 
 #[cfg(test)]
@@ -574,7 +493,7 @@ pub(crate) mod tests {
         assert_eq!(h.tensors[0].dims, vec![4, 2]);
         assert_eq!(h.tensors[0].bytes, 32);
         assert_eq!(
-            hf_name(&h.tensors[0].name).unwrap(),
+            h.hf_name(&h.tensors[0].name).unwrap(),
             "model.layers.0.self_attn.q_proj.weight"
         );
     }

@@ -1,12 +1,13 @@
 //! lorakit-models: differentiable transformer architectures written against
-//! `lorakit_adapter::LayerBuilder`, so every linear layer can carry a LoRA adapter. Full-sequence
-//! logits, causal + padding masks, GQA, tied embeddings. Never mentions rank, alpha or merging.
+//! `lorakit_adapter::LayerBuilder`, so every linear layer can carry a LoRA adapter. Callers see
+//! a model through [`model`]'s traits and open one through [`BaseModel`]; [`registry`] says
+//! which architectures exist. Never mentions rank, alpha or merging.
 pub mod attention;
 pub mod attention_probs;
 pub mod attention_recompute;
+pub mod base_model;
 pub mod bert;
 pub mod chunked_loss;
-pub mod config;
 pub mod error;
 pub mod fused;
 pub mod generate;
@@ -14,11 +15,11 @@ pub mod gguf;
 pub mod hub;
 pub mod layer_count;
 pub mod llama;
-pub mod load;
+pub mod model;
 pub mod ops;
+pub mod registry;
 pub mod row_exp;
 
-pub use config::{Arch, LlamaConfig, RopeScaling};
+pub use base_model::{build, build_causal_lm, is_gguf, BaseModel};
 pub use error::{ModelError, Result};
-pub use llama::{CausalLm, KvCache};
-pub use load::{build, is_gguf, ModelDir};
+pub use model::{CausalLm, Dimensions, KvCache, Model, ModelConfig, SequenceClassifier, Task};

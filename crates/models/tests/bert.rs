@@ -4,7 +4,8 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use lorakit_adapter::{Adapters, PeftAdapter};
-use lorakit_models::bert::{load_classifier, BertConfig};
+use lorakit_models::bert::BertConfig;
+use lorakit_models::BaseModel;
 use std::path::{Path, PathBuf};
 
 fn root() -> PathBuf {
@@ -30,14 +31,10 @@ fn seq_cls_adapter_matches_peft() {
     let exp = candle_core::safetensors::load(fixture().join("expected.safetensors"), &Device::Cpu)
         .unwrap();
     let adapter = PeftAdapter::load(&fixture().join("adapter")).unwrap();
-    let (model, report) = load_classifier(
-        &fixture().join("base"),
-        3,
-        Adapters::Loaded(adapter),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let (model, report) = BaseModel::open(&fixture().join("base"))
+        .unwrap()
+        .load_classifier(Adapters::Loaded(adapter), 3, DType::F32, &Device::Cpu)
+        .unwrap();
     assert_eq!(report.wrapped().count(), 4);
     let (ids, mask) = (&exp["input_ids"], &exp["attention_mask"]);
     let logits = model.forward(ids, mask, false).unwrap();
@@ -53,14 +50,10 @@ fn seq_cls_adapter_matches_peft() {
 fn a_bare_encoder_has_no_head_until_an_adapter_brings_one() {
     let exp = candle_core::safetensors::load(fixture().join("expected.safetensors"), &Device::Cpu)
         .unwrap();
-    let (model, _) = load_classifier(
-        &fixture().join("base"),
-        3,
-        Adapters::None,
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let (model, _) = BaseModel::open(&fixture().join("base"))
+        .unwrap()
+        .load_classifier(Adapters::None, 3, DType::F32, &Device::Cpu)
+        .unwrap();
     let (ids, mask) = (&exp["input_ids"], &exp["attention_mask"]);
     let h = model.encode(ids, mask, false).unwrap();
     assert!(max_diff(&masked(&h, mask), &masked(&exp["hidden_base"], mask)) < 1e-5);
@@ -84,7 +77,10 @@ fn check_against_candle(dir: &Path, ids: &Tensor, mask: &Tensor) -> f32 {
     let want = oracle
         .forward(ids, &ids.zeros_like().unwrap(), Some(mask))
         .unwrap();
-    let (ours, _) = load_classifier(dir, 2, Adapters::None, DType::F32, &Device::Cpu).unwrap();
+    let (ours, _) = BaseModel::open(dir)
+        .unwrap()
+        .load_classifier(Adapters::None, 2, DType::F32, &Device::Cpu)
+        .unwrap();
     let got = ours.encode(ids, mask, false).unwrap();
     max_diff(&masked(&got, mask), &masked(&want, mask))
 }

@@ -4,7 +4,8 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{llama, mistral, qwen2};
 use lorakit_adapter::Adapters;
-use lorakit_models::{build, LlamaConfig};
+use lorakit_models::llama::LlamaConfig;
+use lorakit_models::{build_causal_lm, CausalLm};
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::Path;
@@ -72,7 +73,7 @@ fn weights(cfg: &LlamaConfig, seed: u64) -> HashMap<String, Tensor> {
 
 fn ours_last_logits(cfg: &LlamaConfig, w: &HashMap<String, Tensor>, ids: &Tensor) -> Tensor {
     let vb = VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu);
-    let (model, _) = build(cfg, vb, Adapters::None).unwrap();
+    let (model, _) = build_causal_lm(cfg, vb, Adapters::None).unwrap();
     model
         .forward(ids, None, false)
         .unwrap()
@@ -249,9 +250,9 @@ fn merged_backend_runs_a_peft_adapter_in_candle_transformers() {
         .unwrap();
 
     let adapter = lorakit_adapter::PeftAdapter::load(&root.join("adapters/all_f32")).unwrap();
-    let (ours_model, _) = lorakit_models::ModelDir::open(&root.join("base"))
+    let (ours_model, _) = lorakit_models::BaseModel::open(&root.join("base"))
         .unwrap()
-        .load(Adapters::Loaded(adapter), DType::F32, &Device::Cpu)
+        .load_causal_lm(Adapters::Loaded(adapter), DType::F32, &Device::Cpu)
         .unwrap();
     let ours = ours_model
         .forward(&x, None, false)
@@ -263,7 +264,7 @@ fn merged_backend_runs_a_peft_adapter_in_candle_transformers() {
     let d = max_diff(&ours, &theirs);
     assert!(d <= 1e-5, "merged backend: max abs diff {d}");
     // the Module impl is the same forward pass
-    let via_module = <lorakit_models::CausalLm as Module>::forward(&ours_model, &x).unwrap();
+    let via_module = <dyn CausalLm as Module>::forward(&*ours_model, &x).unwrap();
     let via_module = via_module
         .narrow(1, SEQ - 1, 1)
         .unwrap()

@@ -165,7 +165,7 @@ fn fused_ops_on_cuda_match_the_cpu() -> Result<()> {
 fn a_model_on_cuda_gives_the_cpu_loss_and_adapter_gradients() -> Result<()> {
     use candle_nn::VarMap;
     use lorakit_adapter::{Adapters, LoraConfig};
-    use lorakit_models::ModelDir;
+    use lorakit_models::BaseModel;
     let Some(dev) = gpu() else { return Ok(()) };
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures/peft/llama_gqa/base");
@@ -175,9 +175,9 @@ fn a_model_on_cuda_gives_the_cpu_loss_and_adapter_gradients() -> Result<()> {
         }))
         .unwrap();
         let varmap = VarMap::new();
-        let (model, _) = ModelDir::open(&dir)
+        let (model, _) = BaseModel::open(&dir)
             .unwrap()
-            .load(
+            .load_causal_lm(
                 Adapters::Train {
                     config,
                     varmap: varmap.clone(),

@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use lorakit_adapter::Adapters;
-use lorakit_models::{build, gguf, ModelDir};
+use lorakit_models::{build_causal_lm, gguf, BaseModel};
 use std::path::{Path, PathBuf};
 
 fn fixture() -> PathBuf {
@@ -119,9 +119,10 @@ fn write_gguf(path: &Path, permute_qk: bool) {
 }
 
 fn logits_from_gguf(path: &Path, ids: &Tensor) -> Tensor {
-    let (config, tensors) = gguf::load_llama(path, &Device::Cpu).unwrap();
-    let (model, _) = build(
-        &config,
+    let (config, tensors) = gguf::load_hf(path, &Device::Cpu).unwrap();
+    let config = lorakit_models::registry::parse_config(config, path).unwrap();
+    let (model, _) = build_causal_lm(
+        &*config,
         VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
         Adapters::None,
     )
@@ -137,9 +138,9 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 fn a_llama_cpp_gguf_loads_as_the_hugging_face_model() {
     let tmp = tempfile::tempdir().unwrap();
     let ids = Tensor::new(&[[3u32, 17, 42, 5, 88, 1, 60, 9]], &Device::Cpu).unwrap();
-    let (hf, _) = ModelDir::open(&fixture())
+    let (hf, _) = BaseModel::open(&fixture())
         .unwrap()
-        .load(Adapters::None, DType::F32, &Device::Cpu)
+        .load_causal_lm(Adapters::None, DType::F32, &Device::Cpu)
         .unwrap();
     let expected = hf.forward(&ids, None, false).unwrap();
 

@@ -2,17 +2,17 @@
 //! pass computes, on the PEFT fixtures (with an adapter, and with a sliding window).
 use candle_core::{DType, Device, Tensor};
 use lorakit_adapter::{Adapters, PeftAdapter};
-use lorakit_models::{CausalLm, ModelDir};
+use lorakit_models::{BaseModel, CausalLm};
 use std::path::PathBuf;
 
-fn model(case: &str, adapter: &str) -> CausalLm {
+fn model(case: &str, adapter: &str) -> Box<dyn CausalLm> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures/peft")
         .join(case);
     let a = PeftAdapter::load(&dir.join("adapters").join(adapter)).unwrap();
-    ModelDir::open(&dir.join("base"))
+    BaseModel::open(&dir.join("base"))
         .unwrap()
-        .load(Adapters::Loaded(a), DType::F32, &Device::Cpu)
+        .load_causal_lm(Adapters::Loaded(a), DType::F32, &Device::Cpu)
         .unwrap()
         .0
 }

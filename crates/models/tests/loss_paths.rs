@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use lorakit_adapter::compare::max_abs_diff;
 use lorakit_adapter::{Adapters, LoraConfig, StepSeed};
-use lorakit_models::{CausalLm, ModelDir};
+use lorakit_models::{BaseModel, CausalLm};
 use std::path::PathBuf;
 
 fn fixture(case: &str) -> PathBuf {
@@ -19,7 +19,12 @@ fn fixture(case: &str) -> PathBuf {
 
 /// A model with adapters on `targets` whose B matrices are random (at B = 0 the A gradients
 /// vanish and a wrong A gradient would go unnoticed).
-fn trainable(case: &str, targets: &[&str], dropout: f32, seed: &StepSeed) -> (CausalLm, VarMap) {
+fn trainable(
+    case: &str,
+    targets: &[&str],
+    dropout: f32,
+    seed: &StepSeed,
+) -> (Box<dyn CausalLm>, VarMap) {
     trainable_in(DType::F32, case, targets, dropout, seed)
 }
 
@@ -29,15 +34,15 @@ fn trainable_in(
     targets: &[&str],
     dropout: f32,
     seed: &StepSeed,
-) -> (CausalLm, VarMap) {
+) -> (Box<dyn CausalLm>, VarMap) {
     let config: LoraConfig = serde_json::from_value(serde_json::json!({
         "r": 4, "lora_alpha": 8, "lora_dropout": dropout, "target_modules": targets
     }))
     .unwrap();
     let varmap = VarMap::new();
-    let (model, _) = ModelDir::open(&fixture(case))
+    let (model, _) = BaseModel::open(&fixture(case))
         .unwrap()
-        .load(
+        .load_causal_lm(
             Adapters::Train {
                 config,
                 varmap: varmap.clone(),
@@ -192,7 +197,7 @@ fn device_generic_ops_give_the_cpu_ops_loss_and_gradients() {
     }
     drop(a);
     let (ids, mask, pos, lab) = batch();
-    let run = |model: &CausalLm, varmap: &VarMap| {
+    let run = |model: &dyn CausalLm, varmap: &VarMap| {
         seed.set(1, 7, 0);
         let loss = model
             .summed_loss(&ids, Some(&mask), true, &pos, &lab)
@@ -211,8 +216,8 @@ fn device_generic_ops_give_the_cpu_ops_loss_and_gradients() {
             g,
         )
     };
-    let (l1, g1) = run(&cpu, &cpu_vars);
-    let (l2, g2) = run(&generic, &generic_vars);
+    let (l1, g1) = run(&*cpu, &cpu_vars);
+    let (l2, g2) = run(&*generic, &generic_vars);
     assert!((l1 - l2).abs() < 1e-5 * l1.abs(), "{l1} vs {l2}");
     assert_eq!(g1.len(), 2 * 2 * targets.len());
     for ((n, a), (m, b)) in g1.iter().zip(&g2) {

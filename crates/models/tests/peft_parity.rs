@@ -2,7 +2,7 @@
 //! PyTorch + transformers + PEFT (tests/fixtures/make_peft_fixtures.py).
 use candle_core::{DType, Device, Tensor, D};
 use lorakit_adapter::{Adapters, PeftAdapter};
-use lorakit_models::ModelDir;
+use lorakit_models::BaseModel;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -40,9 +40,9 @@ fn logits(case_name: &str, adapter: Option<&str>) -> Tensor {
         Some(a) => Adapters::Loaded(PeftAdapter::load(&dir.join("adapters").join(a)).unwrap()),
         None => Adapters::None,
     };
-    let (model, report) = ModelDir::open(&dir.join("base"))
+    let (model, report) = BaseModel::open(&dir.join("base"))
         .unwrap()
-        .load(adapters, DType::F32, &Device::Cpu)
+        .load_causal_lm(adapters, DType::F32, &Device::Cpu)
         .unwrap();
     if adapter.is_some() {
         assert!(report.wrapped().count() > 0);

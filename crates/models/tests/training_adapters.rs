@@ -3,7 +3,7 @@
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarMap;
 use lorakit_adapter::{save_adapter, Adapters, LoraConfig};
-use lorakit_models::ModelDir;
+use lorakit_models::BaseModel;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -40,9 +40,9 @@ fn backward_reaches_every_adapter_tensor_and_no_frozen_tensor() {
     }))
     .unwrap();
     let varmap = VarMap::new();
-    let (model, report) = ModelDir::open(&dir.join("base"))
+    let (model, report) = BaseModel::open(&dir.join("base"))
         .unwrap()
-        .load(
+        .load_causal_lm(
             Adapters::Train {
                 config,
                 varmap: varmap.clone(),
@@ -114,13 +114,13 @@ fn step_zero_equals_the_base_model() {
     )
     .unwrap();
     let ids = Tensor::new(&[[3u32, 1, 4, 1, 5, 9, 2, 6]], &Device::Cpu).unwrap();
-    let (base, _) = ModelDir::open(&dir.join("base"))
+    let (base, _) = BaseModel::open(&dir.join("base"))
         .unwrap()
-        .load(Adapters::None, DType::F32, &Device::Cpu)
+        .load_causal_lm(Adapters::None, DType::F32, &Device::Cpu)
         .unwrap();
-    let (lora, report) = ModelDir::open(&dir.join("base"))
+    let (lora, report) = BaseModel::open(&dir.join("base"))
         .unwrap()
-        .load(
+        .load_causal_lm(
             Adapters::Train {
                 config,
                 varmap: VarMap::new(),
@@ -179,9 +179,9 @@ fn saved_adapters_have_peft_key_names_shapes_and_config_values() {
         let (config, _) =
             LoraConfig::from_peft_json(meta["config"].clone(), "expected.json").unwrap();
         let varmap = VarMap::new();
-        let (_, report) = ModelDir::open(&dir.join("base"))
+        let (_, report) = BaseModel::open(&dir.join("base"))
             .unwrap()
-            .load(
+            .load_causal_lm(
                 Adapters::Train {
                     config: config.clone(),
                     varmap: varmap.clone(),

@@ -165,7 +165,7 @@ fn pack(c: &Choice) -> (Vec<u32>, Vec<usize>, Vec<usize>) {
 
 /// Log-likelihood of every label of every choice, `batch_size` choices per forward pass.
 pub fn score(
-    model: &CausalLm,
+    model: &dyn CausalLm,
     choices: &[Choice],
     pad_id: u32,
     batch_size: usize,
@@ -235,7 +235,7 @@ pub fn score(
 
 /// Picks the most likely label of each choice and tallies the confusion matrix.
 pub fn classify(
-    model: &CausalLm,
+    model: &dyn CausalLm,
     choices: &[Choice],
     labels: &[String],
     pad_id: u32,

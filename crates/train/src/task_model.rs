@@ -3,12 +3,20 @@
 use crate::error::Result;
 use crate::loss::{summed_loss, Batch};
 use candle_core::{Tensor, D};
-use lorakit_models::bert::BertClassifier;
-use lorakit_models::CausalLm;
+use lorakit_models::{CausalLm, Model, SequenceClassifier};
 
 pub enum TaskModel {
-    CausalLm(CausalLm),
-    Classifier(BertClassifier),
+    CausalLm(Box<dyn CausalLm>),
+    Classifier(Box<dyn SequenceClassifier>),
+}
+
+impl From<Model> for TaskModel {
+    fn from(m: Model) -> Self {
+        match m {
+            Model::CausalLm(m) => TaskModel::CausalLm(m),
+            Model::Classifier(m) => TaskModel::Classifier(m),
+        }
+    }
 }
 
 impl TaskModel {
@@ -76,18 +84,18 @@ impl TaskModel {
         matches!(self, TaskModel::Classifier(_))
     }
 
-    /// "llama", "qwen2", "bert", ...
+    /// The Hugging Face `model_type`: "llama", "qwen2", "bert", ...
     pub fn arch(&self) -> &'static str {
         match self {
-            TaskModel::CausalLm(m) => m.config().arch.name(),
-            TaskModel::Classifier(_) => "bert",
+            TaskModel::CausalLm(m) => m.config().model_type(),
+            TaskModel::Classifier(m) => m.config().model_type(),
         }
     }
 
     pub fn vocab_size(&self) -> usize {
         match self {
-            TaskModel::CausalLm(m) => m.config().vocab_size,
-            TaskModel::Classifier(m) => m.config().vocab_size,
+            TaskModel::CausalLm(m) => m.vocab_size(),
+            TaskModel::Classifier(m) => m.vocab_size(),
         }
     }
 }

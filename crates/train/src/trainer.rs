@@ -19,7 +19,7 @@ use candle_nn::VarMap;
 use lorakit_adapter::fsutil::AtomicDir;
 use lorakit_adapter::output_guard::{self, Input};
 use lorakit_adapter::{save_adapter_with, AdapterError, Adapters, StepSeed};
-use lorakit_models::ModelDir;
+use lorakit_models::{BaseModel, Task as ModelTask};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -165,12 +165,8 @@ pub fn train(
     let dtype = runtime::dtype(&recipe.model.dtype, &device);
     let model_path = lorakit_models::hub::resolve(&recipe.model.path)?;
     let classify = recipe.model.task == Task::SequenceClassification;
-    // BERT directories are opened when building; Llama-family ones are checked right away.
-    let model_dir = if classify {
-        None
-    } else {
-        Some(ModelDir::open(&model_path)?)
-    };
+    // the config is checked before anything else is read
+    let base = BaseModel::open(&model_path)?;
     let tok = TextTokenizer::open(&model_path)?;
     let labels: Vec<String> = match (&recipe.data.labels, classify) {
         (Some(l), true) => l.clone(),
@@ -189,6 +185,14 @@ pub fn train(
             ),
         });
     }
+    let task = if classify {
+        ModelTask::SequenceClassification {
+            num_labels: labels.len(),
+        }
+    } else {
+        ModelTask::CausalLm
+    };
+    base.check_task(task)?;
     let (train_ds, eval_ds) = datasets(recipe, &tok, &labels)?;
 
     // Output directory and resume point.
@@ -274,22 +278,8 @@ pub fn train(
         seed: t.seed,
         dropout_seed: dropout_seed.clone(),
     };
-    let (model, report) = match model_dir {
-        Some(dir) => {
-            let (m, r) = dir.load(adapters, dtype, &device)?;
-            (TaskModel::CausalLm(m), r)
-        }
-        None => {
-            let (m, r) = lorakit_models::bert::load_classifier(
-                &model_path,
-                labels.len(),
-                adapters,
-                dtype,
-                &device,
-            )?;
-            (TaskModel::Classifier(m), r)
-        }
-    };
+    let (model, report) = base.load(adapters, task, dtype, &device)?;
+    let model = TaskModel::from(model);
     // All inputs are good: now write, holding the directory's lock.
     if start_over {
         output_guard::remove_replaced(&out)?;

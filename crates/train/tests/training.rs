@@ -418,9 +418,9 @@ fn early_stopping_keeps_the_best_adapter_when_eval_loss_turns_up() {
     let tok = TextTokenizer::from_model_dir(&root().join("examples/tiny-llama")).unwrap();
     let ds = data::load(&eval, DataFormat::Completion, &tok, 32, false).unwrap();
     let adapter = lorakit_adapter::PeftAdapter::load(&out.join("adapter")).unwrap();
-    let (model, _) = lorakit_models::ModelDir::open(&root().join("examples/tiny-llama"))
+    let (model, _) = lorakit_models::BaseModel::open(&root().join("examples/tiny-llama"))
         .unwrap()
-        .load(
+        .load_causal_lm(
             lorakit_adapter::Adapters::Loaded(adapter),
             candle_core::DType::F32,
             &candle_core::Device::Cpu,

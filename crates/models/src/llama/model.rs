@@ -1,8 +1,8 @@
-//! Llama, Mistral and Qwen2 decoders (one file: they differ only in biases and the attention
-//! window), differentiable end to end and returning logits for every position.
+//! The Llama-family decoder network, differentiable end to end.
+use super::config::LlamaConfig;
 use crate::chunked_loss::{chunk_rows, linear_cross_entropy};
-use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
+use crate::model::{CausalLm, KvCache, ModelConfig};
 use crate::ops::{apply_rope, attention_bias, rms_norm, rope_tables};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Module, Tensor, Var};
@@ -118,7 +118,7 @@ struct DecoderLayer {
 }
 
 /// What every layer of one forward pass shares: rotary tables and the attention bias.
-struct Rope<'a> {
+struct LayerInputs<'a> {
     cos: &'a Tensor,
     sin: &'a Tensor,
     bias: &'a Tensor,
@@ -128,7 +128,7 @@ impl DecoderLayer {
     fn forward(
         &self,
         x: &Tensor,
-        rope: &Rope,
+        inputs: &LayerInputs,
         eps: f64,
         train: bool,
         slot: Option<&mut Option<(Tensor, Tensor)>>,
@@ -136,23 +136,15 @@ impl DecoderLayer {
         let h = rms_norm(x, &self.input_layernorm, eps)?;
         let attn = self
             .self_attn
-            .forward(&h, rope.cos, rope.sin, rope.bias, train, slot)?;
+            .forward(&h, inputs.cos, inputs.sin, inputs.bias, train, slot)?;
         let x = (x + attn)?;
         let h = rms_norm(&x, &self.post_attention_layernorm, eps)?;
         Ok((&x + self.mlp.forward(&h, train)?)?)
     }
 }
 
-/// Keys and values (after RoPE, before head repetition) of the tokens seen so far, per layer.
-#[derive(Clone)]
-pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-    /// Number of tokens cached.
-    pub len: usize,
-}
-
 /// A decoder-only causal language model of the Llama family.
-pub struct CausalLm {
+pub struct Llama {
     cfg: LlamaConfig,
     embed_tokens: Tensor,
     layers: Vec<DecoderLayer>,
@@ -161,7 +153,7 @@ pub struct CausalLm {
     inv_freq: Vec<f64>,
 }
 
-impl CausalLm {
+impl Llama {
     /// Builds the model from weights named as in Hugging Face checkpoints
     /// (`model.layers.N.self_attn.q_proj.weight`, ...).
     pub fn new(cfg: &LlamaConfig, lb: &LayerBuilder) -> Result<Self> {
@@ -188,7 +180,7 @@ impl CausalLm {
         } else {
             head.linear(cfg.hidden_size, cfg.vocab_size, false)?
         };
-        Ok(CausalLm {
+        Ok(Llama {
             cfg: cfg.clone(),
             embed_tokens,
             layers,
@@ -198,50 +190,9 @@ impl CausalLm {
         })
     }
 
-    pub fn config(&self) -> &LlamaConfig {
+    /// The parsed config, with the Llama-specific fields.
+    pub fn llama_config(&self) -> &LlamaConfig {
         &self.cfg
-    }
-
-    /// Logits `[batch, seq, vocab]` (f32) for every position. `attention_mask` `[batch, seq]`
-    /// is 1 for real tokens and 0 for padding; `train` switches LoRA dropout on.
-    pub fn forward(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
-        train: bool,
-    ) -> Result<Tensor> {
-        let hidden = self.hidden_states(input_ids, attention_mask, train)?;
-        Ok(self
-            .lm_head
-            .forward_t(&hidden, train)?
-            .to_dtype(DType::F32)?)
-    }
-
-    /// Logits (f32) `[n, vocab]` only at `positions` (flat indices into `batch × seq`): a loss
-    /// needs a few positions, and the output head over a large vocabulary is a good share of a
-    /// small model's compute.
-    pub fn logits_at(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
-        train: bool,
-        positions: &Tensor,
-    ) -> Result<Tensor> {
-        let hidden = self.hidden_states(input_ids, attention_mask, train)?;
-        let (b, s, d) = hidden.dims3()?;
-        let rows = hidden.reshape((b * s, d))?.index_select(positions, 0)?;
-        Ok(self.lm_head.forward_t(&rows, train)?.to_dtype(DType::F32)?)
-    }
-
-    /// The final normalised hidden states `[batch, seq, hidden]`, before the output head.
-    pub fn hidden_states(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
-        train: bool,
-    ) -> Result<Tensor> {
-        let (x, cos, sin, bias) = self.inputs(input_ids, attention_mask)?;
-        self.layers_forward(x, &cos, &sin, &bias, train, None)
     }
 
     /// The checked inputs of a full-sequence pass: embeddings, rotary tables and attention bias.
@@ -296,32 +247,69 @@ impl CausalLm {
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps;
-        let rope = Rope { cos, sin, bias };
+        let shared = LayerInputs { cos, sin, bias };
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(&x, &rope, eps, train, slot)?;
+            x = layer.forward(&x, &shared, eps, train, slot)?;
         }
         Ok(rms_norm(&x, &self.norm, eps)?)
     }
+}
 
-    /// Summed next-token cross-entropy of the hidden states at `positions` (flat indices into
-    /// `batch × seq`) against `labels`. A frozen output head runs in chunks
-    /// ([`linear_cross_entropy`]): the `[n, vocab]` logits never exist at once.
-    pub fn summed_loss(
+impl CausalLm for Llama {
+    fn config(&self) -> &dyn ModelConfig {
+        &self.cfg
+    }
+
+    fn max_positions(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+
+    /// Logits `[batch, seq, vocab]` (f32) for every position. `attention_mask` `[batch, seq]`
+    /// is 1 for real tokens and 0 for padding; `train` switches LoRA dropout on.
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let hidden = self.hidden_states(input_ids, attention_mask, train)?;
+        Ok(self
+            .lm_head
+            .forward_t(&hidden, train)?
+            .to_dtype(DType::F32)?)
+    }
+
+    /// Logits (f32) `[n, vocab]` only at `positions` (flat indices into `batch × seq`): a loss
+    /// needs a few positions, and the output head over a large vocabulary is a good share of a
+    /// small model's compute.
+    fn logits_at(
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
         train: bool,
         positions: &Tensor,
-        labels: &Tensor,
     ) -> Result<Tensor> {
         let hidden = self.hidden_states(input_ids, attention_mask, train)?;
-        self.head_loss(&hidden, positions, labels, train)
+        let (b, s, d) = hidden.dims3()?;
+        let rows = hidden.reshape((b * s, d))?.index_select(positions, 0)?;
+        Ok(self.lm_head.forward_t(&rows, train)?.to_dtype(DType::F32)?)
+    }
+
+    /// The final normalised hidden states `[batch, seq, hidden]`, before the output head.
+    fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (x, cos, sin, bias) = self.inputs(input_ids, attention_mask)?;
+        self.layers_forward(x, &cos, &sin, &bias, train, None)
     }
 
     /// Summed cross-entropy of the output head over `hidden` `[batch, seq, hidden]` at
     /// `positions` against `labels` (the second half of [`CausalLm::summed_loss`]).
-    pub fn head_loss(
+    fn head_loss(
         &self,
         hidden: &Tensor,
         positions: &Tensor,
@@ -354,7 +342,7 @@ impl CausalLm {
     /// time and backpropagates through it, so at most one layer's activations are alive. Costs
     /// one more forward pass of the layers. LoRA dropout masks are a function of the step seed,
     /// so the recomputed layer is the same function.
-    pub fn checkpointed_loss_and_grads(
+    fn checkpointed_loss_and_grads(
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
@@ -364,7 +352,7 @@ impl CausalLm {
         vars: &[Tensor],
     ) -> Result<(f32, Vec<Option<Tensor>>)> {
         let (x, cos, sin, bias) = self.inputs(input_ids, attention_mask)?;
-        let rope = Rope {
+        let shared = LayerInputs {
             cos: &cos,
             sin: &sin,
             bias: &bias,
@@ -373,7 +361,7 @@ impl CausalLm {
         let mut inputs = Vec::with_capacity(self.layers.len());
         let mut x = x.detach();
         for layer in &self.layers {
-            let out = layer.forward(&x, &rope, eps, true, None)?.detach();
+            let out = layer.forward(&x, &shared, eps, true, None)?.detach();
             inputs.push(std::mem::replace(&mut x, out));
         }
         let top = Var::from_tensor(&x)?;
@@ -411,7 +399,7 @@ impl CausalLm {
                 None
             };
             let x = var.as_ref().map(|v| v.as_tensor()).unwrap_or(&input);
-            let out = layer.forward(x, &rope, eps, true, None)?;
+            let out = layer.forward(x, &shared, eps, true, None)?;
             let mut lg = (out * &g)?.sum_all()?.backward()?;
             collect(&lg)?;
             if let Some(v) = &var {
@@ -425,7 +413,7 @@ impl CausalLm {
     /// sequences sharing a prefix (e.g. one prompt followed by each candidate answer): every
     /// token has an explicit position (`positions`, `[b][s]`) and `bias` `[b, 1, s, s]` (0 =
     /// may attend, large negative = may not) says what it sees. Inference only.
-    pub fn logits_packed(
+    fn logits_packed(
         &self,
         input_ids: &Tensor,
         positions: &[Vec<usize>],
@@ -465,17 +453,14 @@ impl CausalLm {
     }
 
     /// An empty key/value cache for [`CausalLm::forward_cached`].
-    pub fn new_cache(&self) -> KvCache {
-        KvCache {
-            layers: vec![None; self.layers.len()],
-            len: 0,
-        }
+    fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
     }
 
     /// Logits (f32) `[1, s, vocab]` of `input_ids` `[1, s]` that continue the tokens already in
     /// `cache` (inference only: no dropout). Generation feeds the prompt once, then one token at
     /// a time.
-    pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+    fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
         if b != 1 || s == 0 {
             return Err(ModelError::Input(format!(
@@ -513,7 +498,7 @@ impl CausalLm {
     }
 }
 
-impl Module for CausalLm {
+impl Module for Llama {
     fn forward(&self, input_ids: &Tensor) -> candle_core::Result<Tensor> {
         CausalLm::forward(self, input_ids, None, false)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))

@@ -94,21 +94,9 @@ pub struct LlamaConfig {
     pub dtype: Option<DType>,
 }
 
-/// A JSON file (config.json), errors naming it.
-pub(crate) fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    serde_json::from_str(&text).map_err(|e| ModelError::Json {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
-}
-
 impl LlamaConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        Self::from_json(read_json(path)?, path)
+        Self::from_json(crate::registry::read_json(path)?, path)
     }
 
     pub fn from_json(v: Value, file: &Path) -> Result<Self> {

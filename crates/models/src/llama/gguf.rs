@@ -1,0 +1,118 @@
+//! llama.cpp's side of a Llama model: its tensor names, its `llama.*` metadata as a
+//! config.json, and its q/k row order.
+use crate::error::{ModelError, Result};
+use crate::gguf::{GgufHeader, Value};
+use std::path::Path;
+
+/// The Hugging Face module path of a llama.cpp tensor name (`blk.3.attn_q.weight` →
+/// `model.layers.3.self_attn.q_proj.weight`).
+pub fn hf_name(gguf: &str) -> Option<String> {
+    let (stem, suffix) = gguf.rsplit_once('.')?;
+    let mapped = match stem {
+        "token_embd" => "model.embed_tokens".to_string(),
+        "output_norm" => "model.norm".to_string(),
+        "output" => "lm_head".to_string(),
+        _ => {
+            let rest = stem.strip_prefix("blk.")?;
+            let (n, part) = rest.split_once('.')?;
+            let n: usize = n.parse().ok()?;
+            let m = match part {
+                "attn_q" => "self_attn.q_proj",
+                "attn_k" => "self_attn.k_proj",
+                "attn_v" => "self_attn.v_proj",
+                "attn_output" => "self_attn.o_proj",
+                "ffn_gate" => "mlp.gate_proj",
+                "ffn_up" => "mlp.up_proj",
+                "ffn_down" => "mlp.down_proj",
+                "attn_norm" => "input_layernorm",
+                "ffn_norm" => "post_attention_layernorm",
+                _ => return None,
+            };
+            format!("model.layers.{n}.{m}")
+        }
+    };
+    Some(format!("{mapped}.{suffix}"))
+}
+
+/// `config.json` of a llama GGUF as transformers writes it for `LlamaForCausalLM`.
+pub fn config_json(header: &GgufHeader, path: &Path) -> Result<serde_json::Value> {
+    let err = |key: &str, message: String| ModelError::Config {
+        file: path.to_path_buf(),
+        key: key.into(),
+        message,
+    };
+    let num = |k: &str| -> Result<u64> {
+        header
+            .metadata
+            .get(&format!("llama.{k}"))
+            .and_then(Value::as_u64)
+            .ok_or_else(|| err(&format!("llama.{k}"), "missing or not an integer".into()))
+    };
+    let float = |k: &str| match header.metadata.get(&format!("llama.{k}")) {
+        Some(Value::F64(v)) => Some(*v),
+        _ => None,
+    };
+    let embed = header
+        .tensors
+        .iter()
+        .find(|t| t.name == "token_embd.weight")
+        .ok_or_else(|| err("token_embd.weight", "missing".into()))?;
+    let heads = num("attention.head_count")?;
+    crate::layer_count::check(
+        num("block_count")?,
+        header.tensors.iter().map(|t| t.name.as_str()),
+        path,
+        "llama.block_count",
+        "the file",
+    )?;
+    let json = serde_json::json!({
+        "model_type": "llama",
+        "vocab_size": embed.dims.get(1).copied().unwrap_or(0),
+        "hidden_size": num("embedding_length")?,
+        "intermediate_size": num("feed_forward_length")?,
+        "num_hidden_layers": num("block_count")?,
+        "num_attention_heads": heads,
+        "num_key_value_heads": num("attention.head_count_kv").unwrap_or(heads),
+        "rms_norm_eps": float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+        "rope_theta": float("rope.freq_base").unwrap_or(10_000.0),
+        "max_position_embeddings": num("context_length").unwrap_or(2048),
+        "tie_word_embeddings": !header.tensors.iter().any(|t| t.name == "output.weight"),
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_act": "silu",
+        "bos_token_id": header.metadata.get("tokenizer.ggml.bos_token_id").and_then(Value::as_u64),
+        "eos_token_id": header.metadata.get("tokenizer.ggml.eos_token_id").and_then(Value::as_u64),
+    });
+    Ok(json)
+}
+
+/// q/k rows back from llama.cpp's interleaved-RoPE order into the Hugging Face order (head
+/// counts from `config`, [`config_json`]'s result); other tensors as they are.
+pub fn to_hf_layout(
+    hf_name: &str,
+    t: candle_core::Tensor,
+    config: &serde_json::Value,
+) -> Result<candle_core::Tensor> {
+    let count = |k: &str| config.get(k).and_then(serde_json::Value::as_u64);
+    let heads = if hf_name.ends_with("self_attn.q_proj.weight") {
+        count("num_attention_heads")
+    } else if hf_name.ends_with("self_attn.k_proj.weight") {
+        count("num_key_value_heads").or(count("num_attention_heads"))
+    } else {
+        return Ok(t);
+    };
+    Ok(unpermute_rope_rows(&t, heads.unwrap_or(1) as usize)?)
+}
+
+/// Inverse of llama.cpp's `permute` of q/k weights: within each head, rows stored as interleaved
+/// pairs (0, d/2, 1, d/2+1, ...) go back to halves (0..d/2, d/2..d).
+pub fn unpermute_rope_rows(
+    w: &candle_core::Tensor,
+    heads: usize,
+) -> candle_core::Result<candle_core::Tensor> {
+    let (out, inp) = w.dims2()?;
+    let d = out / heads.max(1);
+    w.reshape((heads, d / 2, 2, inp))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((out, inp))
+}
