@@ -57,12 +57,11 @@ fn main() -> Result<()> {
     let layer = LoraLinear::new(
         w.clone(),
         None,
-        Some(LowRank {
-            a: a.as_tensor().clone(),
-            b: b.as_tensor().clone(),
-            scaling: 2.0,
-            dropout: None,
-        }),
+        Some(LowRank::new(
+            a.as_tensor().clone(),
+            b.as_tensor().clone(),
+            2.0,
+        )),
     );
     let check = (layer.forward(&x)? - composed(&x, &w, a.as_tensor(), b.as_tensor(), 2.0)?)?
         .abs()?

@@ -6,11 +6,12 @@ use crate::config::{LoraConfig, ModuleLora};
 use crate::dropout::{Dropout, StepSeed};
 use crate::error::{AdapterError, Result};
 use crate::lora_linear::{LoraLinear, LowRank};
-use crate::peft_format::{lora_key, PeftAdapter};
+use crate::peft_format::{lora_key, PeftAdapter, KEY_PREFIX};
 use crate::target::TargetSelector;
+use crate::variant::{InitInput, LoraVariant};
 use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Where adapter tensors come from.
@@ -72,6 +73,8 @@ pub struct BuildReport {
     /// Tensors trained whole (PEFT `modules_to_save`, e.g. a classification head), by full name.
     pub whole: Vec<String>,
     pub warnings: Vec<String>,
+    /// The LoRA variant of the wrapped modules (plain LoRA when `None`).
+    pub variant: Option<Arc<dyn LoraVariant>>,
 }
 
 impl BuildReport {
@@ -99,13 +102,12 @@ impl BuildReport {
             .collect()
     }
 
-    /// The trained low-rank pairs of the wrapped modules, read from `varmap` (for saving).
+    /// The trained tensors of the wrapped modules, read from `varmap` (for saving).
     pub fn trained_modules(&self, varmap: &VarMap) -> Result<Vec<(String, LowRank)>> {
         let vars = varmap.data().lock().unwrap_or_else(|p| p.into_inner());
         self.wrapped()
             .map(|l| {
-                let get = |which: &str| {
-                    let key = lora_key(&l.path, which);
+                let get = |key: String| {
                     vars.get(&key)
                         .map(|v| v.as_tensor().clone())
                         .ok_or_else(|| AdapterError::MissingTensor {
@@ -119,15 +121,18 @@ impl BuildReport {
                     alpha: 0.0,
                     scaling: 0.0,
                 });
-                Ok((
-                    l.path.clone(),
-                    LowRank {
-                        a: get("A")?,
-                        b: get("B")?,
-                        scaling: info.scaling,
-                        dropout: None,
-                    },
-                ))
+                let variant = self.variant.clone().unwrap_or_else(crate::variant::lora);
+                let mut extra = BTreeMap::new();
+                for &which in variant.extra_tensors() {
+                    extra.insert(which, get(format!("{KEY_PREFIX}{}.{which}", l.path))?);
+                }
+                let low = LowRank::new(
+                    get(lora_key(&l.path, "A"))?,
+                    get(lora_key(&l.path, "B"))?,
+                    info.scaling,
+                )
+                .with_variant(variant, extra);
+                Ok((l.path.clone(), low))
             })
             .collect()
     }
@@ -269,7 +274,7 @@ impl<'a> LayerBuilder<'a> {
             .as_ref()
             .is_some_and(|s| s.matches(&self.path));
         let (lora, info) = if wrapped {
-            let (l, info) = self.low_rank(in_dim, out_dim)?;
+            let (l, info) = self.low_rank(&weight, in_dim, out_dim)?;
             (Some(l), Some(info))
         } else {
             (None, None)
@@ -341,7 +346,12 @@ impl<'a> LayerBuilder<'a> {
         Ok(LoraLinear::trainable(weight, Some(bias)))
     }
 
-    fn low_rank(&self, in_dim: usize, out_dim: usize) -> Result<(LowRank, ModuleLora)> {
+    fn low_rank(
+        &self,
+        weight: &Tensor,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<(LowRank, ModuleLora)> {
         let dev = self.device();
         match &self.shared.adapters {
             // only called for selected modules, and `None` selects nothing
@@ -368,56 +378,65 @@ impl<'a> LayerBuilder<'a> {
                 dropout_seed,
             } => {
                 let info = config.for_module(&self.path);
+                let variant = config.variant();
                 let mut vars = varmap.data().lock().unwrap_or_else(|p| p.into_inner());
                 let key_a = lora_key(&self.path, "A");
                 let key_b = lora_key(&self.path, "B");
-                let a = match vars.get(&key_a) {
-                    Some(v) => v.as_tensor().clone(),
-                    None => {
-                        let bound = 1.0 / (in_dim as f64).sqrt();
-                        let init = seeded_uniform(*seed, &key_a, info.r * in_dim, bound);
-                        let v = Var::from_tensor(&Tensor::from_vec(init, (info.r, in_dim), dev)?)?;
-                        vars.insert(key_a.clone(), v.clone());
-                        v.as_tensor().clone()
+                let extra_key = |which: &str| format!("{KEY_PREFIX}{}.{which}", self.path);
+                // fresh tensors from the variant's init, unless a resumed run already holds them
+                if !vars.contains_key(&key_a) {
+                    let uniform =
+                        |key: &str, n: usize, bound: f64| seeded_uniform(*seed, key, n, bound);
+                    let init = variant.init(&InitInput {
+                        weight,
+                        rank: info.r,
+                        scaling: info.scaling,
+                        uniform: &uniform,
+                        key_a: &key_a,
+                        device: dev,
+                    })?;
+                    let own = init.extra.into_iter().map(|(w, t)| (extra_key(w), t));
+                    for (key, t) in [(key_a.clone(), init.a), (key_b.clone(), init.b)]
+                        .into_iter()
+                        .chain(own)
+                    {
+                        vars.entry(key).or_insert(Var::from_tensor(&t)?);
                     }
-                };
-                let b = match vars.get(&key_b) {
-                    Some(v) => v.as_tensor().clone(),
-                    None => {
-                        let v = Var::zeros((out_dim, info.r), DType::F32, dev)?;
-                        vars.insert(key_b.clone(), v.clone());
-                        v.as_tensor().clone()
-                    }
-                };
-                for (t, key, expected) in [
-                    (&a, &key_a, [info.r, in_dim]),
-                    (&b, &key_b, [out_dim, info.r]),
-                ] {
-                    if t.dims() != expected {
-                        return Err(AdapterError::ShapeMismatch {
+                }
+                let fetch = |key: String, shape: Vec<usize>| -> Result<Tensor> {
+                    let t = vars
+                        .get(&key)
+                        .map(|v| v.as_tensor().clone())
+                        .ok_or_else(|| AdapterError::MissingTensor {
                             file: "resumed adapter state".into(),
                             name: key.clone(),
-                            expected: expected.to_vec(),
+                            why: format!("a {} adapter holds it for every module", variant.name()),
+                        })?;
+                    if t.dims() != shape.as_slice() {
+                        return Err(AdapterError::ShapeMismatch {
+                            file: "resumed adapter state".into(),
+                            name: key,
+                            expected: shape,
                             got: t.dims().to_vec(),
                             why: "the LoRA config and base model imply this shape".into(),
                         });
                     }
+                    Ok(t)
+                };
+                let a = fetch(key_a, vec![info.r, in_dim])?;
+                let b = fetch(key_b, vec![out_dim, info.r])?;
+                let mut extra = BTreeMap::new();
+                for &which in variant.extra_tensors() {
+                    let shape = variant.extra_shape(which, in_dim, out_dim);
+                    extra.insert(which, fetch(extra_key(which), shape)?);
                 }
-                Ok((
-                    LowRank {
-                        a,
-                        b,
-                        scaling: info.scaling,
-                        dropout: (config.lora_dropout > 0.0).then(|| {
-                            Dropout::new(
-                                config.lora_dropout as f32,
-                                &self.path,
-                                dropout_seed.clone(),
-                            )
-                        }),
-                    },
-                    info,
-                ))
+                let dropout = (config.lora_dropout > 0.0).then(|| {
+                    Dropout::new(config.lora_dropout as f32, &self.path, dropout_seed.clone())
+                });
+                let low = LowRank::new(a, b, info.scaling)
+                    .with_dropout(dropout)
+                    .with_variant(variant, extra);
+                Ok((low, info))
             }
         }
     }
@@ -478,6 +497,11 @@ impl<'a> LayerBuilder<'a> {
             frozen: self.base_tensors(),
             whole: lock(&self.shared.whole).clone(),
             warnings,
+            variant: match &self.shared.adapters {
+                Adapters::Train { config, .. } => Some(config.variant()),
+                Adapters::Loaded(a) => Some(a.config.variant()),
+                Adapters::None => None,
+            },
         })
     }
 }

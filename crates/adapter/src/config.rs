@@ -381,6 +381,12 @@ impl LoraConfig {
         ModuleLora { r, alpha, scaling }
     }
 
+    /// The LoRA variant every module of this adapter uses (plain LoRA; a variant's config field
+    /// selects it here).
+    pub fn variant(&self) -> std::sync::Arc<dyn crate::variant::LoraVariant> {
+        crate::variant::lora()
+    }
+
     /// The JSON PEFT writes for this config: the standard keys only (older PEFT versions refuse
     /// unknown keys), optional ones only when set.
     pub fn to_peft_json(&self) -> Value {

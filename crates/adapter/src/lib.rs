@@ -18,6 +18,7 @@ pub mod output_guard;
 pub mod peft_format;
 pub mod safetensors_writer;
 pub mod target;
+pub mod variant;
 
 pub use builder::{Adapters, BuildReport, LayerBuilder, LinearInfo};
 pub use checkpoint::{Checkpoint, ShapeOnly};
@@ -28,3 +29,4 @@ pub use lora_linear::{LoraLinear, LowRank};
 pub use merged_backend::MergedBackend;
 pub use peft_format::{save_adapter, save_adapter_with, PeftAdapter};
 pub use target::TargetSelector;
+pub use variant::LoraVariant;

@@ -1,12 +1,16 @@
-//! `LoraLinear`: a frozen linear layer plus an optional low-rank update,
-//! `y = x·Wᵀ + b + scaling · dropout(x)·Aᵀ·Bᵀ` with `A: [r, in]`, `B: [out, r]`.
+//! `LoraLinear`: a frozen linear layer plus an optional low-rank update, for plain LoRA
+//! `y = x·Wᵀ + b + scaling · dropout(x)·Aᵀ·Bᵀ` with `A: [r, in]`, `B: [out, r]`; what the update
+//! is exactly is the module's [`LoraVariant`]'s business.
 use crate::dropout::Dropout;
 use crate::frozen::{frozen_add, frozen_matmul};
-use crate::lora_matmul::{self, lora_matmul};
-use crate::lora_op::lora_op;
+use crate::lora_matmul;
+use crate::variant::LoraVariant;
 use candle_core::{Module, Result, Tensor};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
-/// The trainable (or loaded) low-rank pair of one module.
+/// The trainable (or loaded) adapter tensors of one module: the low-rank pair, and whatever the
+/// variant adds.
 #[derive(Clone, Debug)]
 pub struct LowRank {
     pub a: Tensor,
@@ -14,14 +18,49 @@ pub struct LowRank {
     pub scaling: f64,
     /// Applied to the input in training mode only.
     pub dropout: Option<Dropout>,
+    pub variant: Arc<dyn LoraVariant>,
+    /// The variant's own tensors, by [`LoraVariant::extra_tensors`] name.
+    pub extra: BTreeMap<&'static str, Tensor>,
 }
 
 impl LowRank {
-    /// `scaling · B·A`, the dense `[out, in]` update, in f32.
+    /// A plain-LoRA pair without dropout.
+    pub fn new(a: Tensor, b: Tensor, scaling: f64) -> Self {
+        LowRank {
+            a,
+            b,
+            scaling,
+            dropout: None,
+            variant: crate::variant::lora(),
+            extra: BTreeMap::new(),
+        }
+    }
+
+    pub fn with_dropout(mut self, dropout: Option<Dropout>) -> Self {
+        self.dropout = dropout;
+        self
+    }
+
+    pub fn with_variant(
+        mut self,
+        variant: Arc<dyn LoraVariant>,
+        extra: BTreeMap<&'static str, Tensor>,
+    ) -> Self {
+        self.variant = variant;
+        self.extra = extra;
+        self
+    }
+
+    /// `scaling · B·A`, the dense `[out, in]` low-rank product, in f32.
     pub fn delta_weight(&self) -> Result<Tensor> {
         let a = self.a.to_dtype(candle_core::DType::F32)?;
         let b = self.b.to_dtype(candle_core::DType::F32)?;
         b.matmul(&a)? * self.scaling
+    }
+
+    /// The base weight with this module's update folded in, in f32, as the variant defines it.
+    pub fn merged_weight(&self, weight: &Tensor) -> Result<Tensor> {
+        self.variant.merged_weight(weight, self)
     }
 }
 
@@ -115,15 +154,12 @@ impl LoraLinear {
         } else {
             None
         };
-        // CPU f32: the layer as one op on the matmul kernel (and W's transposed copy)
-        if lora_matmul::fits(&[&x, &self.weight, &l.a, &l.b]) {
-            let wt = self.weight_t(train)?;
-            if let Some(y) = lora_matmul(&x, &self.weight, wt, &l.a, &l.b, l.scaling, mask) {
-                return add_bias(y?);
-            }
-        }
-        // the GPU path, and other dtypes: keeps x and the rank-r u for the backward pass
-        add_bias(lora_op(&x, &self.weight, &l.a, &l.b, l.scaling, mask)?)
+        let wt = if lora_matmul::fits(&[&x]) {
+            self.weight_t(train)?
+        } else {
+            None
+        };
+        add_bias(l.variant.forward(&x, &self.weight, wt, l, mask)?)
     }
 }
 
@@ -184,12 +220,7 @@ mod tests {
             let layer = LoraLinear::new(
                 w.clone(),
                 Some(bias.clone()),
-                Some(LowRank {
-                    a: a.clone(),
-                    b: b.clone(),
-                    scaling: 1.7,
-                    dropout: None,
-                }),
+                Some(LowRank::new(a.clone(), b.clone(), 1.7)),
             );
             // a non-quadratic loss so second-order terms show up if the gradient is wrong
             (layer.forward(&x)? - &target)?.tanh()?.sqr()?.sum_all()
@@ -236,12 +267,11 @@ mod tests {
         let lora = LoraLinear::new(
             w,
             None,
-            Some(LowRank {
-                a: Tensor::randn(0f32, 1., (2, 3), &dev)?,
-                b: Tensor::zeros((4, 2), DType::F32, &dev)?,
-                scaling: 2.0,
-                dropout: None,
-            }),
+            Some(LowRank::new(
+                Tensor::randn(0f32, 1., (2, 3), &dev)?,
+                Tensor::zeros((4, 2), DType::F32, &dev)?,
+                2.0,
+            )),
         )
         .forward(&x)?;
         assert_eq!(plain.to_vec2::<f32>()?, lora.to_vec2::<f32>()?);
@@ -277,12 +307,11 @@ mod tests {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1., (6, 5), &dev)?;
         let x = Tensor::randn(0f32, 1., (3, 5), &dev)?;
-        let low = LowRank {
-            a: Tensor::randn(0f32, 1., (2, 5), &dev)?,
-            b: Tensor::randn(0f32, 1., (6, 2), &dev)?,
-            scaling: 2.0,
-            dropout: None,
-        };
+        let low = LowRank::new(
+            Tensor::randn(0f32, 1., (2, 5), &dev)?,
+            Tensor::randn(0f32, 1., (6, 2), &dev)?,
+            2.0,
+        );
         for layer in [
             LoraLinear::new(w.clone(), None, Some(low)),
             LoraLinear::new(w.clone(), None, None),

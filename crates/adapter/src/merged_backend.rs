@@ -37,7 +37,7 @@ impl MergedBackend {
             .low_rank(module, in_dim, out_dim, dev)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?
         {
-            Some(l) => w + l.delta_weight()?,
+            Some(l) => l.merged_weight(&w),
             None => Ok(w),
         }
     }

@@ -31,6 +31,8 @@ pub struct PeftAdapter {
     pub stored_dtype: DType,
     /// module path → (A, B)
     lora: BTreeMap<String, (Tensor, Tensor)>,
+    /// module path → the variant's own tensors (`LoraVariant::extra_tensors`)
+    extra: BTreeMap<String, BTreeMap<&'static str, Tensor>>,
     /// full base tensor name → replacement (PEFT `modules_to_save`)
     replacements: BTreeMap<String, Tensor>,
 }
@@ -92,6 +94,8 @@ impl PeftAdapter {
         let mut a_map = BTreeMap::new();
         let mut b_map = BTreeMap::new();
         let mut replacements = BTreeMap::new();
+        let mut extra: BTreeMap<String, BTreeMap<&'static str, Tensor>> = BTreeMap::new();
+        let variant = config.variant();
         let mut stored_dtype = DType::F32;
         for name in ckpt.names() {
             let meta = ckpt.meta(name)?;
@@ -111,6 +115,19 @@ impl PeftAdapter {
                     format!("key does not start with `{KEY_PREFIX}` (not a PEFT adapter file?)"),
                 ));
             };
+            let own = variant.extra_tensors().iter().find_map(|n| {
+                rest.strip_suffix(n)
+                    .and_then(|m| m.strip_suffix('.'))
+                    .map(|m| (m, *n))
+            });
+            if let Some((module, which)) = own {
+                let t = ckpt.load(name, &Device::Cpu)?.to_dtype(DType::F32)?;
+                extra
+                    .entry(module.to_string())
+                    .or_default()
+                    .insert(which, t);
+                continue;
+            }
             if rest.contains("lora_magnitude_vector") {
                 return Err(AdapterError::Unsupported {
                     file: file.clone(),
@@ -222,6 +239,7 @@ impl PeftAdapter {
             dir: dir.to_path_buf(),
             stored_dtype,
             lora,
+            extra,
             replacements,
         })
     }
@@ -264,12 +282,39 @@ impl PeftAdapter {
                 });
             }
         }
-        Ok(Some(LowRank {
-            a: a.to_device(device)?,
-            b: b.to_device(device)?,
-            scaling: self.config.for_module(module).scaling,
-            dropout: None,
-        }))
+        let variant = self.config.variant();
+        let mut extra = BTreeMap::new();
+        for &which in variant.extra_tensors() {
+            let name = format!("{KEY_PREFIX}{module}.{which}");
+            let t = self
+                .extra
+                .get(module)
+                .and_then(|m| m.get(which))
+                .ok_or_else(|| AdapterError::MissingTensor {
+                    file: self.weights_file(),
+                    name: name.clone(),
+                    why: format!("a {} adapter stores it for every module", variant.name()),
+                })?;
+            let expected = variant.extra_shape(which, in_dim, out_dim);
+            if t.dims() != expected.as_slice() {
+                return Err(AdapterError::ShapeMismatch {
+                    file: self.weights_file(),
+                    name,
+                    expected,
+                    got: t.dims().to_vec(),
+                    why: format!("the base layer `{module}` is [{out_dim}, {in_dim}]"),
+                });
+            }
+            extra.insert(which, t.to_device(device)?);
+        }
+        Ok(Some(
+            LowRank::new(
+                a.to_device(device)?,
+                b.to_device(device)?,
+                self.config.for_module(module).scaling,
+            )
+            .with_variant(variant, extra),
+        ))
     }
 }
 
@@ -304,12 +349,17 @@ pub fn save_adapter_with(
         tensors.push((key.clone(), t));
     }
     for (module, l) in modules {
-        for (which, t) in [("A", &l.a), ("B", &l.b)] {
+        let pair = [("A", &l.a), ("B", &l.b)].map(|(which, t)| (lora_key(module, which), t));
+        let own = l
+            .extra
+            .iter()
+            .map(|(which, t)| (format!("{KEY_PREFIX}{module}.{which}"), t));
+        for (key, t) in pair.into_iter().chain(own) {
             let t = t
                 .to_device(&Device::Cpu)?
                 .to_dtype(DType::F32)?
                 .contiguous()?;
-            tensors.push((lora_key(module, which), t));
+            tensors.push((key, t));
         }
     }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
@@ -343,12 +393,11 @@ mod tests {
 
     fn pair(r: usize, inp: usize, out: usize) -> LowRank {
         let dev = Device::Cpu;
-        LowRank {
-            a: Tensor::randn(0f32, 1., (r, inp), &dev).unwrap(),
-            b: Tensor::randn(0f32, 1., (out, r), &dev).unwrap(),
-            scaling: 2.0,
-            dropout: None,
-        }
+        LowRank::new(
+            Tensor::randn(0f32, 1., (r, inp), &dev).unwrap(),
+            Tensor::randn(0f32, 1., (out, r), &dev).unwrap(),
+            2.0,
+        )
     }
 
     #[test]

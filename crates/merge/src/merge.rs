@@ -283,7 +283,7 @@ pub fn merge_pending(
                 if let Some((module, _)) = update {
                     let (out_dim, in_dim) = t.dims2()?;
                     if let Some(l) = adapter.low_rank(module, in_dim, out_dim, &dev)? {
-                        t = (t + l.delta_weight()?)?;
+                        t = l.merged_weight(&t)?;
                         merged.push(n.clone());
                     }
                 }

@@ -1,0 +1,215 @@
+//! The LoRA-variant hook: everything that differs between LoRA and its variants (DoRA, PiSSA,
+//! ...) for one adapted linear layer — how its tensors start, how the layer runs, what the
+//! merged weight is, which tensors it stores under PEFT's keys. The layer ([`crate::LoraLinear`]),
+//! the builder, the PEFT reader/writer, merged backends and `lorakit merge` all go through it and
+//! never re-derive the math. Plain LoRA is [`Lora`]; a variant is one more implementation, chosen
+//! by [`crate::LoraConfig::variant`].
+use crate::dropout::DropoutMask;
+use crate::lora_linear::LowRank;
+use crate::lora_matmul::{self, lora_matmul};
+use crate::lora_op::lora_op;
+use candle_core::{DType, Device, Result, Tensor};
+use std::sync::Arc;
+
+/// What a variant needs to initialise one module's tensors for training.
+pub struct InitInput<'a> {
+    /// The frozen base weight `[out, in]`.
+    pub weight: &'a Tensor,
+    pub rank: usize,
+    pub scaling: f64,
+    /// Deterministic U(-bound, bound) values of `n` elements for the tensor named `key`.
+    pub uniform: &'a dyn Fn(&str, usize, f64) -> Vec<f32>,
+    /// PEFT key of A; other tensors' keys follow from the module path.
+    pub key_a: &'a str,
+    pub device: &'a Device,
+}
+
+/// A module's tensors at the start of training.
+pub struct Initial {
+    pub a: Tensor,
+    pub b: Tensor,
+    /// The variant's own tensors, by the name in [`LoraVariant::extra_tensors`].
+    pub extra: Vec<(&'static str, Tensor)>,
+}
+
+pub trait LoraVariant: Send + Sync + std::fmt::Debug {
+    /// As adapter_config.json would call it ("lora", "dora", ...), for messages.
+    fn name(&self) -> &'static str;
+
+    /// Per-module tensors stored besides A and B, by their PEFT key suffix after the module path
+    /// (`base_model.model.<module>.<name>`).
+    fn extra_tensors(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// The shape of extra tensor `name` for a base layer `[out_dim, in_dim]`.
+    fn extra_shape(&self, _name: &str, _in_dim: usize, out_dim: usize) -> Vec<usize> {
+        vec![out_dim]
+    }
+
+    /// Initial A `[r, in]`, B `[out, r]` and extra tensors. LoRA: Kaiming-uniform A (as PEFT's
+    /// `init_lora_weights=True`), zero B, so training starts at the base model.
+    fn init(&self, m: &InitInput) -> Result<Initial> {
+        let (out_dim, in_dim) = m.weight.dims2()?;
+        let bound = 1.0 / (in_dim as f64).sqrt();
+        let a = (m.uniform)(m.key_a, m.rank * in_dim, bound);
+        Ok(Initial {
+            a: Tensor::from_vec(a, (m.rank, in_dim), m.device)?,
+            b: Tensor::zeros((out_dim, m.rank), DType::F32, m.device)?,
+            extra: Vec::new(),
+        })
+    }
+
+    /// The layer's output without bias: `x·Wᵀ` plus the update. `weight_t` is W's transposed
+    /// CPU copy when one exists; `dropout` is this step's mask (training only).
+    fn forward(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        weight_t: Option<&Tensor>,
+        low: &LowRank,
+        dropout: Option<DropoutMask>,
+    ) -> Result<Tensor>;
+
+    /// The dense f32 weight with the update folded in (`lorakit merge`, merged backends).
+    fn merged_weight(&self, weight: &Tensor, low: &LowRank) -> Result<Tensor>;
+}
+
+/// Plain LoRA: `y = x·Wᵀ + scaling · dropout(x)·Aᵀ·Bᵀ`; merged `W + scaling·B·A`. Runs on the
+/// fused CPU f32 op where it fits, else on the any-device op.
+#[derive(Debug)]
+pub struct Lora;
+
+impl LoraVariant for Lora {
+    fn name(&self) -> &'static str {
+        "lora"
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        weight_t: Option<&Tensor>,
+        low: &LowRank,
+        dropout: Option<DropoutMask>,
+    ) -> Result<Tensor> {
+        if lora_matmul::fits(&[x, weight, &low.a, &low.b]) {
+            if let Some(y) = lora_matmul(x, weight, weight_t, &low.a, &low.b, low.scaling, dropout)
+            {
+                return y;
+            }
+        }
+        // the GPU path, and other dtypes: keeps x and the rank-r u for the backward pass
+        lora_op(x, weight, &low.a, &low.b, low.scaling, dropout)
+    }
+
+    fn merged_weight(&self, weight: &Tensor, low: &LowRank) -> Result<Tensor> {
+        weight.to_dtype(DType::F32)? + low.delta_weight()?
+    }
+}
+
+/// Plain LoRA, shared.
+pub fn lora() -> Arc<dyn LoraVariant> {
+    Arc::new(Lora)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::LoraLinear;
+    use candle_core::Module;
+    use std::collections::{BTreeMap, HashMap};
+
+    /// A toy variant with its own per-module tensor: the low-rank update scaled per output row.
+    #[derive(Debug)]
+    struct RowScaled;
+
+    impl LoraVariant for RowScaled {
+        fn name(&self) -> &'static str {
+            "row-scaled"
+        }
+        fn extra_tensors(&self) -> &'static [&'static str] {
+            &["lora_row_scale"]
+        }
+        fn forward(
+            &self,
+            x: &Tensor,
+            weight: &Tensor,
+            _: Option<&Tensor>,
+            low: &LowRank,
+            _: Option<DropoutMask>,
+        ) -> Result<Tensor> {
+            let u = x.matmul(&low.a.t()?)?.matmul(&low.b.t()?)?;
+            let update = (u.broadcast_mul(&low.extra["lora_row_scale"])? * low.scaling)?;
+            x.matmul(&weight.t()?)? + update
+        }
+        fn merged_weight(&self, weight: &Tensor, low: &LowRank) -> Result<Tensor> {
+            let m = low.extra["lora_row_scale"].unsqueeze(1)?;
+            weight + low.delta_weight()?.broadcast_mul(&m)?
+        }
+    }
+
+    fn toy() -> Result<LowRank> {
+        let dev = Device::Cpu;
+        let extra = BTreeMap::from([(
+            "lora_row_scale",
+            Tensor::new(&[0.5f32, -1.0, 2.0, 3.0], &dev)?,
+        )]);
+        Ok(LowRank::new(
+            Tensor::randn(0f32, 1., (2, 3), &dev)?,
+            Tensor::randn(0f32, 1., (4, 2), &dev)?,
+            1.5,
+        )
+        .with_variant(Arc::new(RowScaled), extra))
+    }
+
+    /// The layer runs the variant's forward, and the merged weight is the same function.
+    #[test]
+    fn a_variant_decides_forward_and_merge() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1., (4, 3), &dev)?;
+        let x = Tensor::randn(0f32, 1., (5, 3), &dev)?;
+        let low = toy()?;
+        let merged = low.merged_weight(&w)?;
+        let layer = LoraLinear::new(w.clone(), None, Some(low.clone()));
+        let y = layer.forward(&x)?;
+        let want = x.matmul(&merged.t()?)?;
+        assert!(crate::compare::max_abs_diff(&y, &want)? < 1e-5);
+        // and differs from plain LoRA on the same tensors: the hook has teeth
+        let plain = LoraLinear::new(w, None, Some(LowRank::new(low.a, low.b, 1.5))).forward(&x)?;
+        assert!(crate::compare::max_abs_diff(&y, &plain)? > 1e-2);
+        Ok(())
+    }
+
+    /// The variant's own tensors are saved under PEFT's key scheme next to A and B.
+    #[test]
+    fn a_variants_tensors_are_saved_under_peft_keys() -> Result<()> {
+        let tmp = tempfile::tempdir().map_err(candle_core::Error::wrap)?;
+        let config = crate::LoraConfig {
+            r: 2,
+            lora_alpha: 3.0,
+            target_modules: Some(crate::ModuleSpec::List(vec!["q_proj".into()])),
+            ..Default::default()
+        };
+        let modules = vec![("model.q_proj".to_string(), toy()?)];
+        crate::save_adapter(tmp.path(), &config, &modules, &HashMap::new())
+            .map_err(candle_core::Error::wrap)?;
+        let saved = candle_core::safetensors::load(
+            tmp.path().join(crate::peft_format::WEIGHTS_FILE),
+            &Device::Cpu,
+        )?;
+        let mut keys: Vec<&str> = saved.keys().map(String::as_str).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "base_model.model.model.q_proj.lora_A.weight",
+                "base_model.model.model.q_proj.lora_B.weight",
+                "base_model.model.model.q_proj.lora_row_scale"
+            ]
+        );
+        let scale = saved["base_model.model.model.q_proj.lora_row_scale"].to_vec1::<f32>()?;
+        assert_eq!(scale, [0.5, -1.0, 2.0, 3.0]);
+        Ok(())
+    }
+}
