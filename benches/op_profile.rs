@@ -7,10 +7,10 @@
 //!   cargo bench --bench op_profile -- [--device cpu|cuda] [--dtype f32|bf16] [--reps N]
 //!   (on the CPU use small reps: the shapes are a GPU's)
 use candle_core::{DType, Device, Result, Tensor, Var};
-use lorakit_adapter::frozen::frozen_matmul;
-use lorakit_adapter::lora_op::lora_op;
-use lorakit_models::attention_recompute::attention_recompute;
-use lorakit_models::fused;
+use lorakit_ops::attention::recompute::attention_recompute;
+use lorakit_ops::frozen::frozen_matmul;
+use lorakit_ops::fused;
+use lorakit_ops::lora_any_device::lora_op;
 use std::time::Instant;
 
 /// Median microseconds of `reps` calls of `f` after two warm-up calls.
@@ -140,7 +140,7 @@ fn main() -> anyhow::Result<()> {
     // attention core
     let qa = var(&[b, heads, s, d], dtype)?;
     let (ka, va) = (var(&[b, kv, s, d], dtype)?, var(&[b, kv, s, d], dtype)?);
-    let bias = lorakit_models::ops::attention_bias(b, s, None, None, &device)?;
+    let bias = lorakit_ops::layers::attention_bias(b, s, None, None, &device)?;
     let attn_flops = 2.0 * flops(b * heads * s, s, d);
     let us = time(&device, reps, || {
         attention_recompute(qa.as_tensor(), ka.as_tensor(), va.as_tensor(), &bias).map(|_| ())
@@ -158,7 +158,7 @@ fn main() -> anyhow::Result<()> {
     let us = time(&device, reps, || {
         fwd_bwd(&[&x], || match fused::rms_norm(x.as_tensor(), &nw, 1e-5) {
             Some(y) => y,
-            None => lorakit_models::ops::rms_norm(x.as_tensor(), &nw, 1e-5),
+            None => lorakit_ops::layers::rms_norm(x.as_tensor(), &nw, 1e-5),
         })
     })?;
     report("rms_norm_fwd_bwd", us, None);

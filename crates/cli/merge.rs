@@ -160,6 +160,6 @@ fn verify(base: &Path, adapter: &Path, merged: &Path) -> Result<(f32, usize)> {
     if !finite(&a)? || !finite(&b)? {
         return Ok((f32::NAN, len));
     }
-    let diff = lorakit_adapter::compare::max_abs_diff(&a, &b)?;
+    let diff = lorakit_ops::compare::max_abs_diff(&a, &b)?;
     Ok((diff, len))
 }

@@ -3,7 +3,6 @@
 //! layer gets an adapter — fresh trainable tensors, or tensors loaded from a PEFT file — and
 //! records every linear module so targets that match nothing can be reported.
 use crate::config::{LoraConfig, ModuleLora};
-use crate::dropout::{Dropout, StepSeed};
 use crate::error::{AdapterError, Result};
 use crate::lora_linear::{LoraLinear, LowRank};
 use crate::peft_format::{lora_key, PeftAdapter, KEY_PREFIX};
@@ -11,6 +10,7 @@ use crate::target::TargetSelector;
 use crate::variant::{InitInput, LoraVariant};
 use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
+use lorakit_ops::dropout::{Dropout, StepSeed};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 

@@ -1,18 +1,13 @@
 //! lorakit-adapter: LoRA adapters as PEFT defines them — config, target selection, the
 //! `LoraLinear` layer, the on-disk format and a merged-weights backend. Knows tensor names,
-//! never architectures.
+//! never architectures. The compute (LoRA matmuls, dropout, frozen products) is lorakit-ops'.
+pub use lorakit_ops::compare;
 pub mod builder;
 pub mod checkpoint;
-pub mod compare;
 pub mod config;
-pub mod cpu_gemm;
-pub mod dropout;
 pub mod error;
-pub mod frozen;
 pub mod fsutil;
 pub mod lora_linear;
-pub mod lora_matmul;
-pub mod lora_op;
 pub mod merged_backend;
 pub mod output_guard;
 pub mod peft_format;
@@ -23,9 +18,9 @@ pub mod variant;
 pub use builder::{Adapters, BuildReport, LayerBuilder, LinearInfo};
 pub use checkpoint::{Checkpoint, ShapeOnly};
 pub use config::{LoraConfig, ModuleLora, ModuleSpec};
-pub use dropout::StepSeed;
 pub use error::{AdapterError, Result};
 pub use lora_linear::{LoraLinear, LowRank};
+pub use lorakit_ops::dropout::StepSeed;
 pub use merged_backend::MergedBackend;
 pub use peft_format::{save_adapter, save_adapter_with, PeftAdapter};
 pub use target::TargetSelector;

@@ -1,11 +1,11 @@
 //! `LoraLinear`: a frozen linear layer plus an optional low-rank update, for plain LoRA
 //! `y = x·Wᵀ + b + scaling · dropout(x)·Aᵀ·Bᵀ` with `A: [r, in]`, `B: [out, r]`; what the update
 //! is exactly is the module's [`LoraVariant`]'s business.
-use crate::dropout::Dropout;
-use crate::frozen::{frozen_add, frozen_matmul};
-use crate::lora_matmul;
 use crate::variant::LoraVariant;
 use candle_core::{Module, Result, Tensor};
+use lorakit_ops::dropout::Dropout;
+use lorakit_ops::frozen::{frozen_add, frozen_matmul};
+use lorakit_ops::lora_cpu;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -125,7 +125,7 @@ impl LoraLinear {
         if let Some(wt) = self.weight_t.get() {
             return Ok(Some(wt));
         }
-        if !make || !lora_matmul::fits(&[&self.weight]) {
+        if !make || !lora_cpu::fits(&[&self.weight]) {
             return Ok(None);
         }
         let wt = transposed_copy(&self.weight)?;
@@ -154,7 +154,7 @@ impl LoraLinear {
         } else {
             None
         };
-        let wt = if lora_matmul::fits(&[&x]) {
+        let wt = if lora_cpu::fits(&[&x]) {
             self.weight_t(train)?
         } else {
             None
@@ -321,7 +321,7 @@ mod tests {
             let train = layer.forward_t(&x, true)?;
             let wt = layer.weight_t(false)?.expect("made by the training pass");
             assert_eq!(wt.dims(), [5, 6]);
-            assert!(crate::compare::max_abs_diff(&eval, &train)? < 1e-5);
+            assert!(lorakit_ops::compare::max_abs_diff(&eval, &train)? < 1e-5);
             // clones share the copy
             assert!(layer.clone().weight_t(false)?.is_some());
         }

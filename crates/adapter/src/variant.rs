@@ -4,11 +4,10 @@
 //! the builder, the PEFT reader/writer, merged backends and `lorakit merge` all go through it and
 //! never re-derive the math. Plain LoRA is [`Lora`]; a variant is one more implementation, chosen
 //! by [`crate::LoraConfig::variant`].
-use crate::dropout::DropoutMask;
 use crate::lora_linear::LowRank;
-use crate::lora_matmul::{self, lora_matmul};
-use crate::lora_op::lora_op;
 use candle_core::{DType, Device, Result, Tensor};
+use lorakit_ops::dropout::DropoutMask;
+use lorakit_ops::lora::lora_forward;
 use std::sync::Arc;
 
 /// What a variant needs to initialise one module's tensors for training.
@@ -76,7 +75,7 @@ pub trait LoraVariant: Send + Sync + std::fmt::Debug {
 }
 
 /// Plain LoRA: `y = x·Wᵀ + scaling · dropout(x)·Aᵀ·Bᵀ`; merged `W + scaling·B·A`. Runs on the
-/// fused CPU f32 op where it fits, else on the any-device op.
+/// fused CPU f32 op where it fits, else on the any-device op (`lorakit_ops::lora`).
 #[derive(Debug)]
 pub struct Lora;
 
@@ -93,14 +92,7 @@ impl LoraVariant for Lora {
         low: &LowRank,
         dropout: Option<DropoutMask>,
     ) -> Result<Tensor> {
-        if lora_matmul::fits(&[x, weight, &low.a, &low.b]) {
-            if let Some(y) = lora_matmul(x, weight, weight_t, &low.a, &low.b, low.scaling, dropout)
-            {
-                return y;
-            }
-        }
-        // the GPU path, and other dtypes: keeps x and the rank-r u for the backward pass
-        lora_op(x, weight, &low.a, &low.b, low.scaling, dropout)
+        lora_forward(x, weight, weight_t, &low.a, &low.b, low.scaling, dropout)
     }
 
     fn merged_weight(&self, weight: &Tensor, low: &LowRank) -> Result<Tensor> {
@@ -174,10 +166,10 @@ mod tests {
         let layer = LoraLinear::new(w.clone(), None, Some(low.clone()));
         let y = layer.forward(&x)?;
         let want = x.matmul(&merged.t()?)?;
-        assert!(crate::compare::max_abs_diff(&y, &want)? < 1e-5);
+        assert!(lorakit_ops::compare::max_abs_diff(&y, &want)? < 1e-5);
         // and differs from plain LoRA on the same tensors: the hook has teeth
         let plain = LoraLinear::new(w, None, Some(LowRank::new(low.a, low.b, 1.5))).forward(&x)?;
-        assert!(crate::compare::max_abs_diff(&y, &plain)? > 1e-2);
+        assert!(lorakit_ops::compare::max_abs_diff(&y, &plain)? > 1e-2);
         Ok(())
     }
 

@@ -8,8 +8,8 @@ use crate::error::{ModelError, Result};
 use crate::model::{Dimensions, Model, ModelConfig, SequenceClassifier, Task};
 use crate::registry::Architecture;
 use candle_core::{DType, Tensor, D};
-use lorakit_adapter::frozen::{frozen_add, frozen_mul};
 use lorakit_adapter::{Adapters, LayerBuilder, LoraLinear};
+use lorakit_ops::frozen::{frozen_add, frozen_mul};
 use serde_json::Value;
 use std::path::Path;
 

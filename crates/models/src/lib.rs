@@ -2,23 +2,16 @@
 //! `lorakit_adapter::LayerBuilder`, so every linear layer can carry a LoRA adapter. Callers see
 //! a model through [`model`]'s traits and open one through [`BaseModel`]; [`registry`] says
 //! which architectures exist. Never mentions rank, alpha or merging.
-pub mod attention;
-pub mod attention_probs;
-pub mod attention_recompute;
 pub mod base_model;
 pub mod bert;
-pub mod chunked_loss;
 pub mod error;
-pub mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod hub;
 pub mod layer_count;
 pub mod llama;
 pub mod model;
-pub mod ops;
 pub mod registry;
-pub mod row_exp;
 
 pub use base_model::{build, build_causal_lm, is_gguf, BaseModel};
 pub use error::{ModelError, Result};

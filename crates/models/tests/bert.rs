@@ -17,7 +17,7 @@ fn fixture() -> PathBuf {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    lorakit_adapter::compare::max_abs_diff(a, b).unwrap()
+    lorakit_ops::compare::max_abs_diff(a, b).unwrap()
 }
 
 /// Hidden states at real (unpadded) positions only.

@@ -84,7 +84,7 @@ fn ours_last_logits(cfg: &LlamaConfig, w: &HashMap<String, Tensor>, ids: &Tensor
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    lorakit_adapter::compare::max_abs_diff(a, b).unwrap()
+    lorakit_ops::compare::max_abs_diff(a, b).unwrap()
 }
 
 fn ids(vocab: usize) -> Tensor {

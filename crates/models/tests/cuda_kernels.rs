@@ -6,9 +6,9 @@
 //! cuda_kernels --no-run`, carry the printed binary, run it there.
 #![cfg(feature = "cuda")]
 use candle_core::{DType, Device, Result, Tensor, Var};
-use lorakit_adapter::compare::max_abs_diff;
-use lorakit_models::attention_recompute::attention_recompute;
-use lorakit_models::fused;
+use lorakit_ops::attention::recompute::attention_recompute;
+use lorakit_ops::compare::max_abs_diff;
+use lorakit_ops::fused;
 
 fn gpu() -> Option<Device> {
     match Device::new_cuda(0) {
@@ -99,7 +99,7 @@ fn fused_ops_on_cuda_match_the_cpu() -> Result<()> {
     // LoRA dropout: the same counter-based mask on both devices, and as its own gradient
     let step = lorakit_adapter::StepSeed::default();
     step.set(1, 2, 3);
-    let dropout = lorakit_adapter::dropout::Dropout::new(0.2, "layers.0.q_proj", step);
+    let dropout = lorakit_ops::dropout::Dropout::new(0.2, "layers.0.q_proj", step);
     for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 6e-2)] {
         same_on_gpu(&dev, dtype, std::slice::from_ref(&x), 1, tol, |t| {
             dropout.apply(&t[0])
@@ -242,7 +242,7 @@ fn a_model_on_cuda_gives_the_cpu_loss_and_adapter_gradients() -> Result<()> {
 /// decay; parameter and both moments are updated in place.
 #[test]
 fn fused_adamw_on_cuda_matches_the_update_rule() -> Result<()> {
-    use lorakit_kernels::{adamw_step, AdamWStep};
+    use lorakit_ops::{adamw_step, AdamWStep};
     let Some(dev) = gpu() else { return Ok(()) };
     let n = 1000;
     let p0: Vec<f32> = Tensor::randn(0f32, 1., n, &Device::Cpu)?.to_vec1()?;

@@ -131,7 +131,7 @@ fn logits_from_gguf(path: &Path, ids: &Tensor) -> Tensor {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    lorakit_adapter::compare::max_abs_diff(a, b).unwrap()
+    lorakit_ops::compare::max_abs_diff(a, b).unwrap()
 }
 
 #[test]

@@ -18,7 +18,7 @@ fn model(case: &str, adapter: &str) -> Box<dyn CausalLm> {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    lorakit_adapter::compare::max_abs_diff(a, b).unwrap()
+    lorakit_ops::compare::max_abs_diff(a, b).unwrap()
 }
 
 fn ids(v: &[u32]) -> Tensor {

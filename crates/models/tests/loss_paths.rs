@@ -5,9 +5,9 @@
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
-use lorakit_adapter::compare::max_abs_diff;
 use lorakit_adapter::{Adapters, LoraConfig, StepSeed};
 use lorakit_models::{BaseModel, CausalLm};
+use lorakit_ops::compare::max_abs_diff;
 use std::path::PathBuf;
 
 fn fixture(case: &str) -> PathBuf {
@@ -113,7 +113,7 @@ fn chunked_output_head_gives_the_full_logits_loss_and_gradients() {
     let (ids, mask, pos, lab) = batch();
     let full = {
         let logits = model.logits_at(&ids, Some(&mask), true, &pos).unwrap();
-        lorakit_models::fused::cross_entropy(&logits, &lab)
+        lorakit_ops::fused::cross_entropy(&logits, &lab)
             .unwrap()
             .sum_all()
             .unwrap()

@@ -61,7 +61,7 @@ impl Batch {
 
 /// Sum of cross-entropies of `logits` `[n, vocab]` against `labels` `[n]`.
 pub fn summed_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    lorakit_models::fused::cross_entropy(&logits.to_dtype(DType::F32)?, labels)?.sum_all()
+    lorakit_ops::fused::cross_entropy(&logits.to_dtype(DType::F32)?, labels)?.sum_all()
 }
 
 #[cfg(test)]

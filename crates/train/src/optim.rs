@@ -1,7 +1,7 @@
 //! AdamW (decoupled weight decay, as in PyTorch) over named variables, with state that can be
 //! saved and restored exactly, and global-norm gradient clipping.
 use candle_core::{DType, Result, Tensor, Var};
-use lorakit_kernels::{adamw_step, AdamWStep};
+use lorakit_ops::{adamw_step, AdamWStep};
 use std::collections::BTreeMap;
 
 pub struct AdamW {

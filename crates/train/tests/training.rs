@@ -202,7 +202,7 @@ fn gradient_checkpointing_trains_the_same_adapter() {
     }
     assert_eq!(plain_adapter.len(), ckpt_adapter.len());
     for (name, t) in &plain_adapter {
-        let d = lorakit_adapter::compare::max_abs_diff(t, &ckpt_adapter[name]).unwrap();
+        let d = lorakit_ops::compare::max_abs_diff(t, &ckpt_adapter[name]).unwrap();
         assert!(d < 1e-4, "{name} differs by {d}");
     }
 }

@@ -1,12 +1,13 @@
 //! The Llama-family decoder network, differentiable end to end.
 use super::config::LlamaConfig;
-use crate::chunked_loss::{chunk_rows, linear_cross_entropy};
 use crate::error::{ModelError, Result};
 use crate::model::{CausalLm, KvCache, ModelConfig};
-use crate::ops::{apply_rope, attention_bias, rms_norm, rope_tables};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Module, Tensor, Var};
 use lorakit_adapter::{LayerBuilder, LoraLinear};
+use lorakit_ops::attention;
+use lorakit_ops::chunked_loss::{chunk_rows, linear_cross_entropy};
+use lorakit_ops::layers::{apply_rope, attention_bias, rms_norm, rope_tables};
 
 struct Attention {
     q_proj: LoraLinear,
@@ -15,7 +16,6 @@ struct Attention {
     o_proj: LoraLinear,
     heads: usize,
     kv_heads: usize,
-    head_dim: usize,
 }
 
 impl Attention {
@@ -30,7 +30,6 @@ impl Attention {
             o_proj: lb.pp("o_proj").linear(q_out, h, cfg.o_bias)?,
             heads: cfg.num_attention_heads,
             kv_heads: cfg.num_key_value_heads,
-            head_dim: d,
         })
     }
 
@@ -43,45 +42,24 @@ impl Attention {
         train: bool,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
-        let split = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
-            t.reshape((b, s, n, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
         let q = self.q_proj.forward_t(x, train)?;
         let k = self.k_proj.forward_t(x, train)?;
         let v = self.v_proj.forward_t(x, train)?;
-        if cache.is_none() {
-            // CPU f32: rotary embedding and attention read the projections' layout as it is
-            let (h, kv) = (self.heads, self.kv_heads);
-            let q_rot = crate::fused::rope_heads_last(&q, cos, sin, h);
-            let k_rot = crate::fused::rope_heads_last(&k, cos, sin, kv);
-            if let (Some(q), Some(k)) = (q_rot, k_rot) {
-                let (q, k) = (q?, k?);
-                if let Some(out) = crate::attention::attention_heads_last(&q, &k, &v, bias, h, kv) {
-                    return Ok(self.o_proj.forward_t(&out?, train)?);
-                }
-            }
-        }
-        let q = split(q, self.heads)?;
-        let k = split(k, self.kv_heads)?;
-        let v = split(v, self.kv_heads)?;
-        let q = apply_rope(&q, cos, sin)?;
-        let mut k = apply_rope(&k, cos, sin)?;
-        let mut v = v;
-        if let Some(slot) = cache {
-            if let Some((pk, pv)) = slot.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
-            }
-            *slot = Some((k.clone(), v.clone()));
-        }
-        let out = match crate::attention::attention(&q, &k, &v, bias) {
-            Some(out) => out?,
-            // other devices and dtypes: memory-light, probabilities recomputed in backward
-            None => crate::attention_recompute::attention_recompute(&q, &k, &v, bias)?,
+        let (h, kv) = (self.heads, self.kv_heads);
+        let Some(slot) = cache else {
+            let out = attention::rope_attention(&q, &k, &v, cos, sin, bias, h, kv)?;
+            return Ok(self.o_proj.forward_t(&out, train)?);
         };
+        // generation: keys and values after RoPE are kept, in `[b, kv_heads, t, d]`
+        let (q, mut k, mut v) = attention::split_heads(&q, &k, &v, h, kv)?;
+        let q = apply_rope(&q, cos, sin)?;
+        k = apply_rope(&k, cos, sin)?;
+        if let Some((pk, pv)) = slot.as_ref() {
+            k = Tensor::cat(&[pk, &k], 2)?;
+            v = Tensor::cat(&[pv, &v], 2)?;
+        }
+        *slot = Some((k.clone(), v.clone()));
+        let out = attention::attention(&q, &k, &v, bias)?;
         Ok(self.o_proj.forward_t(&out, train)?)
     }
 }
@@ -105,7 +83,7 @@ impl Mlp {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let gate = self.gate_proj.forward_t(x, train)?;
         let up = self.up_proj.forward_t(x, train)?;
-        let h = crate::fused::swiglu(&gate, &up)?;
+        let h = lorakit_ops::fused::swiglu(&gate, &up)?;
         Ok(self.down_proj.forward_t(&h, train)?)
     }
 }
@@ -331,7 +309,7 @@ impl CausalLm for Llama {
             )?
         } else {
             let logits = head.forward_t(&rows, train)?.to_dtype(DType::F32)?;
-            crate::fused::cross_entropy(&logits, labels)?
+            lorakit_ops::fused::cross_entropy(&logits, labels)?
         };
         Ok(loss.sum_all()?)
     }

@@ -5,15 +5,15 @@
 //! four more passes for the gradient, each over a `[b, heads, s, t]` buffer in f32: most of a
 //! GPU attention step's memory traffic. CPU versions for every float dtype here, CUDA kernels
 //! (f32, bf16) in lorakit-kernels; graph-free (used inside `attention_recompute`).
-use crate::row_exp::softmax_in_place;
+use crate::softmax_row::softmax_in_place;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
-use candle_core::CudaStorage;
+use crate::cuda as gpu;
 #[cfg(feature = "cuda")]
-use lorakit_kernels::cuda as gpu;
+use candle_core::CudaStorage;
 
 /// How score rows find their bias row: scores are `[b, groups, rows_per_group, t]` with query
 /// position `row mod s`; the bias is f32 `[bias_b, 1, s, t]`, `bias_b` 1 or b.
@@ -224,8 +224,8 @@ pub fn attention_probs_grad(scores: &Tensor, dp: &Tensor, rows: &ScoreRows) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compare::max_abs_diff;
     use candle_core::{Device, D};
-    use lorakit_adapter::compare::max_abs_diff;
 
     /// scores `[2, 3, 4·5, 7]`: 2 batch rows, 3 groups of 4 query heads over 5 positions.
     fn setup(bias_b: usize) -> Result<(Tensor, ScoreRows)> {

@@ -4,9 +4,9 @@
 //! the hidden states (`(softmax − onehot) · W`, `[rows, hidden]`) are computed at once and the
 //! logits dropped. The gradient is attached to the loss with a straight-through term, so the
 //! backward pass never sees the head.
+use crate::frozen::frozen_matmul;
 use crate::fused::{cross_entropy, cross_entropy_grad};
 use candle_core::{DType, Result, Tensor};
-use lorakit_adapter::frozen::frozen_matmul;
 
 /// Logit elements computed at once (64 MiB in f32), whatever the vocabulary size.
 pub const CHUNK_ELEMENTS: usize = 1 << 24;
@@ -51,9 +51,9 @@ pub fn linear_cross_entropy(
 /// buffer reused across chunks, loss and `softmax − onehot` written over the logits in one
 /// pass per row (one `exp` per logit), then `dh` by the matmul kernel.
 mod cpu {
-    use crate::row_exp;
+    use crate::cpu_gemm::{gemm_f32, Threads};
+    use crate::softmax_row;
     use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
-    use lorakit_adapter::cpu_gemm::{gemm_f32, Threads};
     use rayon::prelude::*;
 
     fn data<'a>(s: &'a Storage, l: &Layout) -> Option<&'a [f32]> {
@@ -132,14 +132,14 @@ mod cpu {
                 .for_each(|((row, l), &label)| {
                     let picked = row.get(label as usize).copied().unwrap_or(f32::NAN);
                     let (max, sum) = if with_grad {
-                        let (max, sum) = row_exp::softmax_in_place(row);
+                        let (max, sum) = softmax_row::softmax_in_place(row);
                         if let Some(t) = row.get_mut(label as usize) {
                             *t -= 1.0;
                         }
                         (max, sum)
                     } else {
-                        let max = row_exp::max(row);
-                        (max, row_exp::sum_exp_shifted(row, max))
+                        let max = softmax_row::max(row);
+                        (max, softmax_row::sum_exp_shifted(row, max))
                     };
                     *l = (sum.ln() as f32) + max - picked;
                 });
@@ -218,8 +218,8 @@ pub fn chunk_rows(vocab: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compare::max_abs_diff;
     use candle_core::{Device, Var, D};
-    use lorakit_adapter::compare::max_abs_diff;
 
     fn composed(h: &Tensor, w: &Tensor, y: &Tensor) -> Result<Tensor> {
         let logits = h.matmul(&w.t()?)?;

@@ -5,9 +5,9 @@
 //! many in its backward pass; here each head is a few calls of the `gemm` crate's kernels plus
 //! one softmax pass. The forward pass keeps the probabilities for the backward pass, like the
 //! composed version does. Checked against the composed version (values and gradients) below.
-use crate::row_exp::softmax_in_place;
+use crate::cpu_gemm::{gemm_f32, Threads};
+use crate::softmax_row::softmax_in_place;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
-use lorakit_adapter::cpu_gemm::{gemm_f32, Threads};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -399,8 +399,8 @@ impl CustomOp3 for FusedAttention {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::compare::max_abs_diff;
     use candle_core::{Device, Var, D};
-    use lorakit_adapter::compare::max_abs_diff;
 
     /// The composed attention the model used before: repeat kv heads, scale, bias, softmax;
     /// in f32 (inputs of other dtypes are cast), returned in q's dtype.

@@ -6,16 +6,16 @@
 //! composed version (values and gradients) in the tests below. With the `cuda` feature the same ops run lorakit-kernels'
 //! CUDA kernels (f32 and bf16; their element math is shared with `csrc/row_math.c`, which the
 //! tests below check against these CPU kernels). Elsewhere the composed versions run.
-use crate::row_exp;
+use crate::softmax_row;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
 };
 use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
-use candle_core::CudaStorage;
+use crate::cuda as gpu;
 #[cfg(feature = "cuda")]
-use lorakit_kernels::cuda as gpu;
+use candle_core::CudaStorage;
 
 /// Whether `t` has a fused kernel: on the CPU for `cpu` dtypes, on CUDA (built with the `cuda`
 /// feature) for `cuda` dtypes.
@@ -87,8 +87,8 @@ impl CustomOp2 for CrossEntropy {
             .par_chunks(v)
             .zip(y.par_iter())
             .map(|(row, &label)| {
-                let max = row_exp::max(row);
-                let sum = row_exp::sum_exp_shifted(row, max);
+                let max = softmax_row::max(row);
+                let sum = softmax_row::sum_exp_shifted(row, max);
                 (sum.ln() as f32) + max - row.get(label as usize).copied().unwrap_or(f32::NAN)
             })
             .collect();
@@ -148,8 +148,8 @@ impl CustomOp3 for CrossEntropyGrad {
             .zip(y.par_iter().zip(g.par_iter()))
             .for_each(|((o, row), (&label, &gi))| {
                 o.copy_from_slice(row);
-                row_exp::softmax_in_place(o);
-                row_exp::scale(o, gi);
+                softmax_row::softmax_in_place(o);
+                softmax_row::scale(o, gi);
                 if let Some(t) = o.get_mut(label as usize) {
                     *t -= gi;
                 }
@@ -335,7 +335,7 @@ impl CustomOp1 for Softmax {
             .zip(x.par_chunks(d))
             .for_each(|(o, row)| {
                 o.copy_from_slice(row);
-                row_exp::softmax_in_place(o);
+                softmax_row::softmax_in_place(o);
             });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -692,7 +692,7 @@ mod tests {
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        lorakit_adapter::compare::max_abs_diff(a, b).unwrap()
+        crate::compare::max_abs_diff(a, b).unwrap()
     }
 
     #[test]
@@ -783,7 +783,7 @@ mod tests {
         let inv: Vec<f64> = (0..8)
             .map(|i| 1.0 / 10000f64.powf(i as f64 / 8.0))
             .collect();
-        let (cos, sin) = crate::ops::rope_tables(&inv, 1.0, 5, DType::F32, &dev)?;
+        let (cos, sin) = crate::layers::rope_tables(&inv, 1.0, 5, DType::F32, &dev)?;
         same_grads(
             |t| rope(t[0], &cos, &sin).unwrap(),
             |t| candle_nn::rotary_emb::rope_slow(t[0], &cos, &sin),
@@ -835,7 +835,7 @@ mod tests {
 
     // The element math of the CUDA kernels (lorakit-kernels `csrc/row_math.h`), built for the
     // CPU by its build.rs.
-    use lorakit_kernels::row_math::{
+    use crate::row_math::{
         lk_c_rms_norm, lk_c_rms_norm_grad, lk_c_rope, lk_c_swiglu, lk_c_swiglu_grad,
     };
 

@@ -139,7 +139,7 @@ impl CustomOp1 for DropoutMask {
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         #[cfg(feature = "cuda")]
         {
-            let out = lorakit_kernels::cuda::dropout(s, l, self.seed, self.keep, self.scale)?;
+            let out = crate::cuda::dropout(s, l, self.seed, self.keep, self.scale)?;
             Ok((out, l.shape().clone()))
         }
         #[cfg(not(feature = "cuda"))]
@@ -196,7 +196,7 @@ mod tests {
         // the C build of the kernels' element math draws the same mask, element by element
         let (seed, keep) = (0x1234_5678_9abc_def0u64, 0.9f32);
         for i in (0..100_000u64).chain([u32::MAX as u64, u64::MAX - 1]) {
-            let c = unsafe { lorakit_kernels::row_math::lk_c_dropout_keeps(seed, i, keep) };
+            let c = unsafe { crate::row_math::lk_c_dropout_keeps(seed, i, keep) };
             assert_eq!(keeps(seed, i, keep), c != 0, "element {i}");
         }
         // backward: the same mask on the gradient, drawn again (nothing stored)

@@ -8,7 +8,7 @@
 //! product is one batched matmul over `b · kv_heads` groups and there is no `repeat_kv` copy.
 //! Scores and softmax are f32 whatever the inputs' dtype. Tensor and storage ops only: the CPU
 //! runs (and the tests check) the very code the GPU runs.
-use crate::attention_probs::{attention_probs, attention_probs_grad, ScoreRows};
+use crate::attention::probs::{attention_probs, attention_probs_grad, ScoreRows};
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use std::sync::Mutex;
@@ -196,9 +196,9 @@ impl CustomOp3 for Attach {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attention::tests::composed;
+    use crate::attention::cpu::tests::composed;
+    use crate::compare::max_abs_diff;
     use candle_core::{DType, Device, Var};
-    use lorakit_adapter::compare::max_abs_diff;
 
     /// `cached` keys before the `s` queries (a KV cache: `t = cached + s` keys).
     fn check(dtype: DType, bias_b: usize, cached: usize, tol: f32) -> Result<()> {

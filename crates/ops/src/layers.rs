@@ -1,8 +1,8 @@
 //! Differentiable building blocks shared by the architectures (composed from candle ops that
 //! have a backward pass: candle 0.11's fused `softmax_last_dim`, `rms_norm` and `rope*` are built
 //! without one, so gradients silently stop at them).
+use crate::frozen::frozen_mul;
 use candle_core::{DType, Device, Result, Tensor, D};
-use lorakit_adapter::frozen::frozen_mul;
 
 /// HF-style RMSNorm: normalise in f32, cast back, scale by the frozen weight.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
