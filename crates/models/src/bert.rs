@@ -9,6 +9,7 @@ use crate::model::{Dimensions, Model, ModelConfig, SequenceClassifier, Task};
 use crate::registry::Architecture;
 use candle_core::{DType, Tensor, D};
 use lorakit_adapter::{Adapters, LayerBuilder, LoraLinear};
+use lorakit_ops::attention;
 use lorakit_ops::frozen::{frozen_add, frozen_mul};
 use serde_json::Value;
 use std::path::Path;
@@ -323,27 +324,17 @@ impl SequenceClassifier for BertClassifier {
         let x = x.broadcast_add(&self.token_type.narrow(0, 0, 1)?.unsqueeze(0)?)?;
         let eps = self.cfg.layer_norm_eps;
         let mut x = layer_norm(&x, &self.emb_norm.weight, &self.emb_norm.bias, eps)?;
-        // padding keys get a large negative score
-        let bias =
-            ((attention_mask.to_dtype(DType::F32)? - 1.0)? * 1.0e9)?.reshape((b, 1, 1, s))?;
+        // padding keys get a large negative score, for every query row
+        let bias = ((attention_mask.to_dtype(DType::F32)? - 1.0)? * 1.0e9)?
+            .reshape((b, 1, 1, s))?
+            .broadcast_as((b, 1, s, s))?
+            .contiguous()?;
         let heads = self.cfg.num_attention_heads;
-        let d = h / heads;
-        let split = |t: Tensor| -> candle_core::Result<Tensor> {
-            t.reshape((b, s, heads, d))?.transpose(1, 2)?.contiguous()
-        };
         for l in &self.layers {
-            let q = split(l.query.forward_t(&x, train)?)?;
-            let k = split(l.key.forward_t(&x, train)?)?;
-            let v = split(l.value.forward_t(&x, train)?)?;
-            let scores = (q.matmul(&k.t()?.contiguous()?)? / (d as f64).sqrt())?
-                .to_dtype(DType::F32)?
-                .broadcast_add(&bias)?;
-            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(v.dtype())?;
-            let ctx = probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((b, s, h))?;
+            let q = l.query.forward_t(&x, train)?;
+            let k = l.key.forward_t(&x, train)?;
+            let v = l.value.forward_t(&x, train)?;
+            let ctx = attention::attention_heads_last(&q, &k, &v, &bias, heads, heads)?;
             let a = (l.attn_out.forward_t(&ctx, train)? + &x)?;
             x = layer_norm(&a, &l.attn_norm.weight, &l.attn_norm.bias, eps)?;
             let inter = l.intermediate.forward_t(&x, train)?;
