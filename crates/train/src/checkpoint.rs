@@ -9,12 +9,17 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-/// A loaded checkpoint: adapter tensors by PEFT key, optimizer tensors, state.
-pub type Checkpoint = (
-    BTreeMap<String, Tensor>,
-    BTreeMap<String, Tensor>,
-    TrainState,
-);
+/// A training run's saved point, as read back: everything a resume needs.
+pub struct SavedStep {
+    /// Adapter tensors by PEFT key.
+    pub adapter: BTreeMap<String, Tensor>,
+    /// AdamW's moments, by `optim::AdamW::state` name.
+    pub optimizer: OptimizerState,
+    pub state: TrainState,
+}
+
+/// AdamW's saved tensors by name.
+pub type OptimizerState = BTreeMap<String, Tensor>;
 
 pub const STATE_FILE: &str = "state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -146,7 +151,7 @@ pub fn check_state(
 }
 
 /// Reads a checkpoint: adapter tensors by PEFT key, optimizer tensors, state.
-pub fn load(dir: &Path) -> Result<Checkpoint> {
+pub fn load(dir: &Path) -> Result<SavedStep> {
     let read = |name: &str| -> Result<BTreeMap<String, Tensor>> {
         let p = dir.join(name);
         let map =
@@ -158,7 +163,11 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
     let p = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&p).map_err(|e| TrainError::io(&p, e))?;
     let state = parse_state(&text, &p)?;
-    Ok((adapter, optimizer, state))
+    Ok(SavedStep {
+        adapter,
+        optimizer,
+        state,
+    })
 }
 
 /// A `state.json`'s text as a [`TrainState`]; `file` names it in errors.

@@ -151,8 +151,223 @@ fn steps_per_epoch(examples: usize, t: &crate::recipe::TrainSection) -> usize {
     examples.div_ceil(t.batch_size).div_ceil(t.grad_accum_steps)
 }
 
+/// What `prepare_output` found in `output.dir`: the checkpoint to resume from, and whether an
+/// earlier run must be removed first.
+struct OutputPlan {
+    latest: Option<PathBuf>,
+    start_over: bool,
+}
+
+/// Stage 1, before anything is written: the directory is not another run's, `--resume` has a
+/// checkpoint, `--force` replaces only what it may (`lorakit_adapter::output_guard`).
+fn prepare_output(recipe: &Recipe, opts: &TrainOptions, model_path: &Path) -> Result<OutputPlan> {
+    let out = &recipe.output.dir;
+    if let Some(pid) = crate::run_lock::holder(out) {
+        return Err(TrainError::io(
+            out,
+            format!(
+                "in use by another lorakit train (pid {pid}); wait for it to finish or stop it"
+            ),
+        ));
+    }
+    let latest = if opts.resume {
+        checkpoint::latest(out)?
+    } else {
+        None
+    };
+    if opts.resume && latest.is_none() {
+        return Err(TrainError::Resume(format!(
+            "--resume: no checkpoint in {}/checkpoints to resume from",
+            out.display()
+        )));
+    }
+    let start_over = !opts.resume && lorakit_adapter::fsutil::is_non_empty_dir(out);
+    if start_over {
+        if !opts.force {
+            return Err(TrainError::io(out, "output.dir already exists and is not empty: pass --resume to continue that run, --force to start over, or choose another output.dir"));
+        }
+        let mut inputs = vec![
+            Input::new("the model", model_path),
+            Input::new("the training data", &recipe.data.train),
+        ];
+        if let Some(e) = &recipe.data.eval {
+            inputs.push(Input::new("the eval data", e));
+        }
+        if let Some(r) = &opts.recipe_file {
+            inputs.push(Input::new("the recipe", r));
+        }
+        output_guard::check_replaceable(out, &inputs)?;
+    }
+    Ok(OutputPlan { latest, start_over })
+}
+
+/// Stage 2: the training state to start from — fresh, or a checkpoint's adapter tensors (into
+/// `varmap`), optimizer moments and counters, checked against this recipe and data.
+fn initial_state(
+    recipe: &Recipe,
+    latest: Option<&Path>,
+    train_examples: usize,
+    varmap: &VarMap,
+    device: &candle_core::Device,
+    reporter: &mut dyn Reporter,
+) -> Result<(TrainState, Option<crate::checkpoint::OptimizerState>)> {
+    let t = &recipe.train;
+    let lora_json = serde_json::to_value(&recipe.lora).unwrap_or_default();
+    let fresh = TrainState {
+        step: 0,
+        epoch: 0,
+        step_in_epoch: 0,
+        best_eval_loss: None,
+        best_step: None,
+        evals_since_best: 0,
+        stopped_early: false,
+        lora: lora_json.clone(),
+        seed: t.seed,
+    };
+    let Some(ck) = latest else {
+        return Ok((fresh, None));
+    };
+    let checkpoint::SavedStep {
+        adapter,
+        optimizer,
+        state: st,
+    } = checkpoint::load(ck)?;
+    let per_epoch = steps_per_epoch(train_examples, t);
+    checkpoint::check_state(
+        &st,
+        ck,
+        per_epoch,
+        t.max_steps.unwrap_or(t.epochs * per_epoch),
+    )?;
+    if st.lora != lora_json || st.seed != t.seed {
+        return Err(TrainError::Resume(format!("{}: the checkpoint was made with a different lora: block or seed than this recipe; resume with the recipe that started the run (saved as {}/recipe.yaml)", ck.display(), recipe.output.dir.display())));
+    }
+    let mut vars = varmap.data().lock().unwrap_or_else(|p| p.into_inner());
+    for (k, v) in adapter {
+        vars.insert(k, Var::from_tensor(&v.to_device(device)?)?);
+    }
+    drop(vars);
+    reporter.message(&format!(
+        "resuming from {} (step {})",
+        ck.display(),
+        st.step
+    ));
+    Ok((st, Some(optimizer)))
+}
+
+/// Stage 3, once every input is known good: the output directory, marked and locked, with the
+/// recipe and a metrics file that continues (resume) or starts over.
+fn open_output(
+    recipe: &Recipe,
+    plan: &OutputPlan,
+    resume_step: Option<usize>,
+    reporter: &mut dyn Reporter,
+) -> Result<crate::run_lock::RunLock> {
+    let out = &recipe.output.dir;
+    if plan.start_over {
+        output_guard::remove_replaced(out)?;
+    }
+    std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
+    // marked before anything else is written, so a run killed at any point leaves a directory
+    // that is either empty or one `--force` may replace
+    output_guard::write_marker(out, "train")?;
+    let (lock, notes) = crate::run_lock::RunLock::acquire(out)?;
+    for n in notes {
+        reporter.message(&n);
+    }
+    lorakit_adapter::fsutil::atomic_write(&out.join("recipe.yaml"), recipe.to_yaml().as_bytes())?;
+    let metrics_path = out.join("metrics.jsonl");
+    match resume_step {
+        Some(step) => metrics::truncate_after(&metrics_path, step)?,
+        None => {
+            let _ = std::fs::remove_file(&metrics_path);
+        }
+    }
+    Ok(lock)
+}
+
+/// One optimizer step's figures.
+struct StepOutcome {
+    loss: f64,
+    grad_norm: f64,
+    tokens: usize,
+}
+
+/// Stage 4: one optimizer step over a group of micro-batches — forward and backward per
+/// micro-batch (dropout seeded by step and micro-batch), gradients summed and normalised by the
+/// group's target count, clipped, then AdamW at `lr`.
+#[allow(clippy::too_many_arguments)]
+fn optimizer_step(
+    model: &TaskModel,
+    opt: &mut AdamW,
+    batches: &[Batch],
+    t: &crate::recipe::TrainSection,
+    step: usize,
+    lr: f64,
+    dropout_seed: &StepSeed,
+    checked_grads: &mut bool,
+) -> Result<StepOutcome> {
+    let targets: usize = batches.iter().map(|b| b.targets).sum::<usize>().max(1);
+    let tokens: usize = batches.iter().map(|b| b.tokens).sum();
+    let var_tensors = opt.tensors();
+    let mut acc: Vec<Option<Tensor>> = vec![None; opt.vars().len()];
+    let mut loss_sum = 0f64;
+    for (mi, batch) in batches.iter().enumerate() {
+        dropout_seed.set(t.seed, step as u64, mi as u64);
+        let (loss, grads) = model.loss_and_grads(
+            batch,
+            1.0 / targets as f64,
+            t.gradient_checkpointing,
+            &var_tensors,
+        )?;
+        loss_sum += loss as f64;
+        if !*checked_grads {
+            let missing = opt.missing_grads(&grads);
+            if !missing.is_empty() {
+                return Err(AdapterError::DeadAdapters { names: missing }.into());
+            }
+            *checked_grads = true;
+        }
+        for (slot, g) in acc.iter_mut().zip(grads) {
+            if let Some(g) = g {
+                *slot = Some(match slot.take() {
+                    Some(a) => (a + g)?,
+                    None => g,
+                });
+            }
+        }
+    }
+    if !loss_sum.is_finite() {
+        return Err(TrainError::NonFinite {
+            step: step + 1,
+            loss: loss_sum as f32,
+        });
+    }
+    let mut grads: Vec<Tensor> = acc
+        .into_iter()
+        .zip(opt.vars())
+        .map(|(g, (_, v))| g.map(Ok).unwrap_or_else(|| v.zeros_like()))
+        .collect::<candle_core::Result<_>>()?;
+    let grad_norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
+    if !grad_norm.is_finite() {
+        return Err(TrainError::NonFinite {
+            step: step + 1,
+            loss: grad_norm as f32,
+        });
+    }
+    opt.step(&grads, lr)?;
+    Ok(StepOutcome {
+        loss: loss_sum,
+        grad_norm,
+        tokens,
+    })
+}
+
 /// Runs a recipe to the end (or to an interruption). Everything that can fail on bad input
-/// (recipe, data, model, checkpoint) is checked before `output.dir` is touched.
+/// (recipe, data, model, checkpoint) is checked before `output.dir` is touched. The stages:
+/// inputs (model header, tokenizer, labels, data) → [`prepare_output`] → [`initial_state`] →
+/// model and adapters → [`open_output`] → steps ([`optimizer_step`]) with eval, early stopping
+/// and checkpoints → the final adapters and the loss plot.
 pub fn train(
     recipe: &Recipe,
     opts: &TrainOptions,
@@ -163,9 +378,10 @@ pub fn train(
     let out = recipe.output.dir.clone();
     let device = runtime::device(&recipe.model.device)?;
     let dtype = runtime::dtype(&recipe.model.dtype, &device);
+
+    // Inputs: the model's header first, then tokenizer, labels and data.
     let model_path = lorakit_models::hub::resolve(&recipe.model.path)?;
     let classify = recipe.model.task == Task::SequenceClassification;
-    // the config is checked before anything else is read
     let base = BaseModel::open(&model_path)?;
     let tok = TextTokenizer::open(&model_path)?;
     let labels: Vec<String> = match (&recipe.data.labels, classify) {
@@ -194,83 +410,18 @@ pub fn train(
     };
     base.check_task(task)?;
     let (train_ds, eval_ds) = datasets(recipe, &tok, &labels)?;
+    let n = train_ds.examples.len();
 
-    // Output directory and resume point.
-    if let Some(pid) = crate::run_lock::holder(&out) {
-        return Err(TrainError::io(
-            &out,
-            format!(
-                "in use by another lorakit train (pid {pid}); wait for it to finish or stop it"
-            ),
-        ));
-    }
-    let latest = if opts.resume {
-        checkpoint::latest(&out)?
-    } else {
-        None
-    };
-    if opts.resume && latest.is_none() {
-        return Err(TrainError::Resume(format!(
-            "--resume: no checkpoint in {}/checkpoints to resume from",
-            out.display()
-        )));
-    }
-    let start_over = !opts.resume && lorakit_adapter::fsutil::is_non_empty_dir(&out);
-    if start_over {
-        if !opts.force {
-            return Err(TrainError::io(&out, "output.dir already exists and is not empty: pass --resume to continue that run, --force to start over, or choose another output.dir"));
-        }
-        let mut inputs = vec![
-            Input::new("the model", &model_path),
-            Input::new("the training data", &recipe.data.train),
-        ];
-        if let Some(e) = &recipe.data.eval {
-            inputs.push(Input::new("the eval data", e));
-        }
-        if let Some(r) = &opts.recipe_file {
-            inputs.push(Input::new("the recipe", r));
-        }
-        output_guard::check_replaceable(&out, &inputs)?;
-    }
-    let lora_json = serde_json::to_value(&recipe.lora).unwrap_or_default();
+    let plan = prepare_output(recipe, opts, &model_path)?;
     let varmap = VarMap::new();
-    let mut state = TrainState {
-        step: 0,
-        epoch: 0,
-        step_in_epoch: 0,
-        best_eval_loss: None,
-        best_step: None,
-        evals_since_best: 0,
-        stopped_early: false,
-        lora: lora_json.clone(),
-        seed: t.seed,
-    };
-    let mut optimizer_state = None;
-    if let Some(ck) = &latest {
-        let (adapter, optim, st) = checkpoint::load(ck)?;
-        let steps_per_epoch = steps_per_epoch(train_ds.examples.len(), t);
-        checkpoint::check_state(
-            &st,
-            ck,
-            steps_per_epoch,
-            t.max_steps.unwrap_or(t.epochs * steps_per_epoch),
-        )?;
-        if st.lora != lora_json || st.seed != t.seed {
-            return Err(TrainError::Resume(format!("{}: the checkpoint was made with a different lora: block or seed than this recipe; resume with the recipe that started the run (saved as {}/recipe.yaml)", ck.display(), out.display())));
-        }
-        let mut vars = varmap.data().lock().unwrap_or_else(|p| p.into_inner());
-        for (k, v) in adapter {
-            vars.insert(k, Var::from_tensor(&v.to_device(&device)?)?);
-        }
-        drop(vars);
-        optimizer_state = Some(optim);
-        state = st;
-        reporter.message(&format!(
-            "resuming from {} (step {})",
-            ck.display(),
-            state.step
-        ));
-    }
+    let (mut state, optimizer_state) = initial_state(
+        recipe,
+        plan.latest.as_deref(),
+        n,
+        &varmap,
+        &device,
+        reporter,
+    )?;
     let dropout_seed = StepSeed::default();
     let adapters = Adapters::Train {
         config: recipe.lora.clone(),
@@ -280,27 +431,10 @@ pub fn train(
     };
     let (model, report) = base.load(adapters, task, dtype, &device)?;
     let model = TaskModel::from(model);
-    // All inputs are good: now write, holding the directory's lock.
-    if start_over {
-        output_guard::remove_replaced(&out)?;
-    }
-    std::fs::create_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
-    // marked before anything else is written, so a run killed at any point leaves a directory
-    // that is either empty or one `--force` may replace
-    output_guard::write_marker(&out, "train")?;
-    let (_lock, notes) = crate::run_lock::RunLock::acquire(&out)?;
-    for n in notes {
-        reporter.message(&n);
-    }
-    let recipe_yaml = recipe.to_yaml();
-    lorakit_adapter::fsutil::atomic_write(&out.join("recipe.yaml"), recipe_yaml.as_bytes())?;
-    let metrics_path = out.join("metrics.jsonl");
-    if opts.resume {
-        metrics::truncate_after(&metrics_path, state.step)?;
-    } else {
-        let _ = std::fs::remove_file(&metrics_path);
-    }
 
+    // All inputs are good: now write, holding the directory's lock.
+    let _lock = open_output(recipe, &plan, opts.resume.then_some(state.step), reporter)?;
+    let metrics_path = out.join("metrics.jsonl");
     if tok.vocab_size() > model.vocab_size() {
         reporter.message(&format!(
             "note: the tokenizer has {} tokens, the model {}",
@@ -322,7 +456,6 @@ pub fn train(
     }
 
     // Step plan.
-    let n = train_ds.examples.len();
     let steps_per_epoch = steps_per_epoch(n, t);
     let total = t.max_steps.unwrap_or(t.epochs * steps_per_epoch);
     let warmup = t
@@ -345,6 +478,7 @@ pub fn train(
     ));
     reporter.start(total, state.step);
 
+    // Saving: the adapter (best / last) and checkpoints with optimizer state.
     let mut metadata: HashMap<String, String> =
         HashMap::from([("lorakit_version".into(), env!("CARGO_PKG_VERSION").into())]);
     if classify {
@@ -376,6 +510,7 @@ pub fn train(
             &metadata,
         )
     };
+    // Eval: keeps the best adapter, counts evals without improvement for early stopping.
     let run_eval =
         |state: &mut TrainState, reporter: &mut dyn Reporter| -> Result<Option<EvalResult>> {
             let Some(ds) = &eval_ds else { return Ok(None) };
@@ -398,7 +533,7 @@ pub fn train(
             Ok(Some(r))
         };
 
-    if state.step == 0 && latest.is_none() {
+    if state.step == 0 && plan.latest.is_none() {
         // the base model's eval loss, the yardstick for everything after
         if let Some(r) = run_eval(&mut state, reporter)? {
             metrics::append(
@@ -420,7 +555,6 @@ pub fn train(
     let mut last_loss = None;
     let mut interrupted = false;
     let mut checked_grads = false;
-    let var_tensors = opt.tensors();
     'epochs: while state.step < total && !state.stopped_early {
         let order = permutation(n, t.seed.wrapping_add(state.epoch as u64));
         let micro: Vec<Vec<usize>> = order.chunks(t.batch_size).map(|c| c.to_vec()).collect();
@@ -440,69 +574,31 @@ pub fn train(
                     )
                 })
                 .collect::<candle_core::Result<_>>()?;
-            let targets: usize = batches.iter().map(|b| b.targets).sum::<usize>().max(1);
-            let tokens: usize = batches.iter().map(|b| b.tokens).sum();
-            let mut acc: Vec<Option<Tensor>> = vec![None; opt.vars().len()];
-            let mut loss_sum = 0f64;
-            for (mi, batch) in batches.iter().enumerate() {
-                dropout_seed.set(t.seed, state.step as u64, mi as u64);
-                let (loss, grads) = model.loss_and_grads(
-                    batch,
-                    1.0 / targets as f64,
-                    t.gradient_checkpointing,
-                    &var_tensors,
-                )?;
-                loss_sum += loss as f64;
-                if !checked_grads {
-                    let missing = opt.missing_grads(&grads);
-                    if !missing.is_empty() {
-                        return Err(AdapterError::DeadAdapters { names: missing }.into());
-                    }
-                    checked_grads = true;
-                }
-                for (slot, g) in acc.iter_mut().zip(grads) {
-                    if let Some(g) = g {
-                        *slot = Some(match slot.take() {
-                            Some(a) => (a + g)?,
-                            None => g,
-                        });
-                    }
-                }
-            }
-            if !loss_sum.is_finite() {
-                return Err(TrainError::NonFinite {
-                    step: state.step + 1,
-                    loss: loss_sum as f32,
-                });
-            }
-            let mut grads: Vec<Tensor> = acc
-                .into_iter()
-                .zip(opt.vars())
-                .map(|(g, (_, v))| g.map(Ok).unwrap_or_else(|| v.zeros_like()))
-                .collect::<candle_core::Result<_>>()?;
-            let grad_norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
-            if !grad_norm.is_finite() {
-                return Err(TrainError::NonFinite {
-                    step: state.step + 1,
-                    loss: grad_norm as f32,
-                });
-            }
             let lr = lr_at(t.lr_scheduler, t.learning_rate, state.step, warmup, total);
-            opt.step(&grads, lr)?;
+            let done = optimizer_step(
+                &model,
+                &mut opt,
+                &batches,
+                t,
+                state.step,
+                lr,
+                &dropout_seed,
+                &mut checked_grads,
+            )?;
             state.step += 1;
             state.step_in_epoch += 1;
-            first_loss.get_or_insert(loss_sum);
-            last_loss = Some(loss_sum);
-            let tps = tokens as f64 / step_start.elapsed().as_secs_f64().max(1e-9);
+            first_loss.get_or_insert(done.loss);
+            last_loss = Some(done.loss);
+            let tps = done.tokens as f64 / step_start.elapsed().as_secs_f64().max(1e-9);
             let epoch_f = state.epoch as f64 + state.step_in_epoch as f64 / groups.len() as f64;
             reporter.step(&StepReport {
                 step: state.step,
                 total,
                 epoch: epoch_f,
-                loss: loss_sum,
+                loss: done.loss,
                 lr,
                 tokens_per_s: tps,
-                grad_norm,
+                grad_norm: done.grad_norm,
             });
             let epoch_done = state.step_in_epoch == groups.len();
             if epoch_done {
@@ -512,7 +608,7 @@ pub fn train(
             let mut row = MetricsRow {
                 step: state.step,
                 epoch: epoch_f,
-                loss: Some(loss_sum),
+                loss: Some(done.loss),
                 lr: Some(lr),
                 tokens_per_s: Some(tps),
                 eval_loss: None,
@@ -551,6 +647,8 @@ pub fn train(
             }
         }
     }
+
+    // Finish: last checkpoint and adapters, the loss plot, the summary.
     if !interrupted {
         save_checkpoint(&state, &opt)?;
         save_to(&out.join("last"))?;
