@@ -156,9 +156,11 @@ fn main() -> anyhow::Result<()> {
     // element-wise ops
     let nw = rand(&[h], dtype)?;
     let us = time(&device, reps, || {
-        fwd_bwd(&[&x], || match fused::rms_norm(x.as_tensor(), &nw, 1e-5) {
-            Some(y) => y,
-            None => lorakit_ops::layers::rms_norm(x.as_tensor(), &nw, 1e-5),
+        fwd_bwd(&[&x], || {
+            match fused::try_rms_norm(x.as_tensor(), &nw, 1e-5) {
+                Some(y) => y,
+                None => lorakit_ops::layers::rms_norm(x.as_tensor(), &nw, 1e-5),
+            }
         })
     })?;
     report("rms_norm_fwd_bwd", us, None);

@@ -5,7 +5,7 @@
 #   bash benches/gpu/prepare.sh      then carry devbin/ and run benches/gpu/run.sh there
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-source ../shared/cuda/toolchain.sh
+source scripts/cuda-toolchain.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target-cuda}"
 rm -rf devbin && mkdir -p devbin
 # the executable cargo built for the target named $1 (cargo args follow)
@@ -26,6 +26,6 @@ for f in "$bench:train_throughput" "$ops:op_profile" "$tests:cuda_kernels" "$cli
   [ -n "$src" ] || { echo "prepare: no executable for ${f##*:}" >&2; exit 1; }
   cp "$src" "$dst" && strip "$dst" && xz -T2 -f -6 "$dst"
 done
-cp ../shared/cuda/device-env.sh devbin/
+cp benches/gpu/device-env.sh devbin/
 grep -qx '/devbin/' .git/info/exclude 2>/dev/null || echo '/devbin/' >> .git/info/exclude
 ls -la devbin

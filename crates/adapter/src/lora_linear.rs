@@ -203,19 +203,19 @@ impl Module for LoraLinear {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device, Var};
+    use candle_core::{DType, Device};
 
     /// Central finite differences of a scalar loss against the backprop gradients of A and B.
     #[test]
     fn lora_gradients_match_finite_differences() -> Result<()> {
         let dev = Device::Cpu;
         let (inp, out, r, n) = (6, 5, 3, 4);
-        let w = Tensor::randn(0f64, 1., (out, inp), &dev)?;
-        let bias = Tensor::randn(0f64, 1., out, &dev)?;
-        let x = Tensor::randn(0f64, 1., (2, n, inp), &dev)?;
-        let target = Tensor::randn(0f64, 1., (2, n, out), &dev)?;
-        let a = Var::randn(0f64, 0.5, (r, inp), &dev)?;
-        let b = Var::randn(0f64, 0.5, (out, r), &dev)?;
+        let w = lorakit_ops::seeded::randn(0f64, 1., (out, inp), &dev)?;
+        let bias = lorakit_ops::seeded::randn(0f64, 1., out, &dev)?;
+        let x = lorakit_ops::seeded::randn(0f64, 1., (2, n, inp), &dev)?;
+        let target = lorakit_ops::seeded::randn(0f64, 1., (2, n, out), &dev)?;
+        let a = lorakit_ops::seeded::var_randn(0f64, 0.5, (r, inp), &dev)?;
+        let b = lorakit_ops::seeded::var_randn(0f64, 0.5, (out, r), &dev)?;
         let loss_of = |a: &Tensor, b: &Tensor| -> Result<Tensor> {
             let layer = LoraLinear::new(
                 w.clone(),
@@ -261,14 +261,14 @@ mod tests {
     #[test]
     fn zero_b_leaves_the_base_output_unchanged() -> Result<()> {
         let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1., (4, 3), &dev)?;
-        let x = Tensor::randn(0f32, 1., (2, 3), &dev)?;
+        let w = lorakit_ops::seeded::randn(0f32, 1., (4, 3), &dev)?;
+        let x = lorakit_ops::seeded::randn(0f32, 1., (2, 3), &dev)?;
         let plain = LoraLinear::new(w.clone(), None, None).forward(&x)?;
         let lora = LoraLinear::new(
             w,
             None,
             Some(LowRank::new(
-                Tensor::randn(0f32, 1., (2, 3), &dev)?,
+                lorakit_ops::seeded::randn(0f32, 1., (2, 3), &dev)?,
                 Tensor::zeros((4, 2), DType::F32, &dev)?,
                 2.0,
             )),
@@ -282,7 +282,7 @@ mod tests {
     fn transposed_copy_equals_the_transposed_view() -> Result<()> {
         let dev = Device::Cpu;
         for (r, c) in [(3, 5), (130, 70), (64, 64), (1, 200), (0, 4)] {
-            let w = Tensor::randn(0f32, 1., (r, c), &dev)?;
+            let w = lorakit_ops::seeded::randn(0f32, 1., (r, c), &dev)?;
             let got = transposed_copy(&w)?;
             assert_eq!(got.dims(), [c, r]);
             assert!(got.is_contiguous());
@@ -292,7 +292,7 @@ mod tests {
             );
         }
         // a strided (already transposed) view is copied by its values too
-        let w = Tensor::randn(0f32, 1., (70, 130), &dev)?.t()?;
+        let w = lorakit_ops::seeded::randn(0f32, 1., (70, 130), &dev)?.t()?;
         assert_eq!(
             transposed_copy(&w)?.flatten_all()?.to_vec1::<f32>()?,
             w.t()?.flatten_all()?.to_vec1::<f32>()?
@@ -305,11 +305,11 @@ mod tests {
     #[test]
     fn training_makes_the_transposed_weight_copy_and_outputs_agree() -> Result<()> {
         let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1., (6, 5), &dev)?;
-        let x = Tensor::randn(0f32, 1., (3, 5), &dev)?;
+        let w = lorakit_ops::seeded::randn(0f32, 1., (6, 5), &dev)?;
+        let x = lorakit_ops::seeded::randn(0f32, 1., (3, 5), &dev)?;
         let low = LowRank::new(
-            Tensor::randn(0f32, 1., (2, 5), &dev)?,
-            Tensor::randn(0f32, 1., (6, 2), &dev)?,
+            lorakit_ops::seeded::randn(0f32, 1., (2, 5), &dev)?,
+            lorakit_ops::seeded::randn(0f32, 1., (6, 2), &dev)?,
             2.0,
         );
         for layer in [

@@ -394,8 +394,8 @@ mod tests {
     fn pair(r: usize, inp: usize, out: usize) -> LowRank {
         let dev = Device::Cpu;
         LowRank::new(
-            Tensor::randn(0f32, 1., (r, inp), &dev).unwrap(),
-            Tensor::randn(0f32, 1., (out, r), &dev).unwrap(),
+            lorakit_ops::seeded::randn(0f32, 1., (r, inp), &dev).unwrap(),
+            lorakit_ops::seeded::randn(0f32, 1., (out, r), &dev).unwrap(),
             2.0,
         )
     }

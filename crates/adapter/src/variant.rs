@@ -148,8 +148,8 @@ mod tests {
             Tensor::new(&[0.5f32, -1.0, 2.0, 3.0], &dev)?,
         )]);
         Ok(LowRank::new(
-            Tensor::randn(0f32, 1., (2, 3), &dev)?,
-            Tensor::randn(0f32, 1., (4, 2), &dev)?,
+            lorakit_ops::seeded::randn(0f32, 1., (2, 3), &dev)?,
+            lorakit_ops::seeded::randn(0f32, 1., (4, 2), &dev)?,
             1.5,
         )
         .with_variant(Arc::new(RowScaled), extra))
@@ -159,8 +159,8 @@ mod tests {
     #[test]
     fn a_variant_decides_forward_and_merge() -> Result<()> {
         let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1., (4, 3), &dev)?;
-        let x = Tensor::randn(0f32, 1., (5, 3), &dev)?;
+        let w = lorakit_ops::seeded::randn(0f32, 1., (4, 3), &dev)?;
+        let x = lorakit_ops::seeded::randn(0f32, 1., (5, 3), &dev)?;
         let low = toy()?;
         let merged = low.merged_weight(&w)?;
         let layer = LoraLinear::new(w.clone(), None, Some(low.clone()));

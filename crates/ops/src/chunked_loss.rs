@@ -219,7 +219,7 @@ pub fn chunk_rows(vocab: usize) -> usize {
 mod tests {
     use super::*;
     use crate::compare::max_abs_diff;
-    use candle_core::{Device, Var, D};
+    use candle_core::{Device, D};
 
     fn composed(h: &Tensor, w: &Tensor, y: &Tensor) -> Result<Tensor> {
         let logits = h.matmul(&w.t()?)?;
@@ -233,10 +233,10 @@ mod tests {
     fn chunked_loss_and_gradient_match_the_composed_head() -> Result<()> {
         let dev = Device::Cpu;
         let (n, d, vocab) = (11, 16, 97);
-        let h = Var::randn(0f32, 1., (n, d), &dev)?;
-        let w = Tensor::randn(0f32, 0.5, (vocab, d), &dev)?;
+        let h = crate::seeded::var_randn(0f32, 1., (n, d), &dev)?;
+        let w = crate::seeded::randn(0f32, 0.5, (vocab, d), &dev)?;
         let y = Tensor::new(&[0u32, 5, 96, 17, 17, 42, 3, 50, 60, 70, 1], &dev)?;
-        let up = Tensor::randn(0f32, 1., n, &dev)?; // a non-uniform upstream gradient
+        let up = crate::seeded::randn(0f32, 1., n, &dev)?; // a non-uniform upstream gradient
         let want = composed(h.as_tensor(), &w, &y)?;
         let want_g = (want.clone() * &up)?.sum_all()?.backward()?;
         let want_g = want_g.get(h.as_tensor()).unwrap();
@@ -260,8 +260,8 @@ mod tests {
     #[test]
     fn cpu_kernels_and_composed_chunks_agree() -> Result<()> {
         let dev = Device::Cpu;
-        let h = Tensor::randn(0f32, 1., (9, 16), &dev)?;
-        let w = Tensor::randn(0f32, 0.5, (301, 16), &dev)?;
+        let h = crate::seeded::randn(0f32, 1., (9, 16), &dev)?;
+        let w = crate::seeded::randn(0f32, 0.5, (301, 16), &dev)?;
         let y = Tensor::new(&[0u32, 5, 300, 17, 17, 42, 3, 299, 1], &dev)?;
         let wt = w.t()?.contiguous()?;
         for rows in [1, 4, 9] {
@@ -286,8 +286,8 @@ mod tests {
     #[test]
     fn composed_fallback_for_other_dtypes_matches() -> Result<()> {
         let dev = Device::Cpu;
-        let h = Var::randn(0f64, 1., (5, 8), &dev)?;
-        let w = Tensor::randn(0f64, 0.5, (33, 8), &dev)?;
+        let h = crate::seeded::var_randn(0f64, 1., (5, 8), &dev)?;
+        let w = crate::seeded::randn(0f64, 0.5, (33, 8), &dev)?;
         let y = Tensor::new(&[0u32, 5, 32, 17, 9], &dev)?;
         let got = linear_cross_entropy(h.as_tensor(), &w, None, &y, 2, true)?;
         let want = composed(h.as_tensor(), &w, &y)?.to_dtype(DType::F32)?;

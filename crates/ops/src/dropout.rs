@@ -203,8 +203,8 @@ mod tests {
         let step = StepSeed::default();
         step.set(3, 7, 1);
         let d = Dropout::new(0.3, "m", step);
-        let x = candle_core::Var::randn(0f32, 1., (17, 33), &Device::Cpu)?;
-        let up = Tensor::randn(0f32, 1., (17, 33), &Device::Cpu)?;
+        let x = crate::seeded::var_randn(0f32, 1., (17, 33), &Device::Cpu)?;
+        let up = crate::seeded::randn(0f32, 1., (17, 33), &Device::Cpu)?;
         let grads = (d.apply(x.as_tensor())? * &up)?.sum_all()?.backward()?;
         let want = d
             .draw()

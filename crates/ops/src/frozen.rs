@@ -204,7 +204,7 @@ pub fn frozen_add(x: &Tensor, c: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device, Var};
+    use candle_core::{DType, Device};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         crate::compare::max_abs_diff(a, b).unwrap()
@@ -213,10 +213,10 @@ mod tests {
     #[test]
     fn frozen_ops_match_candle_values_and_input_gradients() -> Result<()> {
         let dev = Device::Cpu;
-        let x = Var::randn(0f32, 1., (2, 3, 8), &dev)?;
-        let w = Tensor::randn(0f32, 1., (5, 8), &dev)?;
-        let b = Tensor::randn(0f32, 1., 5, &dev)?;
-        let g = Tensor::randn(0f32, 1., 5, &dev)?;
+        let x = crate::seeded::var_randn(0f32, 1., (2, 3, 8), &dev)?;
+        let w = crate::seeded::randn(0f32, 1., (5, 8), &dev)?;
+        let b = crate::seeded::randn(0f32, 1., 5, &dev)?;
+        let g = crate::seeded::randn(0f32, 1., 5, &dev)?;
 
         let ours = frozen_mul(
             &frozen_add(&frozen_matmul(x.as_tensor(), &w, None)?, &b)?,
@@ -233,7 +233,7 @@ mod tests {
         let with_copy = frozen_matmul(x.as_tensor(), &w, Some(&wt))?;
         let plain = frozen_matmul(x.as_tensor(), &w, None)?;
         assert!(max_diff(&with_copy, &plain) < 1e-5);
-        let up = Tensor::randn(0f32, 1., plain.shape(), &dev)?;
+        let up = crate::seeded::randn(0f32, 1., plain.shape(), &dev)?;
         let g1 = (with_copy * &up)?.sum_all()?.backward()?;
         let g2 = (plain * &up)?.sum_all()?.backward()?;
         assert!(max_diff(g1.get(&x).unwrap(), g2.get(&x).unwrap()) < 1e-5);
@@ -268,9 +268,9 @@ mod tests {
     #[test]
     fn frozen_matmul_accepts_strided_weight_and_offset_input() -> Result<()> {
         let dev = Device::Cpu;
-        let big = Tensor::randn(0f32, 1., (4, 6, 8), &dev)?;
+        let big = crate::seeded::randn(0f32, 1., (4, 6, 8), &dev)?;
         let x = big.narrow(0, 1, 2)?; // contiguous with an offset
-        let wt = Tensor::randn(0f32, 1., (8, 5), &dev)?;
+        let wt = crate::seeded::randn(0f32, 1., (8, 5), &dev)?;
         let w = wt.t()?; // [5, 8] viewed through strides
         let ours = frozen_matmul(&x, &w, None)?;
         let reference = x.reshape((12, 8))?.matmul(&wt)?.reshape((2, 6, 5))?;

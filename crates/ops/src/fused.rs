@@ -3,9 +3,13 @@
 //! over a large vocabulary (softmax, log and gather in one pass; the backward writes
 //! `softmax − one-hot` directly), softmax over the last dimension, SwiGLU (`silu(gate)·up`) and
 //! rotary embeddings (the backward is the inverse rotation). Each is checked against the
-//! composed version (values and gradients) in the tests below. With the `cuda` feature the same ops run lorakit-kernels'
+//! composed version (values and gradients) in the tests below. With the `cuda` feature the same ops run lorakit-ops'
 //! CUDA kernels (f32 and bf16; their element math is shared with `csrc/row_math.c`, which the
 //! tests below check against these CPU kernels). Elsewhere the composed versions run.
+//!
+//! One convention: a `try_*` function returns `None` when its kernel does not apply (the caller,
+//! an entry point in `layers` or `attention`, then runs the composed version); every other
+//! function here always answers, falling back to the composed version itself.
 use crate::softmax_row;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
@@ -304,7 +308,7 @@ impl CustomOp3 for RmsNormGrad {
 }
 
 /// Fused RMSNorm when `x` is f32 on the CPU (else `None`: use the composed version).
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Option<Result<Tensor>> {
+pub fn try_rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Option<Result<Tensor>> {
     if !fused_for(x, &[DType::F32], &[DType::F32, DType::BF16]) || weight.dtype() != x.dtype() {
         return None;
     }
@@ -599,7 +603,7 @@ impl CustomOp3 for Rope {
 
 /// Rotary embedding of `x` `[b, h, s, d]` with `[s, d/2]` tables, differentiable in `x`; fused
 /// on the CPU for f32 (else `None`).
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Option<Result<Tensor>> {
+pub fn try_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Option<Result<Tensor>> {
     let ok = fused_for(x, &[DType::F32], &[DType::F32, DType::BF16])
         && cos.dtype() == x.dtype()
         && sin.dtype() == x.dtype()
@@ -624,7 +628,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Option<Result<Tensor>> {
 /// Rotary embedding of `x` `[b, s, heads·d]` — a projection's output, heads side by side — with
 /// `[s, d/2]` tables, differentiable in `x`, without the transposes to `[b, heads, s, d]` and
 /// back. CPU f32 only (else `None`).
-pub fn rope_heads_last(
+pub fn try_rope_heads_last(
     x: &Tensor,
     cos: &Tensor,
     sin: &Tensor,
@@ -664,22 +668,22 @@ mod tests {
     fn rope_with_heads_last_matches_the_transposed_layout() -> Result<()> {
         let dev = Device::Cpu;
         let (b, s, h, d) = (2, 5, 3, 8);
-        let x = Var::randn(0f32, 1., (b, s, h * d), &dev)?;
-        let cos = Tensor::randn(0f32, 1., (s, d / 2), &dev)?;
-        let sin = Tensor::randn(0f32, 1., (s, d / 2), &dev)?;
-        let got = rope_heads_last(x.as_tensor(), &cos, &sin, h).unwrap()?;
+        let x = crate::seeded::var_randn(0f32, 1., (b, s, h * d), &dev)?;
+        let cos = crate::seeded::randn(0f32, 1., (s, d / 2), &dev)?;
+        let sin = crate::seeded::randn(0f32, 1., (s, d / 2), &dev)?;
+        let got = try_rope_heads_last(x.as_tensor(), &cos, &sin, h).unwrap()?;
         let bhsd = x
             .as_tensor()
             .reshape((b, s, h, d))?
             .transpose(1, 2)?
             .contiguous()?;
-        let want = rope(&bhsd, &cos, &sin)
+        let want = try_rope(&bhsd, &cos, &sin)
             .unwrap()?
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, s, h * d))?;
         assert!(max_diff(&got, &want) < 1e-6);
-        let up = Tensor::randn(0f32, 1., got.shape(), &dev)?;
+        let up = crate::seeded::randn(0f32, 1., got.shape(), &dev)?;
         let g1 = (got * &up)?.sum_all()?.backward()?;
         let g2 = (want * &up)?.sum_all()?.backward()?;
         let d = max_diff(
@@ -687,7 +691,7 @@ mod tests {
             g2.get(x.as_tensor()).unwrap(),
         );
         assert!(d < 1e-6, "{d}");
-        assert!(rope_heads_last(x.as_tensor(), &cos, &sin, h + 1).is_none());
+        assert!(try_rope_heads_last(x.as_tensor(), &cos, &sin, h + 1).is_none());
         Ok(())
     }
 
@@ -698,9 +702,9 @@ mod tests {
     #[test]
     fn cross_entropy_matches_the_composed_version_and_its_gradient() -> Result<()> {
         let dev = Device::Cpu;
-        let x = Var::from_tensor(&(Tensor::randn(0f32, 3., (7, 301), &dev)?))?;
+        let x = Var::from_tensor(&(crate::seeded::randn(0f32, 3., (7, 301), &dev)?))?;
         let labels = Tensor::new(&[0u32, 5, 300, 17, 17, 42, 299], &dev)?;
-        let weights = Tensor::randn(0f32, 1., 7, &dev)?; // a non-uniform upstream gradient
+        let weights = crate::seeded::randn(0f32, 1., 7, &dev)?; // a non-uniform upstream gradient
         let fused = cross_entropy(x.as_tensor(), &labels)?;
         let logp = candle_nn::ops::log_softmax(x.as_tensor(), D::Minus1)?;
         let composed = logp.gather(&labels.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
@@ -718,10 +722,10 @@ mod tests {
     #[test]
     fn rms_norm_matches_the_composed_version_and_its_gradient() -> Result<()> {
         let dev = Device::Cpu;
-        let x = Var::from_tensor(&(Tensor::randn(0f32, 2., (3, 5, 64), &dev)?))?;
-        let w = Tensor::randn(1f32, 0.3, 64, &dev)?;
-        let up = Tensor::randn(0f32, 1., (3, 5, 64), &dev)?;
-        let fused = rms_norm(x.as_tensor(), &w, 1e-5).unwrap()?;
+        let x = Var::from_tensor(&(crate::seeded::randn(0f32, 2., (3, 5, 64), &dev)?))?;
+        let w = crate::seeded::randn(1f32, 0.3, 64, &dev)?;
+        let up = crate::seeded::randn(0f32, 1., (3, 5, 64), &dev)?;
+        let fused = try_rms_norm(x.as_tensor(), &w, 1e-5).unwrap()?;
         let var = x.as_tensor().sqr()?.mean_keepdim(D::Minus1)?;
         let composed = x
             .as_tensor()
@@ -738,7 +742,7 @@ mod tests {
         // the frozen weight gets no gradient
         assert!(g1.get(&w).is_none());
         // other dtypes fall back
-        assert!(rms_norm(&x.as_tensor().to_dtype(DType::BF16)?, &w, 1e-5).is_none());
+        assert!(try_rms_norm(&x.as_tensor().to_dtype(DType::BF16)?, &w, 1e-5).is_none());
         Ok(())
     }
 
@@ -752,7 +756,7 @@ mod tests {
         let ts: Vec<&Tensor> = inputs.iter().map(|v| v.as_tensor()).collect();
         let (a, b) = (f(&ts)?, g(&ts)?);
         assert!(max_diff(&a, &b) < tol, "values {}", max_diff(&a, &b));
-        let up = Tensor::randn(0f32, 1., a.shape(), a.device())?;
+        let up = crate::seeded::randn(0f32, 1., a.shape(), a.device())?;
         let ga = (a * &up)?.sum_all()?.backward()?;
         let gb = (b * &up)?.sum_all()?.backward()?;
         for t in ts {
@@ -765,15 +769,15 @@ mod tests {
     #[test]
     fn softmax_swiglu_and_rope_match_the_composed_versions() -> Result<()> {
         let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 2., (2, 3, 5, 16), &dev)?)?;
+        let x = Var::from_tensor(&crate::seeded::randn(0f32, 2., (2, 3, 5, 16), &dev)?)?;
         same_grads(
             |t| softmax_last_dim(t[0]),
             |t| candle_nn::ops::softmax(t[0], D::Minus1),
             std::slice::from_ref(&x),
             1e-5,
         )?;
-        let gate = Var::from_tensor(&Tensor::randn(0f32, 2., (4, 7, 24), &dev)?)?;
-        let up = Var::from_tensor(&Tensor::randn(0f32, 2., (4, 7, 24), &dev)?)?;
+        let gate = Var::from_tensor(&crate::seeded::randn(0f32, 2., (4, 7, 24), &dev)?)?;
+        let up = Var::from_tensor(&crate::seeded::randn(0f32, 2., (4, 7, 24), &dev)?)?;
         same_grads(
             |t| swiglu(t[0], t[1]),
             |t| t[0].silu()? * t[1],
@@ -785,7 +789,7 @@ mod tests {
             .collect();
         let (cos, sin) = crate::layers::rope_tables(&inv, 1.0, 5, DType::F32, &dev)?;
         same_grads(
-            |t| rope(t[0], &cos, &sin).unwrap(),
+            |t| try_rope(t[0], &cos, &sin).unwrap(),
             |t| candle_nn::rotary_emb::rope_slow(t[0], &cos, &sin),
             &[x],
             1e-5,
@@ -808,7 +812,7 @@ mod tests {
         let ms: f64 = row.iter().map(|a| (*a as f64).powi(2)).sum::<f64>() / d as f64;
         let w = Tensor::ones(d, DType::F32, &dev)?;
         let x = Tensor::from_vec(row.clone(), (1, d), &dev)?;
-        let y = rms_norm(&x, &w, 1e-5).unwrap()?.to_vec2::<f32>()?;
+        let y = try_rms_norm(&x, &w, 1e-5).unwrap()?.to_vec2::<f32>()?;
         for (a, b) in row.iter().zip(&y[0]) {
             let want = *a as f64 / (ms + 1e-5).sqrt();
             assert!(
@@ -859,9 +863,9 @@ mod tests {
         let dev = Device::Cpu;
         let (b, h, s, d) = (2, 3, 5, 64);
         let rows = b * h * s;
-        let x = Tensor::randn(0f32, 2., (b, h, s, d), &dev)?;
-        let g = Tensor::randn(0f32, 1., (b, h, s, d), &dev)?;
-        let w = Tensor::randn(1f32, 0.3, d, &dev)?;
+        let x = crate::seeded::randn(0f32, 2., (b, h, s, d), &dev)?;
+        let g = crate::seeded::randn(0f32, 1., (b, h, s, d), &dev)?;
+        let w = crate::seeded::randn(1f32, 0.3, d, &dev)?;
         let (xv, gv, wv) = (flat(&x), flat(&g), flat(&w));
         let mut out = vec![0f32; xv.len()];
 
@@ -875,7 +879,7 @@ mod tests {
                 1e-5,
             )
         };
-        assert!(worst(&out, &flat(&rms_norm(&x, &w, 1e-5).unwrap()?)) < 1e-5);
+        assert!(worst(&out, &flat(&try_rms_norm(&x, &w, 1e-5).unwrap()?)) < 1e-5);
         let want = x.apply_op3_no_bwd(&w, &g, &RmsNormGrad { eps: 1e-5 })?;
         unsafe {
             lk_c_rms_norm_grad(
@@ -890,7 +894,7 @@ mod tests {
         };
         assert!(worst(&out, &flat(&want)) < 1e-5);
 
-        let up = Tensor::randn(0f32, 1., (b, h, s, d), &dev)?;
+        let up = crate::seeded::randn(0f32, 1., (b, h, s, d), &dev)?;
         let uv = flat(&up);
         unsafe { lk_c_swiglu(xv.as_ptr(), uv.as_ptr(), out.as_mut_ptr(), xv.len()) };
         assert!(worst(&out, &flat(&swiglu(&x, &up)?)) < 1e-6);
@@ -907,8 +911,8 @@ mod tests {
         };
         assert!(worst(&both, &flat(&want)) < 1e-6);
 
-        let cos = Tensor::randn(0f32, 1., (s, d / 2), &dev)?;
-        let sin = Tensor::randn(0f32, 1., (s, d / 2), &dev)?;
+        let cos = crate::seeded::randn(0f32, 1., (s, d / 2), &dev)?;
+        let sin = crate::seeded::randn(0f32, 1., (s, d / 2), &dev)?;
         let (cv, sv) = (flat(&cos), flat(&sin));
         for inverse in [false, true] {
             let sign = if inverse { -1.0 } else { 1.0 };

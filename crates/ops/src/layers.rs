@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Result, Tensor, D};
 
 /// HF-style RMSNorm: normalise in f32, cast back, scale by the frozen weight.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    if let Some(y) = crate::fused::rms_norm(x, weight, eps) {
+    if let Some(y) = crate::fused::try_rms_norm(x, weight, eps) {
         return y;
     }
     let dtype = x.dtype();
@@ -43,7 +43,7 @@ pub fn rope_tables(
 /// Rotary embedding on `[b, heads, seq, head_dim]` (non-interleaved halves, as in HF). Tables
 /// are `[seq, head_dim / 2]`, or `[b, 1, seq, head_dim / 2]` when rows have their own positions.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if let Some(y) = crate::fused::rope(x, cos, sin) {
+    if let Some(y) = crate::fused::try_rope(x, cos, sin) {
         return y;
     }
     if cos.rank() == 2 {

@@ -31,6 +31,7 @@ pub mod lora;
 pub mod lora_any_device;
 pub mod lora_cpu;
 pub mod row_math;
+pub mod seeded;
 pub mod softmax_row;
 
 pub use adamw::{adamw_step, AdamWStep};

@@ -15,7 +15,7 @@ pub fn lora_forward(
     scaling: f64,
     dropout: Option<DropoutMask>,
 ) -> Result<Tensor> {
-    if let Some(y) = crate::lora_cpu::lora_matmul(x, w, wt, a, b, scaling, dropout) {
+    if let Some(y) = crate::lora_cpu::try_lora_matmul(x, w, wt, a, b, scaling, dropout) {
         return y;
     }
     // the GPU path, and other dtypes: keeps x and the rank-r u for the backward pass

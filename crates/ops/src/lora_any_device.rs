@@ -245,11 +245,11 @@ mod tests {
         let dev = Device::Cpu;
         let (rows, inner, out, r, s) = (12, 24, 18, 4, 0.5);
         let x = Var::from_tensor(
-            &Tensor::randn(0f32, 1., (2, rows / 2, inner), &dev)?.to_dtype(dtype)?,
+            &crate::seeded::randn(0f32, 1., (2, rows / 2, inner), &dev)?.to_dtype(dtype)?,
         )?;
-        let w = Tensor::randn(0f32, 1., (out, inner), &dev)?.to_dtype(dtype)?;
-        let a = Var::randn(0f32, 1., (r, inner), &dev)?;
-        let b = Var::randn(0f32, 1., (out, r), &dev)?;
+        let w = crate::seeded::randn(0f32, 1., (out, inner), &dev)?.to_dtype(dtype)?;
+        let a = crate::seeded::var_randn(0f32, 1., (r, inner), &dev)?;
+        let b = crate::seeded::var_randn(0f32, 1., (out, r), &dev)?;
         let step = crate::dropout::StepSeed::default();
         step.set(11, 2, 0);
         let d = crate::dropout::Dropout::new(dropout, "layers.0.q_proj", step);
@@ -267,7 +267,7 @@ mod tests {
             .to_dtype(DType::F32)?
             .to_scalar::<f32>()?;
         assert!(max_abs_diff(&fused, &want)? < tol * scale);
-        let up = Tensor::randn(0f32, 1., fused.shape(), &dev)?.to_dtype(dtype)?;
+        let up = crate::seeded::randn(0f32, 1., fused.shape(), &dev)?.to_dtype(dtype)?;
         let g1 = (fused * &up)?.sum_all()?.backward()?;
         let g2 = (want * &up)?.sum_all()?.backward()?;
         for v in [&x, &a, &b] {

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 /// caller keeps one, is what the forward product reads (the kernel repacks a transposed operand
 /// on every call). `None` when the op does not apply (not all CPU f32, or W not contiguous):
 /// use the generic op.
-pub fn lora_matmul(
+pub fn try_lora_matmul(
     x: &Tensor,
     w: &Tensor,
     wt: Option<&Tensor>,
@@ -321,19 +321,19 @@ mod tests {
     fn fused_lora_matmul_matches_the_composed_layer_and_its_gradients() -> Result<()> {
         let dev = Device::Cpu;
         let (rows, inner, out, r, s) = (10, 24, 18, 4, 0.75);
-        let x = Var::randn(0f32, 1., (2, rows / 2, inner), &dev)?;
-        let w = Tensor::randn(0f32, 1., (out, inner), &dev)?;
+        let x = crate::seeded::var_randn(0f32, 1., (2, rows / 2, inner), &dev)?;
+        let w = crate::seeded::randn(0f32, 1., (out, inner), &dev)?;
         let wt = w.t()?.contiguous()?;
-        let a = Var::randn(0f32, 1., (r, inner), &dev)?;
-        let b = Var::randn(0f32, 1., (out, r), &dev)?;
+        let a = crate::seeded::var_randn(0f32, 1., (r, inner), &dev)?;
+        let b = crate::seeded::var_randn(0f32, 1., (out, r), &dev)?;
         let seed = StepSeed::default();
         seed.set(7, 3, 0);
         let drop = Dropout::new(0.3, "layers.0.q_proj", seed);
-        let up = Tensor::randn(0f32, 1., (2, rows / 2, out), &dev)?;
+        let up = crate::seeded::randn(0f32, 1., (2, rows / 2, out), &dev)?;
         for (wt, dropout) in [(None, None), (Some(&wt), None), (Some(&wt), Some(&drop))] {
             let (xt, at, bt) = (x.as_tensor(), a.as_tensor(), b.as_tensor());
             let mask = dropout.and_then(|d| d.draw());
-            let fused = lora_matmul(xt, &w, wt, at, bt, s, mask).unwrap()?;
+            let fused = try_lora_matmul(xt, &w, wt, at, bt, s, mask).unwrap()?;
             let xl = match dropout {
                 Some(d) => d.apply(xt)?,
                 None => xt.clone(),
@@ -365,8 +365,8 @@ mod tests {
         }
         // the dropout mask matters: without it the low-rank part differs
         let (xt, at, bt) = (x.as_tensor(), a.as_tensor(), b.as_tensor());
-        let with = lora_matmul(xt, &w, None, at, bt, s, drop.draw()).unwrap()?;
-        let without = lora_matmul(xt, &w, None, at, bt, s, None).unwrap()?;
+        let with = try_lora_matmul(xt, &w, None, at, bt, s, drop.draw()).unwrap()?;
+        let without = try_lora_matmul(xt, &w, None, at, bt, s, None).unwrap()?;
         assert!(max_abs_diff(&with, &without)? > 1e-3);
         Ok(())
     }
@@ -374,24 +374,24 @@ mod tests {
     #[test]
     fn misfit_operands_are_errors_and_other_dtypes_are_not_fused() -> Result<()> {
         let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1., (3, 8), &dev)?;
-        let w = Tensor::randn(0f32, 1., (5, 8), &dev)?;
-        let a = Tensor::randn(0f32, 1., (2, 8), &dev)?;
-        let b = Tensor::randn(0f32, 1., (5, 2), &dev)?;
-        let bad_b = Tensor::randn(0f32, 1., (4, 2), &dev)?;
-        let err = lora_matmul(&x, &w, None, &a, &bad_b, 1.0, None).unwrap();
+        let x = crate::seeded::randn(0f32, 1., (3, 8), &dev)?;
+        let w = crate::seeded::randn(0f32, 1., (5, 8), &dev)?;
+        let a = crate::seeded::randn(0f32, 1., (2, 8), &dev)?;
+        let b = crate::seeded::randn(0f32, 1., (5, 2), &dev)?;
+        let bad_b = crate::seeded::randn(0f32, 1., (4, 2), &dev)?;
+        let err = try_lora_matmul(&x, &w, None, &a, &bad_b, 1.0, None).unwrap();
         assert!(err.unwrap_err().to_string().contains("do not fit W"));
         // a transposed copy of the wrong shape (W itself, not Wᵀ)
-        let err = lora_matmul(&x, &w, Some(&w), &a, &b, 1.0, None).unwrap();
+        let err = try_lora_matmul(&x, &w, Some(&w), &a, &b, 1.0, None).unwrap();
         assert!(err.unwrap_err().to_string().contains("do not fit W"));
         let x64 = x.to_dtype(DType::F64)?;
-        assert!(lora_matmul(&x64, &w, None, &a, &b, 1.0, None).is_none());
+        assert!(try_lora_matmul(&x64, &w, None, &a, &b, 1.0, None).is_none());
         // a strided W is left to the generic op
-        let w_strided = Tensor::randn(0f32, 1., (8, 5), &dev)?.t()?;
-        assert!(lora_matmul(&x, &w_strided, None, &a, &b, 1.0, None).is_none());
+        let w_strided = crate::seeded::randn(0f32, 1., (8, 5), &dev)?.t()?;
+        assert!(try_lora_matmul(&x, &w_strided, None, &a, &b, 1.0, None).is_none());
         // no rows: an empty output, and empty gradients that still have their shapes
         let empty = Var::zeros((0, 8), DType::F32, &dev)?;
-        let y = lora_matmul(empty.as_tensor(), &w, None, &a, &b, 1.0, None).unwrap()?;
+        let y = try_lora_matmul(empty.as_tensor(), &w, None, &a, &b, 1.0, None).unwrap()?;
         assert_eq!(y.dims(), [0, 5]);
         Ok(())
     }

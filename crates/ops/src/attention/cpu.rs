@@ -15,13 +15,13 @@ use std::sync::Mutex;
 /// `[b, kv_heads, t, d]` with an additive f32 `bias` `[1 or b, 1, s, t]`, returning
 /// `[b, s, heads·d]`; differentiable in q, k and v. `None` when the fused kernel does not apply
 /// (not CPU f32): use the composed version.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Option<Result<Tensor>> {
+pub fn try_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Option<Result<Tensor>> {
     fused(q, k, v, bias, None)
 }
 
 /// [`attention`] with q `[b, s, heads·d]` and k, v `[b, t, kv_heads·d]`: the projections'
 /// outputs as they are, heads side by side, so no transposes (and none in the backward pass).
-pub fn attention_heads_last(
+pub fn try_attention_heads_last(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -426,7 +426,7 @@ pub(crate) mod tests {
     /// Values and the q/k/v gradients (under a random upstream gradient) agree.
     fn assert_same(fused: Tensor, want: Tensor, vars: [&Var; 3]) -> Result<()> {
         assert!(max_abs_diff(&fused, &want)? < 1e-5);
-        let up = Tensor::randn(0f32, 1., fused.shape(), fused.device())?;
+        let up = crate::seeded::randn(0f32, 1., fused.shape(), fused.device())?;
         let g1 = (fused * &up)?.sum_all()?.backward()?;
         let g2 = (want * &up)?.sum_all()?.backward()?;
         for x in vars {
@@ -464,11 +464,12 @@ pub(crate) mod tests {
             (1, 3, 3, 5, 5, 8, 1),
             (2, 6, 2, 3, 9, 32, 1),
         ] {
-            let q = Var::randn(0f32, 1., (b, h, s, d), &dev)?;
-            let k = Var::randn(0f32, 1., (b, kv, t, d), &dev)?;
-            let v = Var::randn(0f32, 1., (b, kv, t, d), &dev)?;
+            let q = crate::seeded::var_randn(0f32, 1., (b, h, s, d), &dev)?;
+            let k = crate::seeded::var_randn(0f32, 1., (b, kv, t, d), &dev)?;
+            let v = crate::seeded::var_randn(0f32, 1., (b, kv, t, d), &dev)?;
             let bias = causal_bias(bias_b, s, t, (bias_b == 2).then_some(1))?;
-            let fused = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias).unwrap()?;
+            let fused =
+                try_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias).unwrap()?;
             let want = composed(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias)?;
             assert_eq!(fused.dims(), [b, s, h * d]);
             assert_same(fused, want, [&q, &k, &v])?;
@@ -482,12 +483,12 @@ pub(crate) mod tests {
     fn heads_last_layout_matches_the_composed_version_and_its_gradients() -> Result<()> {
         let dev = Device::Cpu;
         for (b, h, kv, s, t, d, bias_b) in [(2, 4, 2, 7, 7, 16, 2), (2, 6, 2, 3, 9, 32, 1)] {
-            let q = Var::randn(0f32, 1., (b, s, h * d), &dev)?;
-            let k = Var::randn(0f32, 1., (b, t, kv * d), &dev)?;
-            let v = Var::randn(0f32, 1., (b, t, kv * d), &dev)?;
+            let q = crate::seeded::var_randn(0f32, 1., (b, s, h * d), &dev)?;
+            let k = crate::seeded::var_randn(0f32, 1., (b, t, kv * d), &dev)?;
+            let v = crate::seeded::var_randn(0f32, 1., (b, t, kv * d), &dev)?;
             let bias = causal_bias(bias_b, s, t, (bias_b == 2).then_some(1))?;
             let fused =
-                attention_heads_last(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias, h, kv)
+                try_attention_heads_last(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias, h, kv)
                     .unwrap()?;
             let first = |x: &Tensor, n: usize| -> Result<Tensor> {
                 let (b, s, _) = x.dims3()?;
@@ -508,16 +509,16 @@ pub(crate) mod tests {
     fn other_devices_and_dtypes_and_bad_shapes_are_refused() -> Result<()> {
         let dev = Device::Cpu;
         let q = Tensor::zeros((1, 2, 3, 4), DType::F64, &dev)?;
-        assert!(attention(&q, &q, &q, &q).is_none());
+        assert!(try_attention(&q, &q, &q, &q).is_none());
         let q = Tensor::zeros((1, 3, 3, 4), DType::F32, &dev)?;
         let k = Tensor::zeros((1, 2, 3, 4), DType::F32, &dev)?;
         let bias = Tensor::zeros((1, 1, 3, 3), DType::F32, &dev)?;
-        let e = attention(&q, &k, &k, &bias)
+        let e = try_attention(&q, &k, &k, &bias)
             .unwrap()
             .unwrap_err()
             .to_string();
         assert!(e.contains("not a multiple"), "{e}");
-        let e = attention(&q, &q, &q, &Tensor::zeros((1, 1, 3, 4), DType::F32, &dev)?)
+        let e = try_attention(&q, &q, &q, &Tensor::zeros((1, 1, 3, 4), DType::F32, &dev)?)
             .unwrap()
             .unwrap_err()
             .to_string();

@@ -12,7 +12,7 @@ use candle_core::{Result, Tensor};
 /// read in place) with an additive f32 `bias` `[1 or b, 1, s, t]`; returns `[b, s, heads·d]`,
 /// the output projection's input. Differentiable in q, k and v.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    match cpu::attention(q, k, v, bias) {
+    match cpu::try_attention(q, k, v, bias) {
         Some(out) => out,
         None => recompute::attention_recompute(q, k, v, bias),
     }
@@ -29,7 +29,7 @@ pub fn attention_heads_last(
     heads: usize,
     kv_heads: usize,
 ) -> Result<Tensor> {
-    if let Some(out) = cpu::attention_heads_last(q, k, v, bias, heads, kv_heads) {
+    if let Some(out) = cpu::try_attention_heads_last(q, k, v, bias, heads, kv_heads) {
         return out;
     }
     let (q, k, v) = split_heads(q, k, v, heads, kv_heads)?;
@@ -49,11 +49,11 @@ pub fn rope_attention(
     heads: usize,
     kv_heads: usize,
 ) -> Result<Tensor> {
-    let q_rot = crate::fused::rope_heads_last(q, cos, sin, heads);
-    let k_rot = crate::fused::rope_heads_last(k, cos, sin, kv_heads);
+    let q_rot = crate::fused::try_rope_heads_last(q, cos, sin, heads);
+    let k_rot = crate::fused::try_rope_heads_last(k, cos, sin, kv_heads);
     if let (Some(q), Some(k)) = (q_rot, k_rot) {
         let (q, k) = (q?, k?);
-        if let Some(out) = cpu::attention_heads_last(&q, &k, v, bias, heads, kv_heads) {
+        if let Some(out) = cpu::try_attention_heads_last(&q, &k, v, bias, heads, kv_heads) {
             return out;
         }
     }

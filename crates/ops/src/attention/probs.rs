@@ -231,8 +231,8 @@ mod tests {
     fn setup(bias_b: usize) -> Result<(Tensor, ScoreRows)> {
         let dev = Device::Cpu;
         let (b, g, rep, s, t) = (2, 3, 4, 5, 7);
-        let scores = Tensor::randn(0f32, 2., (b, g, rep * s, t), &dev)?;
-        let bias = (Tensor::randn(0f32, 1., (bias_b, 1, s, t), &dev)?
+        let scores = crate::seeded::randn(0f32, 2., (b, g, rep * s, t), &dev)?;
+        let bias = (crate::seeded::randn(0f32, 1., (bias_b, 1, s, t), &dev)?
             .ge(1.0)?
             .to_dtype(DType::F32)?
             * -1e9)?;
@@ -275,7 +275,7 @@ mod tests {
             let (scores, rows) = setup(bias_b)?;
             let var = candle_core::Var::from_tensor(&scores)?;
             let p = composed(var.as_tensor(), &rows)?;
-            let dp = Tensor::randn(0f32, 1., p.shape(), p.device())?;
+            let dp = crate::seeded::randn(0f32, 1., p.shape(), p.device())?;
             let want = (p * &dp)?.sum_all()?.backward()?;
             let want = want.get(var.as_tensor()).unwrap();
             let got = attention_probs_grad(&scores, &dp, &rows)?;
