@@ -11,8 +11,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
-cargo build --quiet
-lk=target/debug/lorakit
+# the one optimised build README's test command (`cargo test --release --workspace`) uses too:
+# the same targets and features, so whichever runs second compiles nothing
+cargo build --release --workspace --all-targets --quiet
+lk=target/release/lorakit
 cache=$(bash scripts/fetch-real.sh)
 data="$cache/sentiment"
 wc -l "$data"/{train,eval,test}.chat.jsonl

@@ -1,7 +1,7 @@
 //! Seeded LoRA dropout. candle's dropout draws from an unseedable device RNG, which would make a
 //! resumed run differ from an uninterrupted one; here the mask is a pure function of the step
 //! seed (set by the trainer before each forward pass), the module's path and the element's
-//! index — a counter-based draw (lorakit-kernels `row_math.h`), so the CPU and the CUDA kernel
+//! index — a counter-based draw (`csrc/row_math.h`), so the CPU and the CUDA kernel
 //! draw the same mask, every element on its own, and the mask is never stored: the backward
 //! pass draws it again.
 use candle_core::backend::BackendStorage;

@@ -837,7 +837,7 @@ mod tests {
         Ok(())
     }
 
-    // The element math of the CUDA kernels (lorakit-kernels `csrc/row_math.h`), built for the
+    // The element math of the CUDA kernels (`csrc/row_math.h`), built for the
     // CPU by its build.rs.
     use crate::row_math::{
         lk_c_rms_norm, lk_c_rms_norm_grad, lk_c_rope, lk_c_swiglu, lk_c_swiglu_grad,

@@ -233,6 +233,27 @@ const SECTIONS: &[(&str, &[&str])] = &[
     ("output", &["dir"]),
 ];
 
+/// Builds a recipe error for a field, with the line the field's key is on.
+struct FieldError<'a> {
+    file: &'a str,
+    text: &'a str,
+}
+
+impl FieldError<'_> {
+    fn at(&self, field: &str, message: String) -> TrainError {
+        let key = field.rsplit('.').next().unwrap_or(field);
+        let message = match line_of_key(self.text, key) {
+            Some(l) => format!("{message} (line {l})"),
+            None => message,
+        };
+        TrainError::InvalidRecipe {
+            file: self.file.into(),
+            field: field.into(),
+            message,
+        }
+    }
+}
+
 impl Recipe {
     /// Reads a recipe file and applies `--set key.path=value` overrides.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
@@ -320,23 +341,23 @@ impl Recipe {
         Ok(recipe)
     }
 
+    /// Every section's rules, in the order a reader meets them; the first broken one is
+    /// reported with its field and line.
     fn validate(&self, file: &str, text: &str) -> Result<()> {
-        let bad = |field: &str, message: String| {
-            let key = field.rsplit('.').next().unwrap_or(field);
-            let message = match line_of_key(text, key) {
-                Some(l) => format!("{message} (line {l})"),
-                None => message,
-            };
-            TrainError::InvalidRecipe {
-                file: file.into(),
-                field: field.into(),
-                message,
-            }
-        };
+        let bad = FieldError { file, text };
+        self.check_task(&bad)?;
+        self.check_model(&bad)?;
+        self.check_data(&bad)?;
+        self.check_lora(&bad)?;
+        self.check_train(&bad)
+    }
+
+    /// `model.task` against the data format, labels and the features it supports.
+    fn check_task(&self, bad: &FieldError) -> Result<()> {
         let t = &self.train;
         let cls = self.model.task == Task::SequenceClassification;
         if cls != (self.data.format == DataFormat::Classification) {
-            return Err(bad(
+            return Err(bad.at(
                 "data.format",
                 if cls {
                     "task sequence_classification reads format: classification ({\"text\", \"label\"})".into()
@@ -348,13 +369,13 @@ impl Recipe {
         if let Some(labels) = &self.data.labels {
             let mut seen = std::collections::HashSet::new();
             if labels.len() < 2 || labels.iter().any(|l| l.is_empty() || !seen.insert(l)) {
-                return Err(bad(
+                return Err(bad.at(
                     "data.labels",
                     "needs at least two distinct, non-empty labels".into(),
                 ));
             }
             if self.model.num_labels.is_some_and(|n| n != labels.len()) {
-                return Err(bad(
+                return Err(bad.at(
                     "model.num_labels",
                     format!(
                         "is {:?} but data.labels lists {}",
@@ -365,19 +386,24 @@ impl Recipe {
             }
         }
         if t.gradient_checkpointing && cls {
-            return Err(bad(
+            return Err(bad.at(
                 "train.gradient_checkpointing",
                 "is implemented for causal language models, not sequence_classification".into(),
             ));
         }
         if self.model.num_labels.is_some() && !cls {
-            return Err(bad(
+            return Err(bad.at(
                 "model.num_labels",
                 "only applies to task: sequence_classification".into(),
             ));
         }
+        Ok(())
+    }
+
+    /// `model.dtype` and `model.device`.
+    fn check_model(&self, bad: &FieldError) -> Result<()> {
         if !matches!(self.model.dtype.as_str(), "auto" | "f32" | "bf16" | "f16") {
-            return Err(bad(
+            return Err(bad.at(
                 "model.dtype",
                 format!("{:?} is not one of auto, f32, bf16, f16", self.model.dtype),
             ));
@@ -388,20 +414,25 @@ impl Recipe {
             .map(|n| n.parse::<usize>().is_ok())
             .unwrap_or(false);
         if !(matches!(dev, "auto" | "cpu" | "cuda") || cuda_n) {
-            return Err(bad(
+            return Err(bad.at(
                 "model.device",
                 format!("{dev:?} is not one of auto, cpu, cuda, cuda:N"),
             ));
         }
+        Ok(())
+    }
+
+    /// The data files, the eval split and the sequence length.
+    fn check_data(&self, bad: &FieldError) -> Result<()> {
         if let Some(why) = crate::data::not_a_data_file(&self.data.train) {
-            return Err(bad("data.train", why));
+            return Err(bad.at("data.train", why));
         }
         if let Some(e) = &self.data.eval {
             if let Some(why) = crate::data::not_a_data_file(e) {
-                return Err(bad("data.eval", why));
+                return Err(bad.at("data.eval", why));
             }
             if self.data.eval_split.is_some() {
-                return Err(bad(
+                return Err(bad.at(
                     "data.eval_split",
                     "give either data.eval or data.eval_split, not both".into(),
                 ));
@@ -409,29 +440,40 @@ impl Recipe {
         }
         if let Some(s) = self.data.eval_split {
             if !(s > 0.0 && s < 1.0) {
-                return Err(bad(
+                return Err(bad.at(
                     "data.eval_split",
                     format!("must be between 0 and 1 (exclusive), got {s}"),
                 ));
             }
         }
         if self.data.max_seq_len < 2 {
-            return Err(bad(
+            return Err(bad.at(
                 "data.max_seq_len",
                 format!("must be at least 2, got {}", self.data.max_seq_len),
             ));
         }
-        self.lora.validate(file).map_err(|e| match e {
+        Ok(())
+    }
+
+    /// The `lora:` block, by its own rules (shared with adapter_config.json).
+    fn check_lora(&self, bad: &FieldError) -> Result<()> {
+        self.lora.validate(bad.file).map_err(|e| match e {
             lorakit_adapter::AdapterError::InvalidConfig { key, message, .. } => {
-                bad(&format!("lora.{key}"), message)
+                bad.at(&format!("lora.{key}"), message)
             }
-            other => bad("lora", other.to_string()),
+            other => bad.at("lora", other.to_string()),
         })?;
+        Ok(())
+    }
+
+    /// Step counts, rates and the early-stopping rule.
+    fn check_train(&self, bad: &FieldError) -> Result<()> {
+        let t = &self.train;
         if t.epochs == 0 && t.max_steps.is_none() {
-            return Err(bad("train.epochs", "must be at least 1".into()));
+            return Err(bad.at("train.epochs", "must be at least 1".into()));
         }
         if t.max_steps == Some(0) {
-            return Err(bad("train.max_steps", "must be at least 1".into()));
+            return Err(bad.at("train.max_steps", "must be at least 1".into()));
         }
         for (name, v) in [
             ("train.batch_size", t.batch_size),
@@ -439,7 +481,7 @@ impl Recipe {
             ("train.log_every", t.log_every),
         ] {
             if v == 0 {
-                return Err(bad(name, "must be at least 1".into()));
+                return Err(bad.at(name, "must be at least 1".into()));
             }
         }
         for (name, v) in [
@@ -447,36 +489,33 @@ impl Recipe {
             ("train.save_every", t.save_every),
         ] {
             if v == Some(0) {
-                return Err(bad(name, "must be at least 1 (or leave it out)".into()));
+                return Err(bad.at(name, "must be at least 1 (or leave it out)".into()));
             }
         }
         if !(t.learning_rate > 0.0 && t.learning_rate.is_finite()) {
-            return Err(bad(
+            return Err(bad.at(
                 "train.learning_rate",
                 format!("must be a positive number, got {}", t.learning_rate),
             ));
         }
         if t.weight_decay.is_nan() || t.weight_decay < 0.0 {
-            return Err(bad(
+            return Err(bad.at(
                 "train.weight_decay",
                 format!("must be ≥ 0, got {}", t.weight_decay),
             ));
         }
         if t.max_grad_norm.is_nan() || t.max_grad_norm < 0.0 {
-            return Err(bad(
+            return Err(bad.at(
                 "train.max_grad_norm",
                 format!("must be ≥ 0 (0 disables clipping), got {}", t.max_grad_norm),
             ));
         }
         if let Some(r) = t.warmup_ratio {
             if !(0.0..1.0).contains(&r) {
-                return Err(bad(
-                    "train.warmup_ratio",
-                    format!("must be in [0, 1), got {r}"),
-                ));
+                return Err(bad.at("train.warmup_ratio", format!("must be in [0, 1), got {r}")));
             }
             if t.warmup_steps.is_some() {
-                return Err(bad(
+                return Err(bad.at(
                     "train.warmup_ratio",
                     "give either warmup_steps or warmup_ratio, not both".into(),
                 ));
@@ -486,7 +525,7 @@ impl Recipe {
             && self.data.eval.is_none()
             && self.data.eval_split.is_none()
         {
-            return Err(bad(
+            return Err(bad.at(
                 "train.early_stopping_patience",
                 "needs evaluation data (data.eval or data.eval_split)".into(),
             ));

@@ -4,7 +4,7 @@
 //! Composed, these are a cast, a scale, a broadcast bias add, a softmax and a cast back, and
 //! four more passes for the gradient, each over a `[b, heads, s, t]` buffer in f32: most of a
 //! GPU attention step's memory traffic. CPU versions for every float dtype here, CUDA kernels
-//! (f32, bf16) in lorakit-kernels; graph-free (used inside `attention_recompute`).
+//! (f32, bf16) in `cuda.rs`; graph-free (used inside `attention_recompute`).
 use crate::softmax_row::softmax_in_place;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
