@@ -133,86 +133,11 @@ pub fn merge_pending(
         })?
     };
 
-    // Resolve every adapted module to a base tensor before writing anything.
+    // Every adapted module resolved to a base tensor, and checked, before writing anything.
+    let plan = plan_updates(&base, &config, adapter)?;
+    check_fits(&base, adapter, &plan)?;
+    let Plan { updates, untied } = plan;
     let dev = Device::Cpu;
-    let mut updates: BTreeMap<String, (String, Source)> = BTreeMap::new(); // out name -> (module, source)
-    let mut untied = None;
-    for module in adapter.modules() {
-        let name = format!("{module}.weight");
-        if base.contains(&name) {
-            updates.insert(name, (module.to_string(), Source::Base));
-        } else if let Some(embed) = tied_embedding(&base, &config, module, adapter)? {
-            untied = Some(name.clone());
-            updates.insert(name, (module.to_string(), Source::TiedFrom(embed)));
-        } else {
-            return Err(MergeError::NoBaseWeight {
-                adapter: adapter.weights_file(),
-                module: module.to_string(),
-                base: base.describe(),
-            });
-        }
-    }
-    // A changed output head of a model that declares tied embeddings must be untied, or loaders
-    // would re-tie it to the (unchanged) embeddings and drop the update.
-    let ties = config.get("tie_word_embeddings").and_then(|v| v.as_bool()) == Some(true);
-    if untied.is_none() && ties {
-        untied = updates
-            .keys()
-            .find(|n| n.ends_with("lm_head.weight"))
-            .cloned();
-    }
-    for name in adapter.replacements().keys() {
-        if !base.contains(name) && !updates.contains_key(name) {
-            return Err(MergeError::NoBaseWeight {
-                adapter: adapter.weights_file(),
-                module: name.trim_end_matches(".weight").to_string(),
-                base: base.describe(),
-            });
-        }
-    }
-    // Shapes: check each low-rank pair against its base tensor now, not halfway through.
-    for (name, (module, source)) in &updates {
-        let src = match source {
-            Source::Base => name.as_str(),
-            Source::TiedFrom(e) => e.as_str(),
-        };
-        let shape = base.meta(src)?.shape;
-        let [out_dim, in_dim] = shape[..] else {
-            return Err(MergeError::NoBaseWeight {
-                adapter: adapter.weights_file(),
-                module: module.clone(),
-                base: format!("{} (`{src}` is not a matrix)", base.describe()),
-            });
-        };
-        adapter.low_rank(module, in_dim, out_dim, &dev)?;
-    }
-    // Every module the config targets must have its tensors, as when the adapter is loaded to
-    // run (`eval`, `generate`); the base's 2-D `.weight` tensors stand for its linear modules
-    // (with `all-linear`, embeddings are not linear modules).
-    if adapter.config.target_modules.is_some() {
-        let selector = TargetSelector::new(&adapter.config)?;
-        let all_linear = matches!(&adapter.config.target_modules,
-            Some(ModuleSpec::Regex(s)) if s.eq_ignore_ascii_case(ALL_LINEAR));
-        let have: BTreeSet<&str> = adapter.modules().collect();
-        for module in base.names().filter_map(|n| n.strip_suffix(".weight")) {
-            let is_matrix = base
-                .meta(&format!("{module}.weight"))
-                .is_ok_and(|m| m.shape.len() == 2);
-            let embedding = module.contains("embed") || module.ends_with("wte");
-            if is_matrix
-                && !(all_linear && embedding)
-                && selector.matches(module)
-                && !have.contains(module)
-            {
-                return Err(AdapterError::MissingTensor {
-                    file: adapter.weights_file(),
-                    name: lora_key(module, "A"),
-                    why: "adapter_config.json targets this module".into(),
-                }
-                .into());
-            }
-        }
-    }
 
     let out_dtype = |stored: DType| match opts.dtype {
         OutDType::Fixed(d) if stored.is_float() => d,
@@ -269,26 +194,13 @@ pub fn merge_pending(
                     w.write_tensor(n, &base.load(n, &dev)?)?;
                 }
             } else {
-                let src = match update {
-                    Some((_, Source::TiedFrom(e))) => e.as_str(),
-                    _ => n.as_str(),
-                };
-                let mut t = match replacement {
-                    Some(r) => {
-                        replaced.push(n.clone());
-                        r.clone()
-                    }
-                    None => base.load(src, &dev)?.to_dtype(DType::F32)?,
-                };
-                if let Some((module, _)) = update {
-                    let (out_dim, in_dim) = t.dims2()?;
-                    if let Some(l) = adapter.low_rank(module, in_dim, out_dim, &dev)? {
-                        t = l.merged_weight(&t)?;
-                        merged.push(n.clone());
-                    }
+                if replacement.is_some() {
+                    replaced.push(n.clone());
                 }
-                check_finite(n, &t)?;
-                w.write_tensor(n, &t)?;
+                if update.is_some() {
+                    merged.push(n.clone());
+                }
+                w.write_tensor(n, &changed_tensor(&base, adapter, n, update, replacement)?)?;
             }
             weight_map.insert(n.clone(), file_name.clone());
             tensors += 1;
@@ -301,25 +213,7 @@ pub fn merge_pending(
         atomic_write(&dir.path().join(INDEX_FILE), &index)?;
     }
 
-    // config.json: the new dtype, and the head untied if we stored it separately.
-    if let Some(obj) = config.as_object_mut() {
-        if let OutDType::Fixed(d) = opts.dtype {
-            let name = match d {
-                DType::BF16 => "bfloat16",
-                DType::F16 => "float16",
-                _ => "float32",
-            };
-            let key = if obj.contains_key("dtype") || !obj.contains_key("torch_dtype") {
-                "dtype"
-            } else {
-                "torch_dtype"
-            };
-            obj.insert(key.into(), name.into());
-        }
-        if untied.is_some() {
-            obj.insert("tie_word_embeddings".into(), false.into());
-        }
-    }
+    update_config(&mut config, opts.dtype, untied.is_some());
     let text = serde_json::to_vec_pretty(&config).map_err(|e| MergeError::io(&config_path, e))?;
     atomic_write(&dir.path().join("config.json"), &text)?;
     copy_side_files(base_dir, dir.path())?;
@@ -336,6 +230,163 @@ pub fn merge_pending(
             untied,
         },
     })
+}
+
+/// A tensor the merge changes, in f32: the adapter's replacement or the base tensor (for a tied
+/// head, the embedding it shares), with the module's update folded in by its LoRA variant.
+fn changed_tensor(
+    base: &Checkpoint,
+    adapter: &PeftAdapter,
+    name: &str,
+    update: Option<&(String, Source)>,
+    replacement: Option<&Tensor>,
+) -> Result<Tensor> {
+    let dev = Device::Cpu;
+    let src = match update {
+        Some((_, Source::TiedFrom(e))) => e.as_str(),
+        _ => name,
+    };
+    let mut t = match replacement {
+        Some(r) => r.clone(),
+        None => base.load(src, &dev)?.to_dtype(DType::F32)?,
+    };
+    if let Some((module, _)) = update {
+        let (out_dim, in_dim) = t.dims2()?;
+        // every planned module has its pair: `check_fits` read each one
+        if let Some(l) = adapter.low_rank(module, in_dim, out_dim, &dev)? {
+            t = l.merged_weight(&t)?;
+        }
+    }
+    check_finite(name, &t)?;
+    Ok(t)
+}
+
+/// config.json of the merged model: the new dtype, and the head untied if it is stored apart.
+fn update_config(config: &mut serde_json::Value, dtype: OutDType, untied: bool) {
+    let Some(obj) = config.as_object_mut() else {
+        return;
+    };
+    if let OutDType::Fixed(d) = dtype {
+        let name = match d {
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+            _ => "float32",
+        };
+        let key = if obj.contains_key("dtype") || !obj.contains_key("torch_dtype") {
+            "dtype"
+        } else {
+            "torch_dtype"
+        };
+        obj.insert(key.into(), name.into());
+    }
+    if untied {
+        obj.insert("tie_word_embeddings".into(), false.into());
+    }
+}
+
+/// Where each adapted module's merged weight comes from, and the output head to untie.
+struct Plan {
+    /// out name -> (module, source)
+    updates: BTreeMap<String, (String, Source)>,
+    untied: Option<String>,
+}
+
+/// Resolves every module the adapter holds to a base tensor: its own weight, or the embedding
+/// a tied output head shares (which the merged model then stores apart).
+fn plan_updates(
+    base: &Checkpoint,
+    config: &serde_json::Value,
+    adapter: &PeftAdapter,
+) -> Result<Plan> {
+    let mut updates: BTreeMap<String, (String, Source)> = BTreeMap::new(); // out name -> (module, source)
+    let mut untied = None;
+    for module in adapter.modules() {
+        let name = format!("{module}.weight");
+        if base.contains(&name) {
+            updates.insert(name, (module.to_string(), Source::Base));
+        } else if let Some(embed) = tied_embedding(base, config, module, adapter)? {
+            untied = Some(name.clone());
+            updates.insert(name, (module.to_string(), Source::TiedFrom(embed)));
+        } else {
+            return Err(MergeError::NoBaseWeight {
+                adapter: adapter.weights_file(),
+                module: module.to_string(),
+                base: base.describe(),
+            });
+        }
+    }
+    // A changed output head of a model that declares tied embeddings must be untied, or loaders
+    // would re-tie it to the (unchanged) embeddings and drop the update.
+    let ties = config.get("tie_word_embeddings").and_then(|v| v.as_bool()) == Some(true);
+    if untied.is_none() && ties {
+        untied = updates
+            .keys()
+            .find(|n| n.ends_with("lm_head.weight"))
+            .cloned();
+    }
+    Ok(Plan { updates, untied })
+}
+
+/// The adapter fits the base: replaced tensors exist, every low-rank pair has its base
+/// tensor's shape, and every module the config targets has its tensors (as when the adapter is
+/// loaded to run).
+fn check_fits(base: &Checkpoint, adapter: &PeftAdapter, plan: &Plan) -> Result<()> {
+    let dev = Device::Cpu;
+    let updates = &plan.updates;
+    for name in adapter.replacements().keys() {
+        if !base.contains(name) && !updates.contains_key(name) {
+            return Err(MergeError::NoBaseWeight {
+                adapter: adapter.weights_file(),
+                module: name.trim_end_matches(".weight").to_string(),
+                base: base.describe(),
+            });
+        }
+    }
+    // Shapes: check each low-rank pair against its base tensor now, not halfway through.
+    for (name, (module, source)) in updates {
+        let src = match source {
+            Source::Base => name.as_str(),
+            Source::TiedFrom(e) => e.as_str(),
+        };
+        let shape = base.meta(src)?.shape;
+        let [out_dim, in_dim] = shape[..] else {
+            return Err(MergeError::NoBaseWeight {
+                adapter: adapter.weights_file(),
+                module: module.clone(),
+                base: format!("{} (`{src}` is not a matrix)", base.describe()),
+            });
+        };
+        adapter.low_rank(module, in_dim, out_dim, &dev)?;
+    }
+    // Every module the config targets must have its tensors, as when the adapter is loaded to
+    // run (`eval`, `generate`); the base's 2-D `.weight` tensors stand for its linear modules
+    // (with `all-linear`, embeddings are not linear modules).
+    if adapter.config.target_modules.is_some() {
+        let selector = TargetSelector::new(&adapter.config)?;
+        let all_linear = matches!(&adapter.config.target_modules,
+            Some(ModuleSpec::Regex(s)) if s.eq_ignore_ascii_case(ALL_LINEAR));
+        let have: BTreeSet<&str> = adapter.modules().collect();
+        for module in base.names().filter_map(|n| n.strip_suffix(".weight")) {
+            let is_matrix = base
+                .meta(&format!("{module}.weight"))
+                .is_ok_and(|m| m.shape.len() == 2);
+            let embedding = module.contains("embed") || module.ends_with("wte");
+            if is_matrix
+                && !(all_linear && embedding)
+                && selector.matches(module)
+                && !have.contains(module)
+            {
+                return Err(AdapterError::MissingTensor {
+                    file: adapter.weights_file(),
+                    name: lora_key(module, "A"),
+                    why: "adapter_config.json targets this module".into(),
+                }
+                .into());
+            }
+        }
+    }
+
+    Ok(())
 }
 
 /// For an adapted module with no weight of its own (a tied output head), the embedding tensor it
