@@ -91,23 +91,6 @@ __device__ float2 row_max_sumexp(const float* row, int d) {
   return make_float2(m, block_sum(s));
 }
 
-// Softmax over rows of f32 attention scores.
-__device__ void softmax(const float* x, float* y, int d) {
-  size_t base = (size_t)blockIdx.x * d;
-  float2 ms = row_max_sumexp(x + base, d);
-  float inv = 1.f / ms.y;
-  for (int j = threadIdx.x; j < d; j += BLOCK) y[base + j] = expf(x[base + j] - ms.x) * inv;
-}
-
-// dx = y ∘ (g − Σ g∘y)
-__device__ void softmax_grad(const float* y, const float* g, float* dx, int d) {
-  size_t base = (size_t)blockIdx.x * d;
-  float dot = 0.f;
-  for (int j = threadIdx.x; j < d; j += BLOCK) dot += y[base + j] * g[base + j];
-  dot = block_sum(dot);
-  for (int j = threadIdx.x; j < d; j += BLOCK) dx[base + j] = y[base + j] * (g[base + j] - dot);
-}
-
 // Sum and max over one warp; every lane gets the result.
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
@@ -275,10 +258,6 @@ FLOAT_AND_BF16(rope,
                 __nv_bfloat16* out, size_t rows, int s, int d, float sign),
                (x, cos, sin, out, rows, s, d, sign))
 
-extern "C" __global__ void softmax_f32(const float* x, float* y, int d) { softmax(x, y, d); }
-extern "C" __global__ void softmax_grad_f32(const float* y, const float* g, float* dx, int d) {
-  softmax_grad(y, g, dx, d);
-}
 extern "C" __global__ void cross_entropy_f32(const float* logits, const uint32_t* labels,
                                              float* loss, int v) {
   cross_entropy(logits, labels, loss, v);

@@ -125,39 +125,6 @@ pub fn rms_norm(
     }
 }
 
-/// Softmax over the last dimension (f32), or with `g` its input gradient from the output `x`.
-pub fn softmax(
-    x: &CudaStorage,
-    lx: &Layout,
-    g: Option<(&CudaStorage, &Layout)>,
-) -> Result<CudaStorage> {
-    let dev = x.device().clone();
-    let n = lx.shape().elem_count();
-    let d = lx.shape().dims().last().copied().unwrap_or(1);
-    let xv = view::<f32>(x, lx, "x")?;
-    let out = unsafe { dev.alloc::<f32>(n)? };
-    let func = function(
-        &dev,
-        if g.is_some() {
-            "softmax_grad_f32"
-        } else {
-            "softmax_f32"
-        },
-    )?;
-    let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&func);
-    b.arg(&xv);
-    let gv = g.map(|(s, l)| view::<f32>(s, l, "grad")).transpose()?;
-    if let Some(gv) = &gv {
-        b.arg(gv);
-    }
-    b.arg(&out);
-    let d32 = d as i32;
-    b.arg(&d32);
-    unsafe { b.launch(rows_config(n / d.max(1))) }.w()?;
-    Ok(CudaStorage::wrap_cuda_slice(out, dev))
-}
-
 /// Per-row cross-entropy of f32 logits `[n, v]` against u32 labels, or with `scale` `[n]` its
 /// gradient `scale · (softmax − onehot)`.
 pub fn cross_entropy(

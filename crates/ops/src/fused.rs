@@ -1,7 +1,7 @@
 //! Fused CPU kernels with their own backward, for the ops whose composed candle versions cost
 //! the most passes over memory: RMSNorm (frozen weight: gradient for x only), cross-entropy
 //! over a large vocabulary (softmax, log and gather in one pass; the backward writes
-//! `softmax − one-hot` directly), softmax over the last dimension, SwiGLU (`silu(gate)·up`) and
+//! `softmax − one-hot` directly), SwiGLU (`silu(gate)·up`) and
 //! rotary embeddings (the backward is the inverse rotation). Each is checked against the
 //! composed version (values and gradients) in the tests below. With the `cuda` feature the same ops run lorakit-ops'
 //! CUDA kernels (f32 and bf16; their element math is shared with `csrc/row_math.c`, which the
@@ -11,9 +11,7 @@
 //! an entry point in `layers` or `attention`, then runs the composed version); every other
 //! function here always answers, falling back to the composed version itself.
 use crate::softmax_row;
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
-};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
@@ -316,86 +314,6 @@ pub fn try_rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Option<Result<Tens
         x.contiguous()?
             .apply_op2(&weight.contiguous()?, RmsNorm { eps: eps as f32 })
     })())
-}
-
-/// Softmax over the last dimension; backward `y ∘ (g − Σ g∘y)` from the saved output.
-struct Softmax;
-
-impl CustomOp1 for Softmax {
-    fn name(&self) -> &'static str {
-        "fused-softmax"
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        Ok((gpu::softmax(s, l, None)?, l.shape().clone()))
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let d = l.shape().dims().last().copied().unwrap_or(1);
-        let x = contiguous_f32(s, l, "x")?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .for_each(|(o, row)| {
-                o.copy_from_slice(row);
-                softmax_row::softmax_in_place(o);
-            });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
-    }
-
-    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad)?))
-    }
-}
-
-struct SoftmaxGrad;
-
-impl CustomOp2 for SoftmaxGrad {
-    fn name(&self) -> &'static str {
-        "fused-softmax-grad"
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        Ok((gpu::softmax(s1, l1, Some((s2, l2)))?, l1.shape().clone()))
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let d = l1.shape().dims().last().copied().unwrap_or(1);
-        let y = contiguous_f32(s1, l1, "y")?;
-        let g = contiguous_f32(s2, l2, "grad")?;
-        let mut out = vec![0f32; y.len()];
-        out.par_chunks_mut(d)
-            .zip(y.par_chunks(d).zip(g.par_chunks(d)))
-            .for_each(|(o, (yr, gr))| {
-                let dot = yr.iter().zip(gr).map(|(a, b)| (a * b) as f64).sum::<f64>() as f32;
-                for ((oj, a), b) in o.iter_mut().zip(yr).zip(gr) {
-                    *oj = a * (b - dot);
-                }
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-}
-
-/// Softmax over the last dimension, differentiable; fused on the CPU for f32.
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if fused_for(x, &[DType::F32], &[DType::F32]) {
-        return x.contiguous()?.apply_op1(Softmax);
-    }
-    candle_nn::ops::softmax(x, D::Minus1)
 }
 
 /// `silu(gate) · up`.
@@ -767,15 +685,8 @@ mod tests {
     }
 
     #[test]
-    fn softmax_swiglu_and_rope_match_the_composed_versions() -> Result<()> {
+    fn swiglu_and_rope_match_the_composed_versions() -> Result<()> {
         let dev = Device::Cpu;
-        let x = Var::from_tensor(&crate::seeded::randn(0f32, 2., (2, 3, 5, 16), &dev)?)?;
-        same_grads(
-            |t| softmax_last_dim(t[0]),
-            |t| candle_nn::ops::softmax(t[0], D::Minus1),
-            std::slice::from_ref(&x),
-            1e-5,
-        )?;
         let gate = Var::from_tensor(&crate::seeded::randn(0f32, 2., (4, 7, 24), &dev)?)?;
         let up = Var::from_tensor(&crate::seeded::randn(0f32, 2., (4, 7, 24), &dev)?)?;
         same_grads(
@@ -788,6 +699,7 @@ mod tests {
             .map(|i| 1.0 / 10000f64.powf(i as f64 / 8.0))
             .collect();
         let (cos, sin) = crate::layers::rope_tables(&inv, 1.0, 5, DType::F32, &dev)?;
+        let x = Var::from_tensor(&crate::seeded::randn(0f32, 2., (2, 3, 5, 16), &dev)?)?;
         same_grads(
             |t| try_rope(t[0], &cos, &sin).unwrap(),
             |t| candle_nn::rotary_emb::rope_slow(t[0], &cos, &sin),

@@ -4,7 +4,7 @@
 //!
 //! Entry points (each chooses its implementation itself; callers never test device or dtype):
 //! - [`layers::rms_norm`], [`layers::apply_rope`], [`layers::rope_tables`],
-//!   [`layers::attention_bias`], [`fused::swiglu`], [`fused::softmax_last_dim`]
+//!   [`layers::attention_bias`], [`fused::swiglu`]
 //! - [`attention::attention`] (any layout `[b, heads, s, d]`), [`attention::rope_attention`]
 //!   (the projections' `[b, s, heads·d]` outputs, rotary embedding included)
 //! - [`fused::cross_entropy`], [`chunked_loss::linear_cross_entropy`] (a frozen output head and
