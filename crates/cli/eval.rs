@@ -82,7 +82,16 @@ pub fn load_model(
     device: &candle_core::Device,
 ) -> Result<(Box<dyn CausalLm>, TextTokenizer)> {
     // the model's header first: a config that cannot be right is reported before anything else
-    let base = BaseModel::open(path)?;
+    load_opened(BaseModel::open(path)?, path, adapter, device)
+}
+
+/// [`load_model`] of a model whose headers are already read.
+fn load_opened(
+    base: BaseModel,
+    path: &Path,
+    adapter: Option<&Path>,
+    device: &candle_core::Device,
+) -> Result<(Box<dyn CausalLm>, TextTokenizer)> {
     base.check_task(Task::CausalLm)?;
     let tok = TextTokenizer::open(path)?;
     let adapters = adapters_of(adapter)?;
@@ -149,8 +158,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         return run_classifier(&args, &path, base);
     }
     let device = runtime::device(&args.device)?;
-    drop(base);
-    let (model, tok) = load_model(&path, args.adapter.as_deref(), &device)?;
+    let (model, tok) = load_opened(base, &path, args.adapter.as_deref(), &device)?;
     if let Some(labels) = &args.labels {
         let labels: Vec<String> = labels.iter().map(|l| l.trim().to_string()).collect();
         let set = choices::load(&args.data, format, &tok, &labels)?;
