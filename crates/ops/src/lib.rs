@@ -19,6 +19,7 @@
 pub mod adamw;
 pub mod attention;
 pub mod chunked_loss;
+pub mod column_scale;
 pub mod compare;
 pub mod cpu_gemm;
 #[cfg(feature = "cuda")]
@@ -27,6 +28,7 @@ pub mod dropout;
 pub mod frozen;
 pub mod fused;
 pub mod layers;
+pub mod linalg;
 pub mod lora;
 pub mod lora_any_device;
 pub mod lora_cpu;
