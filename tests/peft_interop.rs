@@ -34,22 +34,37 @@ fn eval_loss(adapter: Option<&str>) -> (f64, u64) {
     (v["loss"].as_f64().unwrap(), v["tokens"].as_u64().unwrap())
 }
 
+/// Plain LoRA, DoRA (magnitude vectors) and PiSSA (saved for the original base, rank 2r).
 #[test]
 fn peft_loads_lorakit_adapters_and_agrees_on_the_loss() {
     let e = expected();
-    let ours = &e["lorakit_adapter"];
-    assert_eq!(ours["missing_lora_keys"], serde_json::json!([]));
-    assert_eq!(ours["unexpected_keys"], serde_json::json!([]));
-    let (loss, tokens) = eval_loss(Some("tests/fixtures/trained/lorakit_adapter"));
-    assert_eq!(
-        tokens,
-        e["tokens"].as_u64().unwrap(),
-        "token counting differs from the reference"
-    );
-    let peft = ours["peft_loss"].as_f64().unwrap();
-    assert!((loss - peft).abs() <= 1e-4, "lorakit {loss} vs PEFT {peft}");
-    // and the adapter matters: it is far from the base loss
-    assert!(e["base_loss"].as_f64().unwrap() - peft > 1.0);
+    for name in [
+        "lorakit_adapter",
+        "lorakit_dora_adapter",
+        "lorakit_pissa_adapter",
+    ] {
+        let ours = &e[name];
+        assert_eq!(ours["missing_lora_keys"], serde_json::json!([]), "{name}");
+        assert_eq!(ours["unexpected_keys"], serde_json::json!([]), "{name}");
+        let (loss, tokens) = eval_loss(Some(&format!("tests/fixtures/trained/{name}")));
+        assert_eq!(
+            tokens,
+            e["tokens"].as_u64().unwrap(),
+            "token counting differs from the reference"
+        );
+        let peft = ours["peft_loss"].as_f64().unwrap();
+        assert!(
+            (loss - peft).abs() <= 1e-4,
+            "{name}: lorakit {loss} vs PEFT {peft}"
+        );
+        // and the adapter matters: it is far from the base loss
+        assert!(e["base_loss"].as_f64().unwrap() - peft > 1.0, "{name}");
+    }
+    let dora = std::fs::read_to_string(
+        root().join("tests/fixtures/trained/lorakit_dora_adapter/adapter_config.json"),
+    )
+    .unwrap();
+    assert!(dora.contains("\"use_dora\": true"), "{dora}");
 }
 
 #[test]

@@ -50,6 +50,8 @@ struct Shared {
     base_tensors: Mutex<Vec<(String, Tensor)>>,
     /// Tensors trained whole (`modules_to_save`), by full name.
     whole: Mutex<Vec<String>>,
+    /// A₀, B₀ of modules whose init rewrote the base, by module path.
+    initial: Mutex<BTreeMap<String, (Tensor, Tensor)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -75,6 +77,8 @@ pub struct BuildReport {
     pub warnings: Vec<String>,
     /// The LoRA variant of the wrapped modules (plain LoRA when `None`).
     pub variant: Option<Arc<dyn LoraVariant>>,
+    /// A₀, B₀ of modules whose init rewrote the base (PiSSA, OLoRA), by module path.
+    pub initial: BTreeMap<String, (Tensor, Tensor)>,
 }
 
 impl BuildReport {
@@ -131,7 +135,8 @@ impl BuildReport {
                     get(lora_key(&l.path, "B"))?,
                     info.scaling,
                 )
-                .with_variant(variant, extra);
+                .with_variant(variant, extra)
+                .with_initial(self.initial.get(&l.path).cloned());
                 Ok((l.path.clone(), low))
             })
             .collect()
@@ -154,6 +159,7 @@ impl<'a> LayerBuilder<'a> {
                 modules: Mutex::new(Vec::new()),
                 base_tensors: Mutex::new(Vec::new()),
                 whole: Mutex::new(Vec::new()),
+                initial: Mutex::new(BTreeMap::new()),
             }),
         })
     }
@@ -273,11 +279,19 @@ impl<'a> LayerBuilder<'a> {
             .selector
             .as_ref()
             .is_some_and(|s| s.matches(&self.path));
-        let (lora, info) = if wrapped {
+        let (lora, info, weight) = if wrapped {
             let (l, info) = self.low_rank(&weight, in_dim, out_dim)?;
-            (Some(l), Some(info))
+            // an init that rewrote the base: the layer runs on the residual
+            let weight = match &l.initial {
+                Some((a0, b0)) => {
+                    lock(&self.shared.initial).insert(self.path.clone(), (a0.clone(), b0.clone()));
+                    crate::residual::residual_weight(&weight, a0, b0, l.scaling)?
+                }
+                None => weight,
+            };
+            (Some(l), Some(info), weight)
         } else {
-            (None, None)
+            (None, None, weight)
         };
         lock(&self.shared.modules).push(LinearInfo {
             path: self.path.clone(),
@@ -362,13 +376,26 @@ impl<'a> LayerBuilder<'a> {
             }),
             Adapters::Loaded(a) => {
                 let info = a.config.for_module(&self.path);
-                let l = a
+                let mut l = a
                     .low_rank(&self.path, in_dim, out_dim, dev)?
                     .ok_or_else(|| AdapterError::MissingTensor {
                         file: a.weights_file(),
                         name: lora_key(&self.path, "A"),
                         why: "adapter_config.json targets this module".into(),
                     })?;
+                if l.variant.rewrites_base() {
+                    // saved in residual form: derive A₀, B₀ from this base again, as PEFT does
+                    if matches!(a.config.init(), crate::config::LoraInit::PissaNiter(_)) {
+                        return Err(AdapterError::Unsupported {
+                            file: a.dir.join(crate::peft_format::CONFIG_FILE).display().to_string(),
+                            key: "init_lora_weights".into(),
+                            value: format!("{:?}", a.config.init_lora_weights),
+                            feature: "an adapter in residual form from a randomized SVD (its A₀, B₀ cannot be derived again); save it for the original base (PEFT: path_initial_model_for_weight_conversion)".into(),
+                        });
+                    }
+                    let initial = crate::residual::initial_of(&*l.variant, weight, &l)?;
+                    l = l.with_initial(Some(initial));
+                }
                 Ok((l, info))
             }
             Adapters::Train {
@@ -383,6 +410,7 @@ impl<'a> LayerBuilder<'a> {
                 let key_a = lora_key(&self.path, "A");
                 let key_b = lora_key(&self.path, "B");
                 let extra_key = |which: &str| format!("{KEY_PREFIX}{}.{which}", self.path);
+                let mut initial = None;
                 // fresh tensors from the variant's init, unless a resumed run already holds them
                 if !vars.contains_key(&key_a) {
                     let uniform =
@@ -393,8 +421,12 @@ impl<'a> LayerBuilder<'a> {
                         scaling: info.scaling,
                         uniform: &uniform,
                         key_a: &key_a,
+                        seed: name_seed(*seed, &key_a),
                         device: dev,
                     })?;
+                    if variant.rewrites_base() {
+                        initial = Some((init.a.clone(), init.b.clone()));
+                    }
                     let own = init.extra.into_iter().map(|(w, t)| (extra_key(w), t));
                     for (key, t) in [(key_a.clone(), init.a), (key_b.clone(), init.b)]
                         .into_iter()
@@ -402,6 +434,37 @@ impl<'a> LayerBuilder<'a> {
                     {
                         vars.entry(key).or_insert(Var::from_tensor(&t)?);
                     }
+                } else if variant.rewrites_base() {
+                    // a checkpoint holds the adapter for the original base, [A; A₀] and
+                    // [B, −B₀]: split it back (exactly)
+                    let saved_a = vars[&key_a].as_tensor().clone();
+                    let saved_b =
+                        vars.get(&key_b)
+                            .map(|v| v.as_tensor().clone())
+                            .ok_or_else(|| AdapterError::MissingTensor {
+                                file: "resumed adapter state".into(),
+                                name: key_b.clone(),
+                                why: format!("{key_a} is present"),
+                            })?;
+                    if saved_a.dims() != [2 * info.r, in_dim]
+                        || saved_b.dims() != [out_dim, 2 * info.r]
+                    {
+                        return Err(AdapterError::ShapeMismatch {
+                            file: "resumed adapter state".into(),
+                            name: key_a,
+                            expected: vec![2 * info.r, in_dim],
+                            got: saved_a.dims().to_vec(),
+                            why: format!(
+                                "a {} checkpoint holds [A; A₀] for the original base",
+                                variant.name()
+                            ),
+                        });
+                    }
+                    let [a, b, a0, b0] =
+                        crate::residual::split_converted(&saved_a, &saved_b, info.r)?;
+                    vars.insert(key_a.clone(), Var::from_tensor(&a.contiguous()?)?);
+                    vars.insert(key_b.clone(), Var::from_tensor(&b.contiguous()?)?);
+                    initial = Some((a0.contiguous()?, b0.contiguous()?));
                 }
                 let fetch = |key: String, shape: Vec<usize>| -> Result<Tensor> {
                     let t = vars
@@ -435,7 +498,8 @@ impl<'a> LayerBuilder<'a> {
                 });
                 let low = LowRank::new(a, b, info.scaling)
                     .with_dropout(dropout)
-                    .with_variant(variant, extra);
+                    .with_variant(variant, extra)
+                    .with_initial(initial);
                 Ok((low, info))
             }
         }
@@ -502,16 +566,22 @@ impl<'a> LayerBuilder<'a> {
                 Adapters::Loaded(a) => Some(a.config.variant()),
                 Adapters::None => None,
             },
+            initial: lock(&self.shared.initial).clone(),
         })
     }
 }
 
-/// Deterministic U(-bound, bound) values for one tensor: SplitMix64 seeded by the run seed and
-/// the tensor's name, so initialisation does not depend on construction order or thread.
-fn seeded_uniform(seed: u64, name: &str, n: usize, bound: f64) -> Vec<f32> {
-    let mut state = name.bytes().fold(0xcbf2_9ce4_8422_2325u64 ^ seed, |h, b| {
+/// The run seed mixed with a tensor's name (FNV-1a), so draws do not depend on construction
+/// order or thread.
+fn name_seed(seed: u64, name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64 ^ seed, |h, b| {
         (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    });
+    })
+}
+
+/// Deterministic U(-bound, bound) values for one tensor: SplitMix64 seeded by [`name_seed`].
+fn seeded_uniform(seed: u64, name: &str, n: usize, bound: f64) -> Vec<f32> {
+    let mut state = name_seed(seed, name);
     (0..n)
         .map(|_| {
             state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);

@@ -82,6 +82,72 @@ pub struct LoraConfig {
     pub task_type: Option<String>,
     #[serde(default)]
     pub base_model_name_or_path: Option<String>,
+    /// DoRA: a trained magnitude per output row ([`crate::dora`]).
+    #[serde(default)]
+    pub use_dora: bool,
+    /// How A and B start: `true` (Kaiming-uniform A, zero B), or an initialisation from the base
+    /// weight that rewrites it to a residual (`"pissa"`, `"pissa_niter_N"`, `"olora"`).
+    #[serde(default)]
+    pub init_lora_weights: InitLoraWeights,
+}
+
+/// PEFT's `init_lora_weights`: a boolean or the name of an initialisation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum InitLoraWeights {
+    Bool(bool),
+    Method(String),
+}
+
+impl Default for InitLoraWeights {
+    fn default() -> Self {
+        InitLoraWeights::Bool(true)
+    }
+}
+
+/// The initialisations lorakit implements, from [`InitLoraWeights`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum LoraInit {
+    /// `true`: Kaiming-uniform A, zero B.
+    Default,
+    /// `false`, `"gaussian"`, `"eva"`, `"orthogonal"`: other starting values of plain LoRA; they only matter when
+    /// training starts, so a saved adapter that names them loads as plain LoRA.
+    OtherPlain,
+    /// `"pissa"`: A, B from the exact SVD of W.
+    Pissa,
+    /// `"pissa_niter_N"`: from a randomized SVD with N power iterations.
+    PissaNiter(usize),
+    /// `"olora"`: A, B from the QR decomposition of W.
+    Olora,
+}
+
+impl InitLoraWeights {
+    /// The initialisation this names, or a description of why lorakit cannot take it.
+    pub fn parse(&self) -> std::result::Result<LoraInit, String> {
+        let name = match self {
+            InitLoraWeights::Bool(true) => return Ok(LoraInit::Default),
+            InitLoraWeights::Bool(false) => return Ok(LoraInit::OtherPlain),
+            InitLoraWeights::Method(s) => s.to_ascii_lowercase(),
+        };
+        if ["gaussian", "eva", "orthogonal"].contains(&name.as_str()) {
+            return Ok(LoraInit::OtherPlain);
+        }
+        if name == "pissa" {
+            return Ok(LoraInit::Pissa);
+        }
+        if name == "olora" {
+            return Ok(LoraInit::Olora);
+        }
+        if let Some(n) = name.strip_prefix("pissa_niter_") {
+            return n
+                .parse::<usize>()
+                .map(LoraInit::PissaNiter)
+                .map_err(|_| format!("\"{name}\": expected pissa_niter_N with N a whole number"));
+        }
+        Err(format!(
+            "\"{name}\" is not an initialisation lorakit implements (true, \"pissa\", \"pissa_niter_N\", \"olora\"; a saved adapter may also say false or \"gaussian\")"
+        ))
+    }
 }
 
 fn default_r() -> usize {
@@ -111,6 +177,8 @@ impl Default for LoraConfig {
             modules_to_save: None,
             task_type: None,
             base_model_name_or_path: None,
+            use_dora: false,
+            init_lora_weights: InitLoraWeights::default(),
         }
     }
 }
@@ -130,9 +198,7 @@ const INERT_KEYS: &[&str] = &[
     "auto_mapping",
     "revision",
     "inference_mode",
-    "init_lora_weights",
     "fan_in_fan_out",
-    "use_dora",
     "lora_bias",
     "megatron_config",
     "megatron_core",
@@ -162,7 +228,6 @@ const INERT_KEYS: &[&str] = &[
 fn switched_on_feature(key: &str, value: &Value) -> Option<&'static str> {
     let truthy = !is_default_like(value);
     match key {
-        "use_dora" if value == &Value::Bool(true) => Some("DoRA (weight-decomposed LoRA)"),
         "lora_bias" if value == &Value::Bool(true) => Some("trainable LoRA bias (lora_bias)"),
         "fan_in_fan_out" if value == &Value::Bool(true) => {
             Some("transposed (Conv1D-style) weights")
@@ -179,11 +244,11 @@ fn switched_on_feature(key: &str, value: &Value) -> Option<&'static str> {
         "monteclora_config" if truthy => Some("MonteCLoRA"),
         "init_lora_weights" => match value.as_str() {
             Some(s)
-                if ["pissa", "olora", "corda", "loftq", "lora_ga"]
+                if ["corda", "loftq", "lora_ga"]
                     .iter()
                     .any(|p| s.to_ascii_lowercase().starts_with(p)) =>
             {
-                Some("an initialisation that rewrites the base weights (PiSSA/OLoRA/CorDA/LoftQ/LoRA-GA); convert the adapter to plain LoRA first")
+                Some("an initialisation that rewrites the base weights (CorDA/LoftQ/LoRA-GA); convert the adapter to plain LoRA first")
             }
             _ => None,
         },
@@ -220,6 +285,8 @@ pub const LORA_FIELDS: &[&str] = &[
     "modules_to_save",
     "task_type",
     "base_model_name_or_path",
+    "use_dora",
+    "init_lora_weights",
 ];
 
 impl LoraConfig {
@@ -301,6 +368,24 @@ impl LoraConfig {
         };
         if self.r == 0 {
             return Err(bad("r", "rank must be at least 1".into()));
+        }
+        let init = self
+            .init_lora_weights
+            .parse()
+            .map_err(|m| bad("init_lora_weights", m))?;
+        if self.use_dora
+            && matches!(
+                init,
+                LoraInit::Pissa | LoraInit::PissaNiter(_) | LoraInit::Olora
+            )
+        {
+            return Err(bad(
+                "init_lora_weights",
+                format!(
+                    "{:?} together with use_dora: true is not supported; choose one",
+                    self.init_lora_weights
+                ),
+            ));
         }
         if !self.lora_alpha.is_finite() {
             return Err(bad("lora_alpha", "must be a finite number".into()));
@@ -384,7 +469,20 @@ impl LoraConfig {
     /// The LoRA variant every module of this adapter uses (plain LoRA; a variant's config field
     /// selects it here).
     pub fn variant(&self) -> std::sync::Arc<dyn crate::variant::LoraVariant> {
-        crate::variant::lora()
+        if self.use_dora {
+            return std::sync::Arc::new(crate::dora::Dora);
+        }
+        match self.init() {
+            LoraInit::Pissa => std::sync::Arc::new(crate::pissa::Pissa { niter: None }),
+            LoraInit::PissaNiter(n) => std::sync::Arc::new(crate::pissa::Pissa { niter: Some(n) }),
+            LoraInit::Olora => std::sync::Arc::new(crate::olora::Olora),
+            LoraInit::Default | LoraInit::OtherPlain => crate::variant::lora(),
+        }
+    }
+
+    /// The initialisation (`validate` has refused the ones lorakit does not implement).
+    pub fn init(&self) -> LoraInit {
+        self.init_lora_weights.parse().unwrap_or(LoraInit::Default)
     }
 
     /// The JSON PEFT writes for this config: the standard keys only (older PEFT versions refuse
@@ -421,7 +519,13 @@ impl LoraConfig {
         put("bias", self.bias.clone().into());
         put("fan_in_fan_out", false.into());
         put("inference_mode", true.into());
-        put("init_lora_weights", true.into());
+        put(
+            "init_lora_weights",
+            serde_json::to_value(&self.init_lora_weights).unwrap_or(Value::Bool(true)),
+        );
+        if self.use_dora {
+            put("use_dora", true.into());
+        }
         put("rank_pattern", Value::Object(self.rank_pattern.clone()));
         put("alpha_pattern", Value::Object(self.alpha_pattern.clone()));
         put(
@@ -504,10 +608,10 @@ mod tests {
     #[test]
     fn switched_on_features_are_refused_by_key() {
         for (key, value) in [
-            ("use_dora", json!(true)),
             ("lora_bias", json!(true)),
-            ("init_lora_weights", json!("pissa_niter_4")),
-            ("init_lora_weights", json!("olora")),
+            ("init_lora_weights", json!("corda")),
+            ("init_lora_weights", json!("loftq")),
+            ("init_lora_weights", json!("pissa_niter_x")),
             ("fan_in_fan_out", json!(true)),
             ("bias", json!("all")),
             ("peft_type", json!("IA3")),
@@ -518,6 +622,37 @@ mod tests {
             assert!(err.contains(key), "{err}");
             assert!(err.contains("adapter_config.json"), "{err}");
         }
+    }
+
+    #[test]
+    fn variants_are_read_and_written_as_peft_names_them() {
+        for (init, want) in [
+            (json!(true), LoraInit::Default),
+            (json!(false), LoraInit::OtherPlain),
+            (json!("gaussian"), LoraInit::OtherPlain),
+            (json!("pissa"), LoraInit::Pissa),
+            (json!("pissa_niter_16"), LoraInit::PissaNiter(16)),
+            (json!("olora"), LoraInit::Olora),
+        ] {
+            let (c, w) =
+                parse(json!({"r": 4, "target_modules": ["q_proj"], "init_lora_weights": init}))
+                    .unwrap();
+            assert!(w.is_empty());
+            assert_eq!(c.init(), want);
+            let back = c.to_peft_json();
+            assert_eq!(back["init_lora_weights"], init);
+        }
+        let (c, _) =
+            parse(json!({"r": 4, "target_modules": ["q_proj"], "use_dora": true})).unwrap();
+        assert_eq!(c.variant().name(), "dora");
+        assert_eq!(c.to_peft_json()["use_dora"], json!(true));
+        let err = parse(json!({"r": 4, "target_modules": ["q_proj"], "use_dora": true, "init_lora_weights": "pissa"}))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("init_lora_weights") && err.contains("use_dora"),
+            "{err}"
+        );
     }
 
     #[test]

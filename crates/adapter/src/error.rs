@@ -28,6 +28,14 @@ pub enum AdapterError {
         feature: String,
     },
 
+    #[error("{file}: a {variant} adapter cannot be exported for {target}, which reads plain LoRA only (it rejects `{tensor}`); merge first (`lorakit merge`), then share the merged model")]
+    NotPlainLora {
+        file: String,
+        variant: String,
+        tensor: String,
+        target: String,
+    },
+
     #[error("LoRA target entr{} {} matched no module of the model (linear modules are e.g. {})",
         if entries.len() == 1 { "y" } else { "ies" }, entries.join(", "), examples.join(", "))]
     NoTargetMatched {

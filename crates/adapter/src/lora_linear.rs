@@ -7,7 +7,7 @@ use lorakit_ops::dropout::Dropout;
 use lorakit_ops::frozen::{frozen_add, frozen_matmul};
 use lorakit_ops::lora_cpu;
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// The trainable (or loaded) adapter tensors of one module: the low-rank pair, and whatever the
 /// variant adds.
@@ -21,6 +21,12 @@ pub struct LowRank {
     pub variant: Arc<dyn LoraVariant>,
     /// The variant's own tensors, by [`LoraVariant::extra_tensors`] name.
     pub extra: BTreeMap<&'static str, Tensor>,
+    /// A₀ and B₀ of an initialisation that rewrote the base to `W − s·B₀·A₀`
+    /// ([`LoraVariant::rewrites_base`]); saving turns the adapter into one for the original base.
+    pub initial: Option<(Tensor, Tensor)>,
+    /// Values the variant derives and keeps between passes ([`LowRank::remembered`]); shared
+    /// by clones.
+    memo: Arc<Mutex<BTreeMap<&'static str, Tensor>>>,
 }
 
 impl LowRank {
@@ -33,7 +39,38 @@ impl LowRank {
             dropout: None,
             variant: crate::variant::lora(),
             extra: BTreeMap::new(),
+            initial: None,
+            memo: Default::default(),
         }
+    }
+
+    pub fn with_initial(mut self, initial: Option<(Tensor, Tensor)>) -> Self {
+        self.initial = initial;
+        self
+    }
+
+    /// The value `make` computes, kept under `key` while `keep` holds: a variant keeps what it
+    /// derives from frozen tensors always, and what it derives from the adapter's own tensors
+    /// only across inference passes (`keep = !train`). Sound because the adapter's tensors change
+    /// only in an optimizer step, which follows a training pass, which drops the value.
+    pub fn remembered(
+        &self,
+        key: &'static str,
+        keep: bool,
+        make: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        // the lock is not held while `make` runs (it may remember values of its own)
+        let memo = || self.memo.lock().unwrap_or_else(|p| p.into_inner());
+        if !keep {
+            memo().remove(key);
+            return make();
+        }
+        if let Some(t) = memo().get(key) {
+            return Ok(t.clone());
+        }
+        let t = make()?;
+        memo().insert(key, t.clone());
+        Ok(t)
     }
 
     pub fn with_dropout(mut self, dropout: Option<Dropout>) -> Self {
@@ -159,7 +196,7 @@ impl LoraLinear {
         } else {
             None
         };
-        add_bias(l.variant.forward(&x, &self.weight, wt, l, mask)?)
+        add_bias(l.variant.forward(&x, &self.weight, wt, l, mask, train)?)
     }
 }
 

@@ -128,12 +128,11 @@ impl PeftAdapter {
                     .insert(which, t);
                 continue;
             }
-            if rest.contains("lora_magnitude_vector") {
-                return Err(AdapterError::Unsupported {
+            if rest.contains(crate::dora::MAGNITUDE) {
+                return Err(AdapterError::BadTensor {
                     file: file.clone(),
-                    key: name.into(),
-                    value: "present".into(),
-                    feature: "DoRA (the adapter stores magnitude vectors)".into(),
+                    name: name.into(),
+                    message: "a DoRA magnitude vector, but adapter_config.json does not say use_dora: true".into(),
                 });
             }
             if rest.contains("lora_embedding_") {
@@ -244,6 +243,27 @@ impl PeftAdapter {
         })
     }
 
+    /// Refuses, naming the variant's tensor and "merge first", an adapter that is not plain
+    /// LoRA on disk (DoRA's magnitudes), for an exporter to a format `target` that reads plain
+    /// LoRA only.
+    pub fn check_plain_lora(&self, target: &str) -> Result<()> {
+        let variant = self.config.variant();
+        let tensor = if variant.rewrites_base() {
+            // residual form: A and B apply to W − s·B₀·A₀, not to the base the target loads
+            "init_lora_weights (an adapter for the residual base)".to_string()
+        } else if !variant.saved_as_plain_lora() {
+            variant.extra_tensors().join(", ")
+        } else {
+            return Ok(());
+        };
+        Err(AdapterError::NotPlainLora {
+            file: self.dir.join(CONFIG_FILE).display().to_string(),
+            variant: variant.name().into(),
+            tensor,
+            target: target.into(),
+        })
+    }
+
     /// The weights file, for messages.
     pub fn weights_file(&self) -> String {
         self.dir.join(WEIGHTS_FILE).display().to_string()
@@ -340,6 +360,24 @@ pub fn save_adapter_with(
     metadata: &HashMap<String, String>,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| AdapterError::io(dir, e))?;
+    // modules trained on a residual base are saved for the original base (`crate::residual`)
+    let converted;
+    let (config, modules) = if modules.iter().any(|(_, l)| l.initial.is_some()) {
+        let mut out = Vec::with_capacity(modules.len());
+        for (m, l) in modules {
+            out.push(match &l.initial {
+                Some((a0, b0)) => (
+                    m.clone(),
+                    crate::residual::module_for_original_base(l, a0, b0)?,
+                ),
+                None => (m.clone(), l.clone()),
+            });
+        }
+        converted = (crate::residual::config_for_original_base(config), out);
+        (&converted.0, converted.1.as_slice())
+    } else {
+        (config, modules)
+    };
     let mut tensors: Vec<(String, Tensor)> = Vec::with_capacity(modules.len() * 2);
     for (key, t) in whole {
         let t = t
@@ -439,6 +477,34 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    /// DoRA adapters are refused by exporters that read plain LoRA; PiSSA adapters, saved for
+    /// the original base as plain LoRA, are not.
+    #[test]
+    fn only_plain_lora_on_disk_passes_the_exporters_check() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/peft/variants/adapters");
+        let dora = PeftAdapter::load(&fixtures.join("dora")).unwrap();
+        let err = dora.check_plain_lora("llama.cpp").unwrap_err().to_string();
+        assert!(
+            err.contains("merge first")
+                && err.contains("lora_magnitude_vector")
+                && err.contains("dora"),
+            "{err}"
+        );
+        for ok in ["pissa_converted", "olora_converted"] {
+            PeftAdapter::load(&fixtures.join(ok))
+                .unwrap()
+                .check_plain_lora("llama.cpp")
+                .unwrap();
+        }
+        let residual = PeftAdapter::load(&fixtures.join("pissa_residual")).unwrap();
+        let err = residual.check_plain_lora("vLLM").unwrap_err().to_string();
+        assert!(
+            err.contains("residual") && err.contains("merge first"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub struct InitInput<'a> {
     pub uniform: &'a dyn Fn(&str, usize, f64) -> Vec<f32>,
     /// PEFT key of A; other tensors' keys follow from the module path.
     pub key_a: &'a str,
+    /// Seeds a random draw of the variant's own (a function of the run's seed and the module).
+    pub seed: u64,
     pub device: &'a Device,
 }
 
@@ -41,9 +43,23 @@ pub trait LoraVariant: Send + Sync + std::fmt::Debug {
         &[]
     }
 
+    /// Whether the saved adapter is plain LoRA (A and B only), which tools that implement
+    /// nothing else (llama.cpp's GGUF adapters, vLLM) can take; exporters check
+    /// [`crate::PeftAdapter::check_plain_lora`].
+    fn saved_as_plain_lora(&self) -> bool {
+        self.extra_tensors().is_empty()
+    }
+
     /// The shape of extra tensor `name` for a base layer `[out_dim, in_dim]`.
     fn extra_shape(&self, _name: &str, _in_dim: usize, out_dim: usize) -> Vec<usize> {
         vec![out_dim]
+    }
+
+    /// Whether [`init`](Self::init) derives A and B from the base weight and training runs on
+    /// the residual `W − s·B₀·A₀` (PiSSA, OLoRA) — so the model starts where the base is. Such
+    /// an adapter is saved for the original base ([`crate::residual`]).
+    fn rewrites_base(&self) -> bool {
+        false
     }
 
     /// Initial A `[r, in]`, B `[out, r]` and extra tensors. LoRA: Kaiming-uniform A (as PEFT's
@@ -60,7 +76,8 @@ pub trait LoraVariant: Send + Sync + std::fmt::Debug {
     }
 
     /// The layer's output without bias: `x·Wᵀ` plus the update. `weight_t` is W's transposed
-    /// CPU copy when one exists; `dropout` is this step's mask (training only).
+    /// CPU copy when one exists; `dropout` is this step's mask; `train` says whether this is a
+    /// training pass (the adapter's tensors may change after it, see [`LowRank::remembered`]).
     fn forward(
         &self,
         x: &Tensor,
@@ -68,9 +85,11 @@ pub trait LoraVariant: Send + Sync + std::fmt::Debug {
         weight_t: Option<&Tensor>,
         low: &LowRank,
         dropout: Option<DropoutMask>,
+        train: bool,
     ) -> Result<Tensor>;
 
-    /// The dense f32 weight with the update folded in (`lorakit merge`, merged backends).
+    /// The dense f32 weight with the update folded in (`lorakit merge`, merged backends), for
+    /// the original base weight `weight`.
     fn merged_weight(&self, weight: &Tensor, low: &LowRank) -> Result<Tensor>;
 }
 
@@ -91,6 +110,7 @@ impl LoraVariant for Lora {
         weight_t: Option<&Tensor>,
         low: &LowRank,
         dropout: Option<DropoutMask>,
+        _train: bool,
     ) -> Result<Tensor> {
         lora_forward(x, weight, weight_t, &low.a, &low.b, low.scaling, dropout)
     }
@@ -130,6 +150,7 @@ mod tests {
             _: Option<&Tensor>,
             low: &LowRank,
             _: Option<DropoutMask>,
+            _: bool,
         ) -> Result<Tensor> {
             let u = x.matmul(&low.a.t()?)?.matmul(&low.b.t()?)?;
             let update = (u.broadcast_mul(&low.extra["lora_row_scale"])? * low.scaling)?;

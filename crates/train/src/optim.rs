@@ -7,6 +7,9 @@ use std::collections::BTreeMap;
 pub struct AdamW {
     /// Sorted by name so every pass visits variables in the same order.
     vars: Vec<(String, Var)>,
+    /// Per variable: its learning rate as a multiple of the step's, and whether weight decay
+    /// applies ([`AdamW::with_loraplus`]; 1 and yes by default).
+    groups: Vec<ParamGroup>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
     pub step: usize,
@@ -16,7 +19,40 @@ pub struct AdamW {
     pub weight_decay: f64,
 }
 
+/// How one variable is updated.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ParamGroup {
+    pub lr_scale: f64,
+    pub decays: bool,
+}
+
+/// LoRA+ (Hayou et al. 2024) as PEFT's `create_loraplus_optimizer` groups parameters: `lora_B`
+/// matrices and every 1-D tensor (DoRA magnitudes, trained biases) at `lr · ratio`, the rest
+/// (`lora_A`, trained weight matrices) at `lr`; names containing `bias` get no weight decay.
+pub fn loraplus_group(name: &str, rank: usize, ratio: f64) -> ParamGroup {
+    let fast = name.contains("lora_B") || rank == 1;
+    ParamGroup {
+        lr_scale: if fast { ratio } else { 1.0 },
+        decays: !name.contains("bias"),
+    }
+}
+
 impl AdamW {
+    /// Groups the variables as LoRA+ does ([`loraplus_group`]).
+    pub fn with_loraplus(mut self, ratio: f64) -> Self {
+        self.groups = self
+            .vars
+            .iter()
+            .map(|(n, v)| loraplus_group(n, v.rank(), ratio))
+            .collect();
+        self
+    }
+
+    /// Each variable's group, in [`vars`](Self::vars) order.
+    pub fn groups(&self) -> &[ParamGroup] {
+        &self.groups
+    }
+
     pub fn new(vars: BTreeMap<String, Var>, weight_decay: f64) -> Result<Self> {
         let vars: Vec<(String, Var)> = vars.into_iter().collect();
         let zeros = |v: &Var| v.zeros_like();
@@ -28,8 +64,16 @@ impl AdamW {
             .iter()
             .map(|(_, v)| zeros(v))
             .collect::<Result<Vec<_>>>()?;
+        let groups = vec![
+            ParamGroup {
+                lr_scale: 1.0,
+                decays: true
+            };
+            vars.len()
+        ];
         Ok(AdamW {
             vars,
+            groups,
             m,
             v,
             step: 0,
@@ -69,16 +113,19 @@ impl AdamW {
         let (b1, b2) = (self.beta1, self.beta2);
         let c1 = 1.0 - b1.powi(t);
         let c2 = 1.0 - b2.powi(t);
-        let fused = AdamWStep {
-            lr,
-            beta1: b1,
-            beta2: b2,
-            eps: self.eps,
-            weight_decay: self.weight_decay,
-            c1,
-            c2,
-        };
         for (i, (_, var)) in self.vars.iter().enumerate() {
+            let group = self.groups[i];
+            let lr = lr * group.lr_scale;
+            let weight_decay = if group.decays { self.weight_decay } else { 0.0 };
+            let fused = AdamWStep {
+                lr,
+                beta1: b1,
+                beta2: b2,
+                eps: self.eps,
+                weight_decay,
+                c1,
+                c2,
+            };
             // a gradient that still carries a graph would chain every step's graph into the
             // moments and keep it alive
             let g = &grads[i].detach();
@@ -90,8 +137,8 @@ impl AdamW {
             let m = ((&self.m[i] * b1)? + (g * (1.0 - b1))?)?;
             let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let theta = var.as_tensor();
-            let decayed = if self.weight_decay > 0.0 {
-                (theta * (1.0 - lr * self.weight_decay))?
+            let decayed = if weight_decay > 0.0 {
+                (theta * (1.0 - lr * weight_decay))?
             } else {
                 theta.clone()
             };

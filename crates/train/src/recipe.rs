@@ -128,12 +128,22 @@ pub struct TrainSection {
     /// backward pass: activation memory of one layer instead of all, for one more forward pass.
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// LoRA+: B matrices and 1-D tensors learn at `learning_rate` × this (PEFT's
+    /// `loraplus_lr_ratio`; the LoRA+ paper suggests 16).
+    #[serde(default)]
+    pub loraplus_lr_ratio: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct OutputSection {
     pub dir: PathBuf,
+    /// PiSSA / OLoRA: save the final adapter in residual form (rank r, `init_lora_weights`
+    /// naming the method), which applies to the base the initialisation rewrote — PEFT and
+    /// lorakit derive it again when loading. By default the adapter is converted to plain LoRA
+    /// of rank 2r for the original base, which every tool reads.
+    #[serde(default)]
+    pub residual_form: bool,
 }
 
 fn auto() -> String {
@@ -188,6 +198,7 @@ impl Default for TrainSection {
             early_stopping_patience: None,
             log_every: one(),
             gradient_checkpointing: false,
+            loraplus_lr_ratio: None,
         }
     }
 }
@@ -228,9 +239,10 @@ const SECTIONS: &[(&str, &[&str])] = &[
             "early_stopping_patience",
             "log_every",
             "gradient_checkpointing",
+            "loraplus_lr_ratio",
         ],
     ),
-    ("output", &["dir"]),
+    ("output", &["dir", "residual_form"]),
 ];
 
 /// Builds a recipe error for a field, with the line the field's key is on.
@@ -463,6 +475,31 @@ impl Recipe {
             }
             other => bad.at("lora", other.to_string()),
         })?;
+        use lorakit_adapter::config::LoraInit;
+        let init = self.lora.init();
+        if init == LoraInit::OtherPlain {
+            return Err(bad.at(
+                "lora.init_lora_weights",
+                format!(
+                    "{:?} is read in saved adapters but not used for training; use true (Kaiming-uniform A, zero B), \"pissa\", \"pissa_niter_N\" or \"olora\"",
+                    self.lora.init_lora_weights
+                ),
+            ));
+        }
+        if self.output.residual_form && !matches!(init, LoraInit::Pissa | LoraInit::Olora) {
+            return Err(bad.at(
+                "output.residual_form",
+                "applies to lora.init_lora_weights: \"pissa\" or \"olora\" (a randomized pissa_niter_N residual cannot be derived again when loading)".into(),
+            ));
+        }
+        if let Some(r) = self.train.loraplus_lr_ratio {
+            if !(r > 0.0 && r.is_finite()) {
+                return Err(bad.at(
+                    "train.loraplus_lr_ratio",
+                    format!("must be a positive number (16 in the LoRA+ paper), got {r}"),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -815,6 +852,46 @@ mod tests {
         // the resolved recipe parses back to itself
         let again = Recipe::parse(&r.to_yaml(), "resolved.yaml", &[]).unwrap();
         assert_eq!(again, r);
+    }
+
+    #[test]
+    fn variant_settings_parse_and_bad_ones_name_their_field() {
+        let d = tempfile::tempdir().unwrap();
+        let with = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            Recipe::parse(&minimal(d.path()), "r.yaml", &sets)
+        };
+        let r = with(&["lora.use_dora=true", "train.loraplus_lr_ratio=16"]).unwrap();
+        assert!(r.lora.use_dora);
+        assert_eq!(r.train.loraplus_lr_ratio, Some(16.0));
+        assert_eq!(r.lora.variant().name(), "dora");
+        let r = with(&["lora.init_lora_weights=pissa_niter_4"]).unwrap();
+        assert_eq!(
+            r.lora.init(),
+            lorakit_adapter::config::LoraInit::PissaNiter(4)
+        );
+        for (sets, field) in [
+            (
+                &["lora.init_lora_weights=false"][..],
+                "lora.init_lora_weights",
+            ),
+            (
+                &["lora.init_lora_weights=corda"][..],
+                "lora.init_lora_weights",
+            ),
+            (
+                &["lora.init_lora_weights=olora", "lora.use_dora=true"][..],
+                "lora.init_lora_weights",
+            ),
+            (
+                &["train.loraplus_lr_ratio=0"][..],
+                "train.loraplus_lr_ratio",
+            ),
+            (&["output.residual_form=true"][..], "output.residual_form"),
+        ] {
+            let e = with(sets).unwrap_err().to_string();
+            assert!(e.contains(field), "{sets:?}: {e}");
+        }
     }
 
     #[test]

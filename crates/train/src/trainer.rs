@@ -451,6 +451,9 @@ pub fn train(
         .collect();
     let trainable: usize = vars.values().map(|v| v.elem_count()).sum();
     let mut opt = AdamW::new(vars, t.weight_decay)?;
+    if let Some(ratio) = t.loraplus_lr_ratio {
+        opt = opt.with_loraplus(ratio);
+    }
     if let Some(o) = &optimizer_state {
         opt.load_state(o, state.step).map_err(TrainError::Resume)?;
     }
@@ -462,12 +465,16 @@ pub fn train(
         .warmup_steps
         .unwrap_or_else(|| (t.warmup_ratio.unwrap_or(0.0) * total as f64).round() as usize);
     reporter.message(&format!(
-        "model {} ({}, {:?} on {}), {} adapted modules, {} trainable parameters; {} train / {} eval examples ({} truncated to {} tokens); {} steps ({} per epoch)",
+        "model {} ({}, {:?} on {}), {} adapted modules ({}{}), {} trainable parameters; {} train / {} eval examples ({} truncated to {} tokens); {} steps ({} per epoch)",
         recipe.model.path.display(),
         model.arch(),
         dtype,
         if device.is_cuda() { "cuda" } else { "cpu" },
         report.wrapped().count(),
+        report.variant.as_ref().map(|v| v.name()).unwrap_or("lora"),
+        t.loraplus_lr_ratio
+            .map(|r| format!(", LoRA+ ratio {r}"))
+            .unwrap_or_default(),
         trainable,
         n,
         eval_ds.as_ref().map(|d| d.examples.len()).unwrap_or(0),
@@ -489,7 +496,14 @@ pub fn train(
         );
     }
     let save_to = |dir: &Path| -> Result<()> {
-        let modules = report.trained_modules(&varmap)?;
+        let mut modules = report.trained_modules(&varmap)?;
+        if recipe.output.residual_form {
+            // without A₀, B₀ the adapter is saved as trained, for the residual base
+            modules = modules
+                .into_iter()
+                .map(|(m, l)| (m, l.with_initial(None)))
+                .collect();
+        }
         let whole = report.trained_whole(&varmap)?;
         let tmp = AtomicDir::create(dir, true)?;
         save_adapter_with(tmp.path(), &recipe.lora, &modules, &whole, &metadata)?;
