@@ -7,6 +7,7 @@
 //!
 //!   cargo bench --bench train_throughput -- PRESET [BATCH SEQ STEPS] [--device cpu|cuda] [--dtype f32|bf16]
 //!       [--checkpointing] (activation checkpointing) [--full-logits] (unchunked output head)
+//!       [--dora] (DoRA adapters)
 //!   presets: tiny (hidden 64, 2 layers), small (hidden 512, 8 layers, 8/4 heads, vocab 32000),
 //!            1b (TinyLlama-1.1B's shape: hidden 2048, 22 layers, 32/4 heads, 5632, vocab 32000)
 use candle_core::{DType, Device, Tensor};
@@ -195,9 +196,11 @@ fn main() -> anyhow::Result<()> {
         };
         tensors.insert(n, Tensor::from_vec(v, s, &device)?.to_dtype(dtype)?);
     }
+    let dora = args.iter().any(|a| a == "--dora");
     let mut lora = LoraConfig {
         r: 16,
         lora_alpha: 32.0,
+        use_dora: dora,
         ..LoraConfig::default()
     };
     lora.target_modules = Some(ModuleSpec::List(
@@ -319,7 +322,7 @@ fn main() -> anyhow::Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "impl": "lorakit", "preset": name, "batch": batch, "seq": seq, "steps": steps,
+            "impl": if dora { "lorakit+dora" } else { "lorakit" }, "preset": name, "batch": batch, "seq": seq, "steps": steps,
             "device": if device.is_cuda() { "cuda" } else { "cpu" }, "dtype": format!("{dtype:?}"),
             "trainable_params": trainable,
             "tokens_per_s": tokens / secs, "ms_per_step": 1e3 * secs / steps as f64,

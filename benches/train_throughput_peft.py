@@ -2,7 +2,7 @@
 random-initialised Llama of the preset's shape, LoRA r 16 / alpha 32 on q,k,v,o,gate,up,down,
 AdamW lr 2e-4 over the adapter (f32), loss on every position. Prints one JSON line.
 
-    python benches/train_throughput_peft.py PRESET [BATCH SEQ STEPS] [--device cpu|cuda] [--dtype f32|bf16] [--compile] [--checkpointing]
+    python benches/train_throughput_peft.py PRESET [BATCH SEQ STEPS] [--device cpu|cuda] [--dtype f32|bf16] [--compile] [--checkpointing] [--dora]
 
 Versions used for the issue's anchor: torch 2.11.0, transformers 5.17.0, peft 0.21.0
 (`pip install torch transformers peft`). Threads: torch's default (all cores).
@@ -34,8 +34,9 @@ def main():
             del args[i : i + 2]
     compile_ = "--compile" in args
     checkpointing = "--checkpointing" in args
+    dora = "--dora" in args
     # --full-logits selects lorakit's unchunked loss; transformers always builds full logits
-    args = [a for a in args if a not in ("--compile", "--checkpointing", "--full-logits")]
+    args = [a for a in args if a not in ("--compile", "--checkpointing", "--full-logits", "--dora")]
     name = args[0] if args else "small"
     batch, seq, steps = [int(x) for x in (args[1:4] + ["2", "128", "5"][len(args[1:4]):])]
     h, layers, heads, kv, inter, vocab = PRESETS[name]
@@ -48,7 +49,8 @@ def main():
     model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lcfg = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lcfg = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                      use_dora=dora)
     model = get_peft_model(model, lcfg)
     for n, p in model.named_parameters():
         if p.requires_grad:
@@ -81,7 +83,7 @@ def main():
     secs = time.time() - t
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({
-        "impl": "pytorch+peft" + ("+compile" if compile_ else "") + ("+checkpointing" if checkpointing else ""), "preset": name, "batch": batch, "seq": seq,
+        "impl": "pytorch+peft" + ("+compile" if compile_ else "") + ("+checkpointing" if checkpointing else "") + ("+dora" if dora else ""), "preset": name, "batch": batch, "seq": seq,
         "steps": steps, "device": device, "dtype": str(dtype).replace("torch.", ""),
         "trainable_params": sum(p.numel() for p in params),
         "tokens_per_s": batch * seq * steps / secs, "ms_per_step": 1e3 * secs / steps,
