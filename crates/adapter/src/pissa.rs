@@ -3,13 +3,10 @@
 //! `s·B₀·A₀` is W's best rank-r approximation, and training runs on the residual
 //! ([`crate::residual`]). `pissa` takes the exact leading triplets; `pissa_niter_N` the
 //! randomized SVD with N power iterations (`torch.svd_lowrank`'s method, seeded per module).
-use crate::lora_linear::LowRank;
 use crate::residual;
 use crate::variant::{InitInput, Initial, LoraVariant};
-use candle_core::{Result, Tensor};
-use lorakit_ops::dropout::DropoutMask;
+use candle_core::Result;
 use lorakit_ops::linalg::{randomized_svd, top_singular, Mat};
-use lorakit_ops::lora::lora_forward;
 
 #[derive(Debug)]
 pub struct Pissa {
@@ -49,21 +46,5 @@ impl LoraVariant for Pissa {
             b: u.to_tensor(m.device)?,
             extra: Vec::new(),
         })
-    }
-
-    fn forward(
-        &self,
-        x: &Tensor,
-        weight: &Tensor,
-        weight_t: Option<&Tensor>,
-        low: &LowRank,
-        dropout: Option<DropoutMask>,
-        _train: bool,
-    ) -> Result<Tensor> {
-        lora_forward(x, weight, weight_t, &low.a, &low.b, low.scaling, dropout)
-    }
-
-    fn merged_weight(&self, weight: &Tensor, low: &LowRank) -> Result<Tensor> {
-        residual::merged_weight(self, weight, low)
     }
 }

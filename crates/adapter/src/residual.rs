@@ -22,8 +22,8 @@ pub fn residual_weight(weight: &Tensor, a0: &Tensor, b0: &Tensor, scaling: f64) 
 }
 
 /// `A₀`, `B₀` of `low`: kept from training, else derived again from the original base `weight`.
-pub fn initial_of(
-    variant: &dyn LoraVariant,
+pub fn initial_of<V: LoraVariant + ?Sized>(
+    variant: &V,
     weight: &Tensor,
     low: &LowRank,
 ) -> Result<(Tensor, Tensor)> {
@@ -44,7 +44,11 @@ pub fn initial_of(
 }
 
 /// The merged f32 weight of an adapter over the original base `weight`: `W − s·B₀·A₀ + s·B·A`.
-pub fn merged_weight(variant: &dyn LoraVariant, weight: &Tensor, low: &LowRank) -> Result<Tensor> {
+pub fn merged_weight<V: LoraVariant + ?Sized>(
+    variant: &V,
+    weight: &Tensor,
+    low: &LowRank,
+) -> Result<Tensor> {
     let (a0, b0) = initial_of(variant, weight, low)?;
     let w = residual_weight(&weight.to_dtype(DType::F32)?, &a0, &b0, low.scaling)?;
     w + low.delta_weight()?

@@ -78,31 +78,8 @@ pub trait LoraVariant: Send + Sync + std::fmt::Debug {
     /// The layer's output without bias: `x·Wᵀ` plus the update. `weight_t` is W's transposed
     /// CPU copy when one exists; `dropout` is this step's mask; `train` says whether this is a
     /// training pass (the adapter's tensors may change after it, see [`LowRank::remembered`]).
-    fn forward(
-        &self,
-        x: &Tensor,
-        weight: &Tensor,
-        weight_t: Option<&Tensor>,
-        low: &LowRank,
-        dropout: Option<DropoutMask>,
-        train: bool,
-    ) -> Result<Tensor>;
-
-    /// The dense f32 weight with the update folded in (`lorakit merge`, merged backends), for
-    /// the original base weight `weight`.
-    fn merged_weight(&self, weight: &Tensor, low: &LowRank) -> Result<Tensor>;
-}
-
-/// Plain LoRA: `y = x·Wᵀ + scaling · dropout(x)·Aᵀ·Bᵀ`; merged `W + scaling·B·A`. Runs on the
-/// fused CPU f32 op where it fits, else on the any-device op (`lorakit_ops::lora`).
-#[derive(Debug)]
-pub struct Lora;
-
-impl LoraVariant for Lora {
-    fn name(&self) -> &'static str {
-        "lora"
-    }
-
+    /// LoRA's: `x·Wᵀ + s·dropout(x)·Aᵀ·Bᵀ`, on the fused CPU f32 op where it fits, else on the
+    /// any-device op (`lorakit_ops::lora`).
     fn forward(
         &self,
         x: &Tensor,
@@ -115,8 +92,25 @@ impl LoraVariant for Lora {
         lora_forward(x, weight, weight_t, &low.a, &low.b, low.scaling, dropout)
     }
 
+    /// The dense f32 weight with the update folded in (`lorakit merge`, merged backends), for
+    /// the original base weight `weight`. LoRA's: `W + s·B·A`; for an init that rewrote the
+    /// base, `W − s·B₀·A₀ + s·B·A` ([`crate::residual`]).
     fn merged_weight(&self, weight: &Tensor, low: &LowRank) -> Result<Tensor> {
+        if self.rewrites_base() {
+            return crate::residual::merged_weight(self, weight, low);
+        }
         weight.to_dtype(DType::F32)? + low.delta_weight()?
+    }
+}
+
+/// Plain LoRA: `y = x·Wᵀ + scaling · dropout(x)·Aᵀ·Bᵀ`; merged `W + scaling·B·A` (the trait's
+/// defaults).
+#[derive(Debug)]
+pub struct Lora;
+
+impl LoraVariant for Lora {
+    fn name(&self) -> &'static str {
+        "lora"
     }
 }
 
