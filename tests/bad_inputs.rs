@@ -634,8 +634,13 @@ fn adapters() {
         ),
         (
             "dora",
+            // DoRA switched on in the config, but the file holds no magnitudes
             adapter(&s, "dora", |c| c["use_dora"] = true.into(), |_| {}),
-            vec!["dora/adapter_config.json", "use_dora", "DoRA"],
+            vec![
+                "dora/adapter_model.safetensors",
+                "lora_magnitude_vector",
+                "dora adapter",
+            ],
         ),
         (
             "lora_bias",
@@ -643,14 +648,14 @@ fn adapters() {
             vec!["lbias/adapter_config.json", "lora_bias"],
         ),
         (
-            "pissa init",
+            "corda init",
             adapter(
                 &s,
-                "pissa",
-                |c| c["init_lora_weights"] = "pissa".into(),
+                "corda",
+                |c| c["init_lora_weights"] = "corda".into(),
                 |_| {},
             ),
-            vec!["pissa/adapter_config.json", "init_lora_weights"],
+            vec!["corda/adapter_config.json", "init_lora_weights"],
         ),
         (
             "rank disagrees with config",
