@@ -54,6 +54,13 @@ fn weight_norm(
     })
 }
 
+/// The module's magnitude vector (the builder and the PEFT reader always supply it).
+fn magnitude(low: &LowRank) -> Result<&Tensor> {
+    low.extra
+        .get(MAGNITUDE)
+        .ok_or_else(|| candle_core::Error::Msg(format!("a DoRA module without `{MAGNITUDE}`")))
+}
+
 impl LoraVariant for Dora {
     fn name(&self) -> &'static str {
         "dora"
@@ -83,7 +90,7 @@ impl LoraVariant for Dora {
         train: bool,
     ) -> Result<Tensor> {
         let norm = weight_norm(weight, weight_t, low, train)?;
-        let scale = low.extra[MAGNITUDE].broadcast_div(&norm)?;
+        let scale = magnitude(low)?.broadcast_div(&norm)?;
         let Some(mask) = dropout else {
             // (m/n)·(W·x + s·B·A·x): the fused LoRA op, then one scale per output
             let y = lora_forward(x, weight, weight_t, &low.a, &low.b, low.scaling, None)?;
@@ -108,9 +115,7 @@ impl LoraVariant for Dora {
     fn merged_weight(&self, weight: &Tensor, low: &LowRank) -> Result<Tensor> {
         let dense = (weight.to_dtype(DType::F32)? + low.delta_weight()?)?;
         let norm = dense.sqr()?.sum(D::Minus1)?.sqrt()?;
-        let scale = low.extra[MAGNITUDE]
-            .to_dtype(DType::F32)?
-            .broadcast_div(&norm)?;
+        let scale = magnitude(low)?.to_dtype(DType::F32)?.broadcast_div(&norm)?;
         dense.broadcast_mul(&scale.unsqueeze(1)?)
     }
 }
