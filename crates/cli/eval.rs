@@ -51,8 +51,13 @@ pub struct Args {
     /// accuracy of picking the most likely label after each prompt.
     #[arg(long, value_delimiter = ',')]
     pub labels: Option<Vec<String>>,
+    /// Rows per batch (examples per batch, or packed rows with --packing).
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
+    /// Pack examples into rows of --max-seq-len tokens, each attending only to itself: the same
+    /// loss with less padding (causal-LM formats).
+    #[arg(long)]
+    pub packing: bool,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -118,7 +123,7 @@ fn run_classifier(args: &Args, path: &Path, base: BaseModel) -> Result<ExitCode>
         &device,
     )?;
     let model = TaskModel::Classifier(m);
-    let r = evaluate(&model, &ds, tok.pad_id, args.batch_size, &device)
+    let r = evaluate(&model, &ds, tok.pad_id, args.batch_size, None, &device)
         .with_context(|| format!("evaluating on {}", args.data.display()))?;
     let acc = r.accuracy.unwrap_or(0.0);
     if args.json {
@@ -155,11 +160,17 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Task::SequenceClassification { .. }
     );
     if is_classifier || format == DataFormat::Classification {
+        if args.packing {
+            bail!("--packing packs causal-LM examples; a classified example is one row");
+        }
         return run_classifier(&args, &path, base);
     }
     let device = runtime::device(&args.device)?;
     let (model, tok) = load_opened(base, &path, args.adapter.as_deref(), &device)?;
     if let Some(labels) = &args.labels {
+        if args.packing {
+            bail!("--packing applies to the loss; --labels scoring already packs each prompt with its candidate labels");
+        }
         let labels: Vec<String> = labels.iter().map(|l| l.trim().to_string()).collect();
         let set = choices::load(&args.data, format, &tok, &labels)?;
         let r = choices::classify(&*model, &set, &labels, tok.pad_id, args.batch_size, &device)
@@ -194,7 +205,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
         args.train_on_inputs,
     )?;
     let model = TaskModel::CausalLm(model);
-    let r = evaluate(&model, &ds, tok.pad_id, args.batch_size, &device)
+    let packing = args.packing.then_some(args.max_seq_len);
+    let r = evaluate(&model, &ds, tok.pad_id, args.batch_size, packing, &device)
         .with_context(|| format!("evaluating on {}", args.data.display()))?;
     if args.json {
         say!(

@@ -65,8 +65,8 @@ impl Reporter for Progress {
     }
     fn step(&mut self, r: &StepReport) {
         let line = format!(
-            "loss {:.4}  lr {:.2e}  {:.0} tok/s",
-            r.loss, r.lr, r.tokens_per_s
+            "loss {:.4}  lr {:.2e}  {:.0} tok/s  {:.1} ex/s",
+            r.loss, r.lr, r.tokens_per_s, r.examples_per_s
         );
         match &self.bar {
             Some(b) => {
@@ -156,6 +156,27 @@ pub fn run(args: Args) -> Result<ExitCode> {
     if let (Some(a), Some(b)) = (s.first_loss, s.last_loss) {
         say!("  train loss {a:.4} -> {b:.4}");
     }
+    say!(
+        "  padding: {:.1}% of token slots{} ({:.1}% {})",
+        100.0
+            * if recipe.data.packing {
+                s.padding.packed
+            } else {
+                s.padding.unpacked
+            },
+        if recipe.data.packing { " packed" } else { "" },
+        100.0
+            * if recipe.data.packing {
+                s.padding.unpacked
+            } else {
+                s.padding.packed
+            },
+        if recipe.data.packing {
+            "unpacked"
+        } else {
+            "with data.packing: true"
+        },
+    );
     match s.best_eval {
         Some((step, loss)) => say!(
             "  best eval loss {loss:.4} (perplexity {:.2}) at step {step}",

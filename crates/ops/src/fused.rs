@@ -544,8 +544,9 @@ pub fn try_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Option<Result<Tensor>
 }
 
 /// Rotary embedding of `x` `[b, s, heads·d]` — a projection's output, heads side by side — with
-/// `[s, d/2]` tables, differentiable in `x`, without the transposes to `[b, heads, s, d]` and
-/// back. CPU f32 only (else `None`).
+/// `[s, d/2]` tables, or `[b, 1, s, d/2]` when rows have their own positions (packed examples),
+/// differentiable in `x`, without the transposes to `[b, heads, s, d]` and back. CPU f32 only
+/// (else `None`).
 pub fn try_rope_heads_last(
     x: &Tensor,
     cos: &Tensor,
@@ -553,20 +554,26 @@ pub fn try_rope_heads_last(
     heads: usize,
 ) -> Option<Result<Tensor>> {
     let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    let (b, s, width) = x.dims3().ok()?;
+    let half = cos.dim(D::Minus1).ok()?;
+    // per-row tables are one table row per token: the kernel's row index runs over b·s
+    let rows = match cos.dims() {
+        [rows, _] if *rows == s => s,
+        [rb, 1, rs, _] if *rb == b && *rs == s => b * s,
+        _ => return None,
+    };
     let ok = f32_cpu(x)
         && f32_cpu(cos)
         && f32_cpu(sin)
-        && x.rank() == 3
-        && cos.rank() == 2
-        && x.dim(1).ok() == cos.dim(0).ok()
-        && cos.dim(1).ok().map(|h| 2 * h * heads) == x.dim(2).ok();
+        && sin.dims() == cos.dims()
+        && 2 * half * heads == width;
     if !ok {
         return None;
     }
     Some((|| {
         x.contiguous()?.apply_op3(
-            &cos.contiguous()?,
-            &sin.contiguous()?,
+            &cos.contiguous()?.reshape((rows, half))?,
+            &sin.contiguous()?.reshape((rows, half))?,
             Rope {
                 inverse: false,
                 rows_per_position: heads,
@@ -610,6 +617,36 @@ mod tests {
         );
         assert!(d < 1e-6, "{d}");
         assert!(try_rope_heads_last(x.as_tensor(), &cos, &sin, h + 1).is_none());
+        Ok(())
+    }
+
+    /// Per-row tables `[b, 1, s, d/2]` (packed examples, positions restarting) give the composed
+    /// rotary embedding's values and gradients.
+    #[test]
+    fn rope_with_per_row_tables_matches_the_composed_version() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, s, h, d) = (2, 5, 3, 8);
+        let x = crate::seeded::var_randn(0f32, 1., (b, s, h * d), &dev)?;
+        let cos = crate::seeded::randn(0f32, 1., (b, 1, s, d / 2), &dev)?;
+        let sin = crate::seeded::randn(0f32, 1., (b, 1, s, d / 2), &dev)?;
+        let got = try_rope_heads_last(x.as_tensor(), &cos, &sin, h).unwrap()?;
+        let bhsd = x.as_tensor().reshape((b, s, h, d))?.transpose(1, 2)?;
+        let want = crate::layers::apply_rope(&bhsd, &cos, &sin)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, s, h * d))?;
+        assert!(max_diff(&got, &want) < 1e-6);
+        let up = crate::seeded::randn(0f32, 1., got.shape(), &dev)?;
+        let g1 = (got * &up)?.sum_all()?.backward()?;
+        let g2 = (want * &up)?.sum_all()?.backward()?;
+        let dg = max_diff(
+            g1.get(x.as_tensor()).unwrap(),
+            g2.get(x.as_tensor()).unwrap(),
+        );
+        assert!(dg < 1e-6, "{dg}");
+        // a table for another batch size is not taken for per-row positions
+        let other = crate::seeded::randn(0f32, 1., (b + 1, 1, s, d / 2), &dev)?;
+        assert!(try_rope_heads_last(x.as_tensor(), &other, &other, h).is_none());
         Ok(())
     }
 

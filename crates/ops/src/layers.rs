@@ -58,9 +58,69 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
 }
 
-/// Additive attention bias `[b, 1, s, s]` in f32: 0 where query i may see key j (j ≤ i, within
-/// the sliding window, key not padding), a large negative number elsewhere. A finite value keeps
-/// rows that see nothing (padding queries) free of NaN.
+/// The rows of an attention mask `[b, s]`: 0 = padding, else the number of the example a token
+/// belongs to — 1 for every token of an unpacked row; 1, 2, 3, ... in order along a row that
+/// packs several examples.
+pub fn mask_segments(mask: &Tensor) -> Result<Vec<Vec<u32>>> {
+    mask.to_dtype(DType::U32)?.to_vec2::<u32>()
+}
+
+/// Each token's position when rows pack several examples: counting restarts at 0 where the
+/// example number changes. `None` when no row packs more than one example (positions are then
+/// `0..s`, as for any unpacked row).
+pub fn packed_positions(segments: &[Vec<u32>]) -> Option<Vec<Vec<usize>>> {
+    if !segments.iter().flatten().any(|v| *v > 1) {
+        return None;
+    }
+    Some(
+        segments
+            .iter()
+            .map(|row| {
+                let mut start = 0;
+                (0..row.len())
+                    .map(|t| {
+                        if t > 0 && row[t] != row[t - 1] {
+                            start = t;
+                        }
+                        t - start
+                    })
+                    .collect()
+            })
+            .collect(),
+    )
+}
+
+/// `cos` and `sin` tables `[b, 1, s, head_dim / 2]` for explicit per-token `positions` `[b][s]`.
+pub fn rope_tables_at(
+    inv_freq: &[f64],
+    position_scale: f64,
+    positions: &[Vec<usize>],
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let b = positions.len();
+    let s = positions.first().map(|p| p.len()).unwrap_or(0);
+    if positions.iter().any(|p| p.len() != s) {
+        candle_core::bail!("rope: rows of positions differ in length");
+    }
+    let longest = positions.iter().flatten().copied().max().unwrap_or(0) + 1;
+    let (cos, sin) = rope_tables(inv_freq, position_scale, longest, DType::F32, &Device::Cpu)?;
+    let idx: Vec<u32> = positions.iter().flatten().map(|p| *p as u32).collect();
+    let idx = Tensor::from_vec(idx, b * s, &Device::Cpu)?;
+    let half = inv_freq.len();
+    let rows = |t: &Tensor| -> Result<Tensor> {
+        t.index_select(&idx, 0)?
+            .reshape((b, 1, s, half))?
+            .to_dtype(dtype)?
+            .to_device(device)
+    };
+    Ok((rows(&cos)?, rows(&sin)?))
+}
+
+/// Additive attention bias `[b, 1, s, s]` in f32: 0 where query i may see key j, a large
+/// negative number elsewhere. Key j is visible when j ≤ i, it lies within the sliding window,
+/// it is no padding, and it belongs to the query's example (see [`mask_segments`]: so packed
+/// examples never see each other). A finite value keeps rows that see nothing free of NaN.
 pub fn attention_bias(
     batch: usize,
     seq: usize,
@@ -68,22 +128,32 @@ pub fn attention_bias(
     sliding_window: Option<usize>,
     device: &Device,
 ) -> Result<Tensor> {
-    const NEG: f32 = -1.0e9;
-    let keep: Vec<Vec<u32>> = match key_mask {
-        Some(m) => {
-            let m = m.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-            m.into_iter()
-                .map(|row| row.into_iter().map(|v| (v != 0.0) as u32).collect())
-                .collect()
-        }
+    let segments = match key_mask {
+        Some(m) => mask_segments(m)?,
         None => vec![vec![1; seq]; batch],
     };
+    segment_bias(&segments, sliding_window, device)
+}
+
+/// [`attention_bias`] of mask rows already read (`segments`, `[b][s]`).
+pub fn segment_bias(
+    segments: &[Vec<u32>],
+    sliding_window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
+    const NEG: f32 = -1.0e9;
+    let batch = segments.len();
+    let seq = segments.first().map(|r| r.len()).unwrap_or(0);
     let mut bias = Vec::with_capacity(batch * seq * seq);
-    for row in keep.iter() {
-        for i in 0..seq {
+    for row in segments.iter() {
+        if row.len() != seq {
+            candle_core::bail!("attention mask rows differ in length");
+        }
+        for (i, q) in row.iter().enumerate() {
             for (j, k) in row.iter().enumerate() {
                 let in_window = sliding_window.is_none_or(|w| i - j.min(i) < w);
-                let ok = j <= i && *k != 0 && in_window;
+                // a padding query (segment 0) looks at every earlier token, as it always has
+                let ok = j <= i && *k != 0 && in_window && (*q == 0 || q == k);
                 bias.push(if ok { 0.0 } else { NEG });
             }
         }
@@ -94,6 +164,45 @@ pub fn attention_bias(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packed_examples_see_only_themselves_and_positions_restart() -> Result<()> {
+        let dev = Device::Cpu;
+        let m = Tensor::new(&[[1u32, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1]], &dev)?;
+        let segments = mask_segments(&m)?;
+        assert_eq!(
+            packed_positions(&segments),
+            Some(vec![vec![0, 1, 0, 1, 2, 0], vec![0, 1, 2, 3, 4, 5]])
+        );
+        assert_eq!(packed_positions(&[vec![1, 1, 0]]), None);
+        let b: Vec<Vec<Vec<f32>>> = attention_bias(2, 6, Some(&m), None, &dev)?
+            .squeeze(1)?
+            .to_vec3::<f32>()?;
+        let seen = |row: usize, i: usize| -> Vec<usize> {
+            (0..6).filter(|j| b[row][i][*j] == 0.0).collect()
+        };
+        assert_eq!(seen(0, 1), vec![0, 1]);
+        assert_eq!(seen(0, 2), vec![2]);
+        assert_eq!(seen(0, 4), vec![2, 3, 4]);
+        assert_eq!(
+            seen(0, 5),
+            vec![0, 1, 2, 3, 4],
+            "padding sees earlier tokens"
+        );
+        assert_eq!(seen(1, 5), vec![0, 1, 2, 3, 4, 5]);
+        let (cos, _) = rope_tables_at(&[1.0, 0.5], 1.0, &[vec![0, 1, 0]], DType::F32, &dev)?;
+        let (want, _) = rope_tables(&[1.0, 0.5], 1.0, 2, DType::F32, &dev)?;
+        let cos = cos.squeeze(0)?.squeeze(0)?;
+        assert_eq!(
+            cos.get(2)?.to_vec1::<f32>()?,
+            want.get(0)?.to_vec1::<f32>()?
+        );
+        assert_eq!(
+            cos.get(1)?.to_vec1::<f32>()?,
+            want.get(1)?.to_vec1::<f32>()?
+        );
+        Ok(())
+    }
 
     #[test]
     fn mask_combines_causal_padding_and_window() -> Result<()> {

@@ -9,6 +9,7 @@ pub mod gguf_tokenizer;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
+pub mod packing;
 pub mod recipe;
 pub mod run_lock;
 pub mod runtime;

@@ -14,6 +14,8 @@ pub struct MetricsRow {
     pub lr: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens_per_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub examples_per_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_loss: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -120,6 +122,7 @@ mod tests {
                 loss: Some(5.0 - s as f64),
                 lr: None,
                 tokens_per_s: None,
+                examples_per_s: None,
                 eval_loss: (s % 2 == 0).then_some(4.0),
                 eval_perplexity: None,
                 eval_accuracy: None,
@@ -152,6 +155,7 @@ mod tests {
                     loss: Some(1.0),
                     lr: None,
                     tokens_per_s: None,
+                    examples_per_s: None,
                     eval_loss: None,
                     eval_perplexity: None,
                     eval_accuracy: None,

@@ -74,6 +74,10 @@ pub struct DataSection {
     /// labels of the training data).
     #[serde(default)]
     pub labels: Option<Vec<String>>,
+    /// Causal-LM formats: pack examples first-fit into rows of `max_seq_len` tokens, each
+    /// example attending only to itself; `train.batch_size` then counts rows.
+    #[serde(default)]
+    pub packing: bool,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -217,6 +221,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
             "max_seq_len",
             "train_on_inputs",
             "labels",
+            "packing",
         ],
     ),
     ("lora", lorakit_adapter::config::LORA_FIELDS),
@@ -401,6 +406,12 @@ impl Recipe {
             return Err(bad.at(
                 "train.gradient_checkpointing",
                 "is implemented for causal language models, not sequence_classification".into(),
+            ));
+        }
+        if self.data.packing && cls {
+            return Err(bad.at(
+                "data.packing",
+                "packs causal-LM examples; a sequence_classification example is one row".into(),
             ));
         }
         if self.model.num_labels.is_some() && !cls {

@@ -8,6 +8,7 @@ use crate::eval::{evaluate, EvalResult};
 use crate::loss::Batch;
 use crate::metrics::{self, MetricsRow};
 use crate::optim::{clip_grad_norm, AdamW};
+use crate::packing;
 use crate::recipe::Recipe;
 use crate::recipe::{DataFormat, Task};
 use crate::runtime;
@@ -34,7 +35,9 @@ pub struct StepReport {
     pub epoch: f64,
     pub loss: f64,
     pub lr: f64,
+    /// Real tokens (scored and context, never padding) per second.
     pub tokens_per_s: f64,
+    pub examples_per_s: f64,
     pub grad_norm: f64,
 }
 
@@ -73,6 +76,15 @@ pub struct TrainSummary {
     pub train_examples: usize,
     pub eval_examples: usize,
     pub truncated: usize,
+    /// Share of token slots that are padding, with and without packing.
+    pub padding: Padding,
+}
+
+/// Share of the token slots of an epoch's batches that are padding.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Padding {
+    pub unpacked: f64,
+    pub packed: f64,
 }
 
 /// Seeded Fisher–Yates permutation of `0..n` (SplitMix64 stream).
@@ -291,6 +303,7 @@ struct StepOutcome {
     loss: f64,
     grad_norm: f64,
     tokens: usize,
+    examples: usize,
 }
 
 /// Stage 4: one optimizer step over a group of micro-batches — forward and backward per
@@ -309,6 +322,7 @@ fn optimizer_step(
 ) -> Result<StepOutcome> {
     let targets: usize = batches.iter().map(|b| b.targets).sum::<usize>().max(1);
     let tokens: usize = batches.iter().map(|b| b.tokens).sum();
+    let examples: usize = batches.iter().map(|b| b.examples).sum();
     let var_tensors = opt.tensors();
     let mut acc: Vec<Option<Tensor>> = vec![None; opt.vars().len()];
     let mut loss_sum = 0f64;
@@ -360,6 +374,7 @@ fn optimizer_step(
         loss: loss_sum,
         grad_norm,
         tokens,
+        examples,
     })
 }
 
@@ -411,13 +426,22 @@ pub fn train(
     base.check_task(task)?;
     let (train_ds, eval_ds) = datasets(recipe, &tok, &labels)?;
     let n = train_ds.examples.len();
+    // what a batch row holds: one example, or (packing) several
+    let lengths: Vec<usize> = train_ds.examples.iter().map(|e| e.ids.len()).collect();
+    let rows = if recipe.data.packing {
+        packing::pack(&lengths, recipe.data.max_seq_len)
+    } else {
+        packing::one_per_row(n)
+    };
+    let eval_packing = recipe.data.packing.then_some(recipe.data.max_seq_len);
+    let padding = padding_figures(&lengths, recipe);
 
     let plan = prepare_output(recipe, opts, &model_path)?;
     let varmap = VarMap::new();
     let (mut state, optimizer_state) = initial_state(
         recipe,
         plan.latest.as_deref(),
-        n,
+        rows.len(),
         &varmap,
         &device,
         reporter,
@@ -459,7 +483,7 @@ pub fn train(
     }
 
     // Step plan.
-    let steps_per_epoch = steps_per_epoch(n, t);
+    let steps_per_epoch = steps_per_epoch(rows.len(), t);
     let total = t.max_steps.unwrap_or(t.epochs * steps_per_epoch);
     let warmup = t
         .warmup_steps
@@ -482,6 +506,17 @@ pub fn train(
         recipe.data.max_seq_len,
         total,
         steps_per_epoch
+    ));
+    reporter.message(&format!(
+        "padding: {:.1}% of the token slots of an epoch unpacked, {:.1}% packed into rows of {} tokens{}",
+        100.0 * padding.unpacked,
+        100.0 * padding.packed,
+        recipe.data.max_seq_len,
+        if recipe.data.packing {
+            format!(" (packing: {} examples in {} rows)", n, rows.len())
+        } else {
+            " (data.packing: false)".into()
+        }
     ));
     reporter.start(total, state.step);
 
@@ -528,7 +563,7 @@ pub fn train(
     let run_eval =
         |state: &mut TrainState, reporter: &mut dyn Reporter| -> Result<Option<EvalResult>> {
             let Some(ds) = &eval_ds else { return Ok(None) };
-            let r = evaluate(&model, ds, tok.pad_id, t.batch_size, &device)?;
+            let r = evaluate(&model, ds, tok.pad_id, t.batch_size, eval_packing, &device)?;
             let best = state.best_eval_loss.is_none_or(|b| r.loss < b);
             if best {
                 state.best_eval_loss = Some(r.loss);
@@ -558,6 +593,7 @@ pub fn train(
                     loss: None,
                     lr: None,
                     tokens_per_s: None,
+                    examples_per_s: None,
                     eval_loss: Some(r.loss),
                     eval_perplexity: Some(r.perplexity),
                     eval_accuracy: r.accuracy,
@@ -570,7 +606,7 @@ pub fn train(
     let mut interrupted = false;
     let mut checked_grads = false;
     'epochs: while state.step < total && !state.stopped_early {
-        let order = permutation(n, t.seed.wrapping_add(state.epoch as u64));
+        let order = permutation(rows.len(), t.seed.wrapping_add(state.epoch as u64));
         let micro: Vec<Vec<usize>> = order.chunks(t.batch_size).map(|c| c.to_vec()).collect();
         let groups: Vec<&[Vec<usize>]> = micro.chunks(t.grad_accum_steps).collect();
         while state.step_in_epoch < groups.len() {
@@ -579,13 +615,11 @@ pub fn train(
             let batches: Vec<Batch> = group
                 .iter()
                 .map(|idx| {
-                    Batch::new(
-                        &idx.iter()
-                            .map(|i| &train_ds.examples[*i])
-                            .collect::<Vec<_>>(),
-                        tok.pad_id,
-                        &device,
-                    )
+                    let batch_rows: Vec<Vec<_>> = idx
+                        .iter()
+                        .map(|r| rows[*r].iter().map(|i| &train_ds.examples[*i]).collect())
+                        .collect();
+                    Batch::packed(&batch_rows, tok.pad_id, &device)
                 })
                 .collect::<candle_core::Result<_>>()?;
             let lr = lr_at(t.lr_scheduler, t.learning_rate, state.step, warmup, total);
@@ -603,7 +637,8 @@ pub fn train(
             state.step_in_epoch += 1;
             first_loss.get_or_insert(done.loss);
             last_loss = Some(done.loss);
-            let tps = done.tokens as f64 / step_start.elapsed().as_secs_f64().max(1e-9);
+            let secs = step_start.elapsed().as_secs_f64().max(1e-9);
+            let (tps, eps) = (done.tokens as f64 / secs, done.examples as f64 / secs);
             let epoch_f = state.epoch as f64 + state.step_in_epoch as f64 / groups.len() as f64;
             reporter.step(&StepReport {
                 step: state.step,
@@ -612,6 +647,7 @@ pub fn train(
                 loss: done.loss,
                 lr,
                 tokens_per_s: tps,
+                examples_per_s: eps,
                 grad_norm: done.grad_norm,
             });
             let epoch_done = state.step_in_epoch == groups.len();
@@ -625,6 +661,7 @@ pub fn train(
                 loss: Some(done.loss),
                 lr: Some(lr),
                 tokens_per_s: Some(tps),
+                examples_per_s: Some(eps),
                 eval_loss: None,
                 eval_perplexity: None,
                 eval_accuracy: None,
@@ -693,5 +730,22 @@ pub fn train(
         train_examples: n,
         eval_examples: eval_ds.as_ref().map(|d| d.examples.len()).unwrap_or(0),
         truncated: train_ds.truncated,
+        padding,
     })
+}
+
+/// The padding share of the first epoch's batches of `lengths`, unpacked and packed, whichever
+/// the recipe trains with: what packing saves on this data.
+fn padding_figures(lengths: &[usize], recipe: &Recipe) -> Padding {
+    let t = &recipe.train;
+    let of = |rows: Vec<packing::Row>| {
+        let order = permutation(rows.len(), t.seed);
+        let shuffled: Vec<packing::Row> = order.iter().map(|i| rows[*i].clone()).collect();
+        let batches: Vec<&[packing::Row]> = shuffled.chunks(t.batch_size.max(1)).collect();
+        packing::padding_fraction(&batches, lengths)
+    };
+    Padding {
+        unpacked: of(packing::one_per_row(lengths.len())),
+        packed: of(packing::pack(lengths, recipe.data.max_seq_len)),
+    }
 }

@@ -427,8 +427,9 @@ fn early_stopping_keeps_the_best_adapter_when_eval_loss_turns_up() {
         )
         .unwrap();
     let model = lorakit_train::task_model::TaskModel::CausalLm(model);
-    let e = lorakit_train::eval::evaluate(&model, &ds, tok.pad_id, 8, &candle_core::Device::Cpu)
-        .unwrap();
+    let e =
+        lorakit_train::eval::evaluate(&model, &ds, tok.pad_id, 8, None, &candle_core::Device::Cpu)
+            .unwrap();
     assert!((e.loss - best).abs() < 1e-5, "{} vs {best}", e.loss);
 }
 

@@ -7,7 +7,10 @@ use candle_core::{DType, Module, Tensor, Var};
 use lorakit_adapter::{LayerBuilder, LoraLinear};
 use lorakit_ops::attention;
 use lorakit_ops::chunked_loss::{chunk_rows, linear_cross_entropy};
-use lorakit_ops::layers::{apply_rope, attention_bias, rms_norm, rope_tables};
+use lorakit_ops::layers::{
+    apply_rope, mask_segments, packed_positions, rms_norm, rope_tables, rope_tables_at,
+    segment_bias,
+};
 
 struct Attention {
     q_proj: LoraLinear,
@@ -194,8 +197,17 @@ impl Llama {
         }
         let x = self.embed(input_ids)?;
         let dev = self.embed_tokens.device();
-        let (cos, sin) = rope_tables(&self.inv_freq, self.cfg.position_scale(), s, x.dtype(), dev)?;
-        let bias = attention_bias(b, s, attention_mask, self.cfg.sliding_window, dev)?;
+        let segments = match attention_mask {
+            Some(m) => mask_segments(m)?,
+            None => vec![vec![1; s]; b],
+        };
+        let scale = self.cfg.position_scale();
+        // rows that pack several examples: positions restart at each one
+        let (cos, sin) = match packed_positions(&segments) {
+            Some(p) => rope_tables_at(&self.inv_freq, scale, &p, x.dtype(), dev)?,
+            None => rope_tables(&self.inv_freq, scale, s, x.dtype(), dev)?,
+        };
+        let bias = segment_bias(&segments, self.cfg.sliding_window, dev)?;
         Ok((x, cos, sin, bias))
     }
 
@@ -406,21 +418,8 @@ impl CausalLm for Llama {
         }
         let x = self.embed(input_ids)?;
         let dev = x.device().clone();
-        let max = positions.iter().flatten().copied().max().unwrap_or(0) + 1;
-        let (cos, sin) = rope_tables(
-            &self.inv_freq,
-            self.cfg.position_scale(),
-            max,
-            x.dtype(),
-            &dev,
-        )?;
-        let idx: Vec<u32> = positions.iter().flatten().map(|p| *p as u32).collect();
-        let idx = Tensor::from_vec(idx, b * s, &dev)?;
-        let half = cos.dim(1)?;
-        let rows = |t: &Tensor| -> candle_core::Result<Tensor> {
-            t.index_select(&idx, 0)?.reshape((b, 1, s, half))
-        };
-        let (cos, sin) = (rows(&cos)?, rows(&sin)?);
+        let scale = self.cfg.position_scale();
+        let (cos, sin) = rope_tables_at(&self.inv_freq, scale, positions, x.dtype(), &dev)?;
         let hidden = self.layers_forward(x, &cos, &sin, bias, false, None)?;
         let d = hidden.dim(2)?;
         let picked = hidden.reshape((b * s, d))?.index_select(at, 0)?;
