@@ -16,6 +16,9 @@ pub enum FormatArg {
     Chat,
     /// {"text", "label"} for a BERT classifier.
     Classification,
+    /// {"prompt", "chosen", "rejected"} (or conversational): the --objective's loss and TRL's
+    /// reward figures, the reference being the model without the adapter.
+    Preference,
 }
 
 impl From<FormatArg> for DataFormat {
@@ -25,8 +28,15 @@ impl From<FormatArg> for DataFormat {
             FormatArg::Instruction => DataFormat::Instruction,
             FormatArg::Chat => DataFormat::Chat,
             FormatArg::Classification => DataFormat::Classification,
+            FormatArg::Preference => DataFormat::Preference,
         }
     }
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum ObjectiveArg {
+    Dpo,
+    Orpo,
 }
 
 #[derive(clap::Args)]
@@ -58,6 +68,12 @@ pub struct Args {
     /// loss with less padding (causal-LM formats).
     #[arg(long)]
     pub packing: bool,
+    /// --format preference: dpo or orpo.
+    #[arg(long, value_enum, default_value = "dpo")]
+    pub objective: ObjectiveArg,
+    /// --format preference: DPO's β or ORPO's λ.
+    #[arg(long, default_value_t = 0.1)]
+    pub beta: f64,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -167,6 +183,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
     let device = runtime::device(&args.device)?;
     let (model, tok) = load_opened(base, &path, args.adapter.as_deref(), &device)?;
+    if format == DataFormat::Preference {
+        return run_preference(&args, &*model, &tok, &device);
+    }
     if let Some(labels) = &args.labels {
         if args.packing {
             bail!("--packing applies to the loss; --labels scoring already packs each prompt with its candidate labels");
@@ -221,6 +240,61 @@ pub fn run(args: Args) -> Result<ExitCode> {
             r.tokens,
             ds.examples.len(),
             ds.truncated
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Preference pairs: the objective's mean loss and TRL's reward figures.
+fn run_preference(
+    args: &Args,
+    model: &dyn CausalLm,
+    tok: &TextTokenizer,
+    device: &candle_core::Device,
+) -> Result<ExitCode> {
+    use lorakit_train::preference::{self, Objective, PreferenceLoss};
+    if args.packing || args.labels.is_some() {
+        bail!("--format preference takes neither --packing nor --labels");
+    }
+    if !(args.beta > 0.0 && args.beta.is_finite()) {
+        bail!("--beta must be a positive number, got {}", args.beta);
+    }
+    let objective = match args.objective {
+        ObjectiveArg::Dpo => Objective::Dpo,
+        ObjectiveArg::Orpo => Objective::Orpo,
+    };
+    let set = preference::load(&args.data, tok, args.max_seq_len)?;
+    let loss = PreferenceLoss {
+        objective,
+        beta: args.beta,
+    };
+    let m = preference::evaluate(model, &set, loss, tok.pad_id, args.batch_size, device)
+        .with_context(|| format!("evaluating pairs in {}", args.data.display()))?;
+    if args.json {
+        say!(
+            "{}",
+            serde_json::json!({
+                "objective": objective.name(),
+                "beta": args.beta,
+                "loss": m.loss,
+                "rewards_chosen": m.rewards_chosen,
+                "rewards_rejected": m.rewards_rejected,
+                "reward_accuracy": m.reward_accuracy,
+                "reward_margin": m.reward_margin,
+                "pairs": set.pairs.len(),
+            })
+        );
+    } else {
+        say!(
+            "{} loss {:.6}  reward accuracy {:.4}  margin {:.4}  chosen {:.4}  rejected {:.4}  ({} pairs, {} truncated)",
+            objective.name(),
+            m.loss,
+            m.reward_accuracy,
+            m.reward_margin,
+            m.rewards_chosen,
+            m.rewards_rejected,
+            set.pairs.len(),
+            set.truncated
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -64,10 +64,16 @@ impl Reporter for Progress {
         self.line(text);
     }
     fn step(&mut self, r: &StepReport) {
-        let line = format!(
+        let mut line = format!(
             "loss {:.4}  lr {:.2e}  {:.0} tok/s  {:.1} ex/s",
             r.loss, r.lr, r.tokens_per_s, r.examples_per_s
         );
+        if let Some(p) = &r.rewards {
+            line.push_str(&format!(
+                "  reward accuracy {:.2}  margin {:.4}",
+                p.reward_accuracy, p.reward_margin
+            ));
+        }
         match &self.bar {
             Some(b) => {
                 b.set_position(r.step as u64);
@@ -80,9 +86,13 @@ impl Reporter for Progress {
         }
     }
     fn eval(&mut self, step: usize, r: &EvalResult, best: bool) {
-        let what = match r.accuracy {
-            Some(a) => format!("accuracy {a:.4}  ({} examples)", r.tokens),
-            None => format!("perplexity {:.2}  ({} tokens)", r.perplexity, r.tokens),
+        let what = match (r.accuracy, &r.preference) {
+            (_, Some(p)) => format!(
+                "reward accuracy {:.4}  margin {:.4}  chosen {:.4}  rejected {:.4}  ({} pairs)",
+                p.reward_accuracy, p.reward_margin, p.rewards_chosen, p.rewards_rejected, r.tokens
+            ),
+            (Some(a), None) => format!("accuracy {a:.4}  ({} examples)", r.tokens),
+            (None, None) => format!("perplexity {:.2}  ({} tokens)", r.perplexity, r.tokens),
         };
         self.message(&format!(
             "eval at step {step}: loss {:.4}  {what}{}",
@@ -156,28 +166,30 @@ pub fn run(args: Args) -> Result<ExitCode> {
     if let (Some(a), Some(b)) = (s.first_loss, s.last_loss) {
         say!("  train loss {a:.4} -> {b:.4}");
     }
-    say!(
-        "  padding: {:.1}% of token slots{} ({:.1}% {})",
-        100.0
-            * if recipe.data.packing {
-                s.padding.packed
-            } else {
-                s.padding.unpacked
-            },
-        if recipe.data.packing { " packed" } else { "" },
-        100.0
-            * if recipe.data.packing {
-                s.padding.unpacked
-            } else {
-                s.padding.packed
-            },
-        if recipe.data.packing {
-            "unpacked"
+    if let Some(p) = s.padding {
+        let packing = recipe.data.packing;
+        let (this, other) = if packing {
+            (p.packed, p.unpacked)
         } else {
-            "with data.packing: true"
-        },
-    );
+            (p.unpacked, p.packed)
+        };
+        say!(
+            "  padding: {:.1}% of token slots{} ({:.1}% {})",
+            100.0 * this,
+            if packing { " packed" } else { "" },
+            100.0 * other,
+            if packing {
+                "unpacked"
+            } else {
+                "with data.packing: true"
+            },
+        );
+    }
     match s.best_eval {
+        Some((step, loss)) if recipe.train.objective.is_preference() => say!(
+            "  best eval loss ({}) {loss:.4} at step {step}",
+            recipe.train.objective.name()
+        ),
         Some((step, loss)) => say!(
             "  best eval loss {loss:.4} (perplexity {:.2}) at step {step}",
             loss.exp()

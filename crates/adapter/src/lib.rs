@@ -23,7 +23,7 @@ pub use builder::{Adapters, BuildReport, LayerBuilder, LinearInfo};
 pub use checkpoint::{Checkpoint, ShapeOnly};
 pub use config::{LoraConfig, ModuleLora, ModuleSpec};
 pub use error::{AdapterError, Result};
-pub use lora_linear::{LoraLinear, LowRank};
+pub use lora_linear::{without_adapters, LoraLinear, LowRank};
 pub use lorakit_ops::dropout::StepSeed;
 pub use merged_backend::MergedBackend;
 pub use peft_format::{save_adapter, save_adapter_with, PeftAdapter};

@@ -101,6 +101,32 @@ impl LowRank {
     }
 }
 
+thread_local! {
+    /// Set while [`without_adapters`] runs on this thread.
+    static ADAPTERS_OFF: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the LoRA updates of every model on this thread switched off: each adapted
+/// layer computes what it computed before training — the frozen weight, or, where an
+/// initialisation rewrote the weight to `W − s·B₀·A₀` (PiSSA, OLoRA), that plus `s·B₀·A₀`, so the
+/// original `W` — and no gradient reaches an adapter. The reference model of preference tuning,
+/// with no second copy of the weights (PEFT's `disable_adapter()`). Modules trained whole
+/// (`modules_to_save`) keep their trained weights; callers that need the base refuse them.
+pub fn without_adapters<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ADAPTERS_OFF.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(ADAPTERS_OFF.with(|c| c.replace(true)));
+    f()
+}
+
+fn adapters_off() -> bool {
+    ADAPTERS_OFF.with(|c| c.get())
+}
+
 /// A linear layer whose base weight and bias are frozen, with an optional LoRA update.
 #[derive(Clone, Debug)]
 pub struct LoraLinear {
@@ -182,8 +208,26 @@ impl LoraLinear {
             Some(b) => frozen_add(&y, b),
             None => Ok(y),
         };
-        let Some(l) = &self.lora else {
-            return add_bias(frozen_matmul(x, &self.weight, self.weight_t(train)?)?);
+        let l = match &self.lora {
+            Some(l) if adapters_off() => match &l.initial {
+                // the initial update the rewritten base lacks, as constants
+                Some((a0, b0)) => {
+                    let init = LowRank::new(a0.detach(), b0.detach(), l.scaling);
+                    let x = x.contiguous()?;
+                    let wt = self.weight_t(train)?;
+                    return add_bias(crate::variant::lora().forward(
+                        &x,
+                        &self.weight,
+                        wt,
+                        &init,
+                        None,
+                        false,
+                    )?);
+                }
+                None => return add_bias(frozen_matmul(x, &self.weight, self.weight_t(train)?)?),
+            },
+            Some(l) => l,
+            None => return add_bias(frozen_matmul(x, &self.weight, self.weight_t(train)?)?),
         };
         let x = x.contiguous()?;
         let mask = if train {
@@ -366,6 +410,41 @@ mod tests {
         let layer = LoraLinear::new(w.to_dtype(DType::F64)?, None, None);
         layer.forward_t(&x.to_dtype(DType::F64)?, true)?;
         assert!(layer.weight_t(true)?.is_none());
+        Ok(())
+    }
+
+    /// Switched off, an adapted layer computes the frozen weight alone — or, after an
+    /// initialisation that rewrote the weight, the weight as it was — with no gradient for the
+    /// adapter; the switch is back on afterwards.
+    #[test]
+    fn without_adapters_gives_the_layer_before_training() -> Result<()> {
+        let dev = Device::Cpu;
+        let (inp, out, r) = (6, 5, 2);
+        let w = lorakit_ops::seeded::randn(0f32, 1., (out, inp), &dev)?;
+        let x = lorakit_ops::seeded::randn(0f32, 1., (3, inp), &dev)?;
+        let a = lorakit_ops::seeded::var_randn(0f32, 0.5, (r, inp), &dev)?;
+        let b = lorakit_ops::seeded::var_randn(0f32, 0.5, (out, r), &dev)?;
+        let low = LowRank::new(a.as_tensor().clone(), b.as_tensor().clone(), 2.0);
+        let plain = x.matmul(&w.t()?)?;
+        let layer = LoraLinear::new(w.clone(), None, Some(low.clone()));
+        let on = layer.forward_t(&x, true)?;
+        let off = without_adapters(|| layer.forward_t(&x, true))?;
+        assert!(lorakit_ops::compare::max_abs_diff(&on, &plain)? > 1e-3);
+        assert!(lorakit_ops::compare::max_abs_diff(&off, &plain)? < 1e-6);
+        let grads = off.sum_all()?.backward()?;
+        assert!(grads.get(a.as_tensor()).is_none() && grads.get(b.as_tensor()).is_none());
+        let again = layer.forward_t(&x, true)?;
+        assert!(lorakit_ops::compare::max_abs_diff(&again, &on)? < 1e-6);
+
+        // a rewritten base W − s·B₀·A₀: switched off, W again
+        let (a0, b0) = (
+            lorakit_ops::seeded::randn(0f32, 0.5, (r, inp), &dev)?,
+            lorakit_ops::seeded::randn(0f32, 0.5, (out, r), &dev)?,
+        );
+        let residual = (&w - (b0.matmul(&a0)? * 2.0)?)?;
+        let rewritten = LoraLinear::new(residual, None, Some(low.with_initial(Some((a0, b0)))));
+        let off = without_adapters(|| rewritten.forward_t(&x, true))?;
+        assert!(lorakit_ops::compare::max_abs_diff(&off, &plain)? < 1e-5);
         Ok(())
     }
 }

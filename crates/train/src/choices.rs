@@ -53,7 +53,7 @@ impl ClassifyReport {
 /// The answer of a record: the last assistant message (chat) or `output` (instruction).
 fn answer_slot(v: &mut Value, format: DataFormat) -> std::result::Result<&mut Value, String> {
     match format {
-        DataFormat::Completion | DataFormat::Classification => Err(
+        DataFormat::Completion | DataFormat::Classification | DataFormat::Preference => Err(
             "--labels scores a generative model's answers: data format instruction or chat".into(),
         ),
         DataFormat::Instruction => v

@@ -68,7 +68,7 @@ pub fn not_a_data_file(path: &Path) -> Option<String> {
 }
 
 /// The whole of a data file, refusing anything but a regular file.
-fn read_data_file(path: &Path) -> Result<Vec<u8>> {
+pub(crate) fn read_data_file(path: &Path) -> Result<Vec<u8>> {
     if let Some(why) = not_a_data_file(path) {
         return Err(TrainError::DataFile {
             file: path.into(),
@@ -199,6 +199,7 @@ pub(crate) fn tokenise(
             .map(|t| t.example(v, tok, train_on_inputs, max_tokens))
             .unwrap_or(Err("no chat template".into())),
         DataFormat::Classification => Err("classification data is read by load_labelled".into()),
+        DataFormat::Preference => Err("preference pairs are read by preference::load".into()),
     }
 }
 

@@ -13,6 +13,9 @@ pub struct EvalResult {
     pub tokens: usize,
     /// Classifiers: share of examples whose most likely class is the label.
     pub accuracy: Option<f64>,
+    /// Preference objectives: TRL's reward figures (then `loss` is the objective's mean over
+    /// pairs and `tokens` counts pairs).
+    pub preference: Option<crate::preference::PairMeans>,
 }
 
 /// The loss of `ds` in batches of `batch_size` rows; `packing: Some(n)` packs the examples into
@@ -68,5 +71,6 @@ pub fn evaluate(
         accuracy: model
             .is_classifier()
             .then(|| correct as f64 / tokens.max(1) as f64),
+        preference: None,
     })
 }

@@ -10,6 +10,7 @@ pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod packing;
+pub mod preference;
 pub mod recipe;
 pub mod run_lock;
 pub mod runtime;

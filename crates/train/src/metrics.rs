@@ -22,6 +22,52 @@ pub struct MetricsRow {
     pub eval_perplexity: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_accuracy: Option<f64>,
+    /// Preference objectives, TRL's reward figures (means over the step's pairs).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub rewards: Option<RewardFigures>,
+    /// The same over the eval pairs.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub eval_rewards: Option<EvalRewardFigures>,
+}
+
+/// `rewards_chosen`, `rewards_rejected`, `reward_accuracy`, `reward_margin`.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RewardFigures {
+    pub rewards_chosen: f64,
+    pub rewards_rejected: f64,
+    pub reward_accuracy: f64,
+    pub reward_margin: f64,
+}
+
+/// [`RewardFigures`] on the eval pairs, `eval_`-prefixed.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EvalRewardFigures {
+    pub eval_rewards_chosen: f64,
+    pub eval_rewards_rejected: f64,
+    pub eval_reward_accuracy: f64,
+    pub eval_reward_margin: f64,
+}
+
+impl From<crate::preference::PairMeans> for RewardFigures {
+    fn from(m: crate::preference::PairMeans) -> Self {
+        RewardFigures {
+            rewards_chosen: m.rewards_chosen,
+            rewards_rejected: m.rewards_rejected,
+            reward_accuracy: m.reward_accuracy,
+            reward_margin: m.reward_margin,
+        }
+    }
+}
+
+impl From<crate::preference::PairMeans> for EvalRewardFigures {
+    fn from(m: crate::preference::PairMeans) -> Self {
+        EvalRewardFigures {
+            eval_rewards_chosen: m.rewards_chosen,
+            eval_rewards_rejected: m.rewards_rejected,
+            eval_reward_accuracy: m.reward_accuracy,
+            eval_reward_margin: m.reward_margin,
+        }
+    }
 }
 
 /// Reads all rows (a missing file is empty; a torn last line from a crash is skipped).
@@ -123,6 +169,8 @@ mod tests {
                 lr: None,
                 tokens_per_s: None,
                 examples_per_s: None,
+                rewards: None,
+                eval_rewards: None,
                 eval_loss: (s % 2 == 0).then_some(4.0),
                 eval_perplexity: None,
                 eval_accuracy: None,
@@ -156,6 +204,8 @@ mod tests {
                     lr: None,
                     tokens_per_s: None,
                     examples_per_s: None,
+                    rewards: None,
+                    eval_rewards: None,
                     eval_loss: None,
                     eval_perplexity: None,
                     eval_accuracy: None,

@@ -1,6 +1,7 @@
 //! The YAML recipe: the user-facing contract of `lorakit train`. Unknown keys are errors with a
 //! suggestion, wrong types and impossible values name the field (and line where there is one).
 use crate::error::{Result, TrainError};
+pub use crate::preference::Objective;
 use lorakit_adapter::{LoraConfig, ModuleSpec};
 use serde::{Deserialize, Serialize};
 use serde_yaml::Value;
@@ -53,6 +54,9 @@ pub enum DataFormat {
     Chat,
     /// `{"text", "label"}` for sequence classification.
     Classification,
+    /// `{"prompt", "chosen", "rejected"}` (or their conversational form) for `train.objective:
+    /// dpo | orpo`.
+    Preference,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -136,6 +140,32 @@ pub struct TrainSection {
     /// `loraplus_lr_ratio`; the LoRA+ paper suggests 16).
     #[serde(default)]
     pub loraplus_lr_ratio: Option<f64>,
+    /// sft (next-token loss) | dpo | orpo (on `data.format: preference`).
+    #[serde(default)]
+    pub objective: Objective,
+    /// DPO's β (default 0.1), ORPO's λ (default 0.1).
+    #[serde(default)]
+    pub beta: Option<f64>,
+    /// DPO: the reference's log-probabilities computed once per pair before training
+    /// (`precomputed`, the default) or in every step (`per_step`).
+    #[serde(default)]
+    pub reference_logps: ReferenceLogps,
+}
+
+/// When DPO computes the reference model's log-probabilities.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ReferenceLogps {
+    #[default]
+    Precomputed,
+    PerStep,
+}
+
+impl TrainSection {
+    /// β for DPO, λ for ORPO: the recipe's, else 0.1 (TRL's default for both).
+    pub fn beta(&self) -> f64 {
+        self.beta.unwrap_or(0.1)
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -203,6 +233,9 @@ impl Default for TrainSection {
             log_every: one(),
             gradient_checkpointing: false,
             loraplus_lr_ratio: None,
+            objective: Objective::Sft,
+            beta: None,
+            reference_logps: ReferenceLogps::Precomputed,
         }
     }
 }
@@ -245,6 +278,9 @@ const SECTIONS: &[(&str, &[&str])] = &[
             "log_every",
             "gradient_checkpointing",
             "loraplus_lr_ratio",
+            "objective",
+            "beta",
+            "reference_logps",
         ],
     ),
     ("output", &["dir", "residual_form"]),
@@ -407,6 +443,63 @@ impl Recipe {
                 "train.gradient_checkpointing",
                 "is implemented for causal language models, not sequence_classification".into(),
             ));
+        }
+        let preference = self.data.format == DataFormat::Preference;
+        if preference != t.objective.is_preference() {
+            return Err(bad.at(
+                "train.objective",
+                if preference {
+                    "data.format: preference needs train.objective: dpo or orpo".into()
+                } else {
+                    format!(
+                        "{} reads data.format: preference ({{\"prompt\", \"chosen\", \"rejected\"}})",
+                        t.objective.name()
+                    )
+                },
+            ));
+        }
+        if preference {
+            if self.data.packing {
+                return Err(bad.at(
+                    "data.packing",
+                    "is not implemented for preference pairs (each pair is two rows)".into(),
+                ));
+            }
+            if t.gradient_checkpointing {
+                return Err(bad.at(
+                    "train.gradient_checkpointing",
+                    format!(
+                        "is not implemented for train.objective: {}",
+                        t.objective.name()
+                    ),
+                ));
+            }
+            if t.objective == Objective::Dpo
+                && self
+                    .lora
+                    .modules_to_save
+                    .as_ref()
+                    .is_some_and(|m| !m.is_empty())
+            {
+                return Err(bad.at(
+                    "lora.modules_to_save",
+                    "dpo's reference is the model with its adapters switched off, which a module trained whole is not; leave modules_to_save out".into(),
+                ));
+            }
+        }
+        if let Some(b) = t.beta {
+            if !preference {
+                return Err(bad.at(
+                    "train.beta",
+                    "applies to train.objective: dpo (β) or orpo (λ)".into(),
+                ));
+            }
+            if !(b > 0.0 && b.is_finite()) {
+                return Err(bad.at(
+                    "train.beta",
+                    format!("must be a positive number (0.1 by default), got {b}"),
+                ));
+            }
         }
         if self.data.packing && cls {
             return Err(bad.at(

@@ -80,6 +80,14 @@ impl TaskModel {
         Ok(pred.iter().zip(&gold).filter(|(p, g)| p == g).count())
     }
 
+    /// The language model, for objectives that read it directly (preference tuning).
+    pub fn causal_lm(&self) -> Option<&dyn CausalLm> {
+        match self {
+            TaskModel::CausalLm(m) => Some(m.as_ref()),
+            TaskModel::Classifier(_) => None,
+        }
+    }
+
     pub fn is_classifier(&self) -> bool {
         matches!(self, TaskModel::Classifier(_))
     }

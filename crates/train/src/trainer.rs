@@ -9,8 +9,10 @@ use crate::loss::Batch;
 use crate::metrics::{self, MetricsRow};
 use crate::optim::{clip_grad_norm, AdamW};
 use crate::packing;
+use crate::preference::{self, Pair, PairMeans, PairStats, PreferenceLoss, PreferenceSet};
 use crate::recipe::Recipe;
 use crate::recipe::{DataFormat, Task};
+use crate::recipe::{Objective, ReferenceLogps};
 use crate::runtime;
 use crate::schedule::lr_at;
 use crate::task_model::TaskModel;
@@ -39,6 +41,8 @@ pub struct StepReport {
     pub tokens_per_s: f64,
     pub examples_per_s: f64,
     pub grad_norm: f64,
+    /// Preference objectives: the step's reward figures.
+    pub rewards: Option<PairMeans>,
 }
 
 /// Receives progress; the CLI draws a bar or prints lines.
@@ -76,8 +80,8 @@ pub struct TrainSummary {
     pub train_examples: usize,
     pub eval_examples: usize,
     pub truncated: usize,
-    /// Share of token slots that are padding, with and without packing.
-    pub padding: Padding,
+    /// Share of token slots that are padding, with and without packing (token data only).
+    pub padding: Option<Padding>,
 }
 
 /// Share of the token slots of an epoch's batches that are padding.
@@ -132,29 +136,136 @@ fn datasets(
     let mut train = read(&d.train)?;
     let eval = match (&d.eval, d.eval_split) {
         (Some(p), _) => Some(read(p)?),
-        (None, Some(frac)) => {
-            let n = train.examples.len();
-            let k = ((n as f64 * frac).round() as usize).clamp(1, n.saturating_sub(1));
-            if n < 2 {
-                return Err(TrainError::InvalidRecipe {
-                    file: d.train.display().to_string(),
-                    field: "data.eval_split".into(),
-                    message: "needs at least 2 examples".into(),
-                });
-            }
-            let order = permutation(n, recipe.train.seed ^ 0xe7a1);
-            let mut all: Vec<Option<data::Example>> = train.examples.drain(..).map(Some).collect();
-            let eval_ex: Vec<_> = order[..k].iter().filter_map(|i| all[*i].take()).collect();
-            train.examples = all.into_iter().flatten().collect();
-            Some(Dataset {
-                examples: eval_ex,
-                truncated: 0,
-                dropped: 0,
-            })
-        }
+        (None, Some(frac)) => Some(Dataset {
+            examples: split_off_eval(&mut train.examples, frac, recipe)?,
+            truncated: 0,
+            dropped: 0,
+        }),
         _ => None,
     };
     Ok((train, eval))
+}
+
+/// Moves a seeded `frac` of `items` (at least one, leaving at least one) out for evaluation.
+fn split_off_eval<T>(items: &mut Vec<T>, frac: f64, recipe: &Recipe) -> Result<Vec<T>> {
+    let n = items.len();
+    if n < 2 {
+        return Err(TrainError::InvalidRecipe {
+            file: recipe.data.train.display().to_string(),
+            field: "data.eval_split".into(),
+            message: "needs at least 2 examples".into(),
+        });
+    }
+    let k = ((n as f64 * frac).round() as usize).clamp(1, n - 1);
+    let order = permutation(n, recipe.train.seed ^ 0xe7a1);
+    let mut all: Vec<Option<T>> = items.drain(..).map(Some).collect();
+    let eval: Vec<T> = order[..k].iter().filter_map(|i| all[*i].take()).collect();
+    *items = all.into_iter().flatten().collect();
+    Ok(eval)
+}
+
+/// Loads preference pairs, returning (train, eval).
+fn preference_sets(
+    recipe: &Recipe,
+    tok: &TextTokenizer,
+) -> Result<(PreferenceSet, Option<PreferenceSet>)> {
+    let d = &recipe.data;
+    let mut train = preference::load(&d.train, tok, d.max_seq_len)?;
+    let eval = match (&d.eval, d.eval_split) {
+        (Some(p), _) => Some(preference::load(p, tok, d.max_seq_len)?),
+        (None, Some(frac)) => Some(PreferenceSet {
+            pairs: split_off_eval(&mut train.pairs, frac, recipe)?,
+            truncated: 0,
+        }),
+        _ => None,
+    };
+    Ok((train, eval))
+}
+
+/// A run's data: tokenised examples in rows (one each, or packed), or preference pairs with
+/// the reference's log-probabilities when DPO computes them once.
+enum RunData {
+    Tokens {
+        train: Dataset,
+        eval: Option<Dataset>,
+        rows: Vec<packing::Row>,
+    },
+    Pairs {
+        train: PreferenceSet,
+        eval: Option<PreferenceSet>,
+        /// Per training pair, (chosen, rejected) reference log-probabilities.
+        reference: Option<Vec<(f32, f32)>>,
+    },
+}
+
+impl RunData {
+    /// What an epoch shuffles and a batch counts: rows, or pairs.
+    fn units(&self) -> usize {
+        match self {
+            RunData::Tokens { rows, .. } => rows.len(),
+            RunData::Pairs { train, .. } => train.pairs.len(),
+        }
+    }
+
+    fn train_examples(&self) -> usize {
+        match self {
+            RunData::Tokens { train, .. } => train.examples.len(),
+            RunData::Pairs { train, .. } => train.pairs.len(),
+        }
+    }
+
+    fn eval_examples(&self) -> usize {
+        match self {
+            RunData::Tokens { eval, .. } => eval.as_ref().map(|d| d.examples.len()).unwrap_or(0),
+            RunData::Pairs { eval, .. } => eval.as_ref().map(|d| d.pairs.len()).unwrap_or(0),
+        }
+    }
+
+    fn truncated(&self) -> (usize, usize) {
+        match self {
+            RunData::Tokens { train, eval, .. } => (
+                train.truncated,
+                eval.as_ref().map(|d| d.truncated).unwrap_or(0),
+            ),
+            RunData::Pairs { train, eval, .. } => (
+                train.truncated,
+                eval.as_ref().map(|d| d.truncated).unwrap_or(0),
+            ),
+        }
+    }
+
+    fn has_eval(&self) -> bool {
+        self.eval_examples() > 0
+    }
+}
+
+/// One micro-batch of a step.
+enum Micro<'a> {
+    Tokens(Batch),
+    Pairs {
+        pairs: Vec<&'a Pair>,
+        /// `[2·pairs]` reference log-probabilities (DPO), chosen then rejected.
+        reference: Option<Tensor>,
+    },
+}
+
+impl Micro<'_> {
+    fn tokens(&self) -> usize {
+        match self {
+            Micro::Tokens(b) => b.tokens,
+            Micro::Pairs { pairs, .. } => pairs
+                .iter()
+                .map(|p| 2 * p.prompt.len() + p.chosen.len() + p.rejected.len())
+                .sum(),
+        }
+    }
+
+    fn examples(&self) -> usize {
+        match self {
+            Micro::Tokens(b) => b.examples,
+            Micro::Pairs { pairs, .. } => pairs.len(),
+        }
+    }
 }
 
 /// Optimizer steps in one pass over `examples` examples: micro-batches of `batch_size`, grouped
@@ -304,6 +415,15 @@ struct StepOutcome {
     grad_norm: f64,
     tokens: usize,
     examples: usize,
+    /// Preference objectives: the step's pair figures.
+    pairs: Option<PairStats>,
+}
+
+/// How a micro-batch's loss is computed.
+struct Objectives<'a> {
+    preference: PreferenceLoss,
+    pad_id: u32,
+    device: &'a candle_core::Device,
 }
 
 /// Stage 4: one optimizer step over a group of micro-batches — forward and backward per
@@ -313,27 +433,67 @@ struct StepOutcome {
 fn optimizer_step(
     model: &TaskModel,
     opt: &mut AdamW,
-    batches: &[Batch],
+    batches: &[Micro],
+    objectives: &Objectives,
     t: &crate::recipe::TrainSection,
     step: usize,
     lr: f64,
     dropout_seed: &StepSeed,
     checked_grads: &mut bool,
 ) -> Result<StepOutcome> {
-    let targets: usize = batches.iter().map(|b| b.targets).sum::<usize>().max(1);
-    let tokens: usize = batches.iter().map(|b| b.tokens).sum();
-    let examples: usize = batches.iter().map(|b| b.examples).sum();
+    let targets: usize = batches
+        .iter()
+        .map(|b| match b {
+            Micro::Tokens(b) => b.targets,
+            Micro::Pairs { .. } => 0,
+        })
+        .sum::<usize>()
+        .max(1);
+    let (pairs, chosen_tokens) = batches.iter().fold((0, 0), |(n, c), b| match b {
+        Micro::Pairs { pairs, .. } => (
+            n + pairs.len(),
+            c + pairs.iter().map(|p| p.chosen.len()).sum::<usize>(),
+        ),
+        Micro::Tokens(_) => (n, c),
+    });
+    let tokens: usize = batches.iter().map(Micro::tokens).sum();
+    let examples: usize = batches.iter().map(Micro::examples).sum();
     let var_tensors = opt.tensors();
     let mut acc: Vec<Option<Tensor>> = vec![None; opt.vars().len()];
     let mut loss_sum = 0f64;
+    let mut pair_stats: Option<PairStats> = None;
     for (mi, batch) in batches.iter().enumerate() {
         dropout_seed.set(t.seed, step as u64, mi as u64);
-        let (loss, grads) = model.loss_and_grads(
-            batch,
-            1.0 / targets as f64,
-            t.gradient_checkpointing,
-            &var_tensors,
-        )?;
+        let (loss, grads) = match batch {
+            Micro::Tokens(batch) => model.loss_and_grads(
+                batch,
+                1.0 / targets as f64,
+                t.gradient_checkpointing,
+                &var_tensors,
+            )?,
+            Micro::Pairs {
+                pairs: p,
+                reference,
+            } => {
+                let lm = model.causal_lm().ok_or_else(|| {
+                    candle_core::Error::Msg("preference tuning needs a causal LM".into())
+                })?;
+                let out = objectives.preference.apply(
+                    lm,
+                    p,
+                    reference.as_ref(),
+                    objectives.pad_id,
+                    true,
+                    1.0 / pairs.max(1) as f64,
+                    1.0 / chosen_tokens.max(1) as f64,
+                    objectives.device,
+                )?;
+                pair_stats.get_or_insert_default().add(&out.stats);
+                let store = out.loss.backward()?;
+                let grads = var_tensors.iter().map(|v| store.get(v).cloned()).collect();
+                (out.loss.to_scalar::<f32>()?, grads)
+            }
+        };
         loss_sum += loss as f64;
         if !*checked_grads {
             let missing = opt.missing_grads(&grads);
@@ -375,6 +535,7 @@ fn optimizer_step(
         grad_norm,
         tokens,
         examples,
+        pairs: pair_stats,
     })
 }
 
@@ -424,24 +585,49 @@ pub fn train(
         ModelTask::CausalLm
     };
     base.check_task(task)?;
-    let (train_ds, eval_ds) = datasets(recipe, &tok, &labels)?;
-    let n = train_ds.examples.len();
-    // what a batch row holds: one example, or (packing) several
-    let lengths: Vec<usize> = train_ds.examples.iter().map(|e| e.ids.len()).collect();
-    let rows = if recipe.data.packing {
-        packing::pack(&lengths, recipe.data.max_seq_len)
+    let mut run_data = if t.objective.is_preference() {
+        let (train, eval) = preference_sets(recipe, &tok)?;
+        RunData::Pairs {
+            train,
+            eval,
+            reference: None,
+        }
     } else {
-        packing::one_per_row(n)
+        let (train, eval) = datasets(recipe, &tok, &labels)?;
+        // what a batch row holds: one example, or (packing) several
+        let lengths: Vec<usize> = train.examples.iter().map(|e| e.ids.len()).collect();
+        let rows = if recipe.data.packing {
+            packing::pack(&lengths, recipe.data.max_seq_len)
+        } else {
+            packing::one_per_row(lengths.len())
+        };
+        RunData::Tokens { train, eval, rows }
     };
+    let n = run_data.train_examples();
+    let units = run_data.units();
     let eval_packing = recipe.data.packing.then_some(recipe.data.max_seq_len);
-    let padding = padding_figures(&lengths, recipe);
+    let padding = match &run_data {
+        RunData::Tokens { train, .. } => {
+            let lengths: Vec<usize> = train.examples.iter().map(|e| e.ids.len()).collect();
+            Some(padding_figures(&lengths, recipe))
+        }
+        RunData::Pairs { .. } => None,
+    };
+    let objectives = Objectives {
+        preference: PreferenceLoss {
+            objective: t.objective,
+            beta: t.beta(),
+        },
+        pad_id: tok.pad_id,
+        device: &device,
+    };
 
     let plan = prepare_output(recipe, opts, &model_path)?;
     let varmap = VarMap::new();
     let (mut state, optimizer_state) = initial_state(
         recipe,
         plan.latest.as_deref(),
-        rows.len(),
+        units,
         &varmap,
         &device,
         reporter,
@@ -483,7 +669,7 @@ pub fn train(
     }
 
     // Step plan.
-    let steps_per_epoch = steps_per_epoch(rows.len(), t);
+    let steps_per_epoch = steps_per_epoch(units, t);
     let total = t.max_steps.unwrap_or(t.epochs * steps_per_epoch);
     let warmup = t
         .warmup_steps
@@ -501,23 +687,53 @@ pub fn train(
             .unwrap_or_default(),
         trainable,
         n,
-        eval_ds.as_ref().map(|d| d.examples.len()).unwrap_or(0),
-        train_ds.truncated + eval_ds.as_ref().map(|d| d.truncated).unwrap_or(0),
+        run_data.eval_examples(),
+        run_data.truncated().0 + run_data.truncated().1,
         recipe.data.max_seq_len,
         total,
         steps_per_epoch
     ));
-    reporter.message(&format!(
-        "padding: {:.1}% of the token slots of an epoch unpacked, {:.1}% packed into rows of {} tokens{}",
-        100.0 * padding.unpacked,
-        100.0 * padding.packed,
-        recipe.data.max_seq_len,
-        if recipe.data.packing {
-            format!(" (packing: {} examples in {} rows)", n, rows.len())
-        } else {
-            " (data.packing: false)".into()
+    if let Some(padding) = padding {
+        reporter.message(&format!(
+            "padding: {:.1}% of the token slots of an epoch unpacked, {:.1}% packed into rows of {} tokens{}",
+            100.0 * padding.unpacked,
+            100.0 * padding.packed,
+            recipe.data.max_seq_len,
+            if recipe.data.packing {
+                format!(" (packing: {n} examples in {units} rows)")
+            } else {
+                " (data.packing: false)".into()
+            }
+        ));
+    }
+    if let (
+        RunData::Pairs {
+            train, reference, ..
+        },
+        Objective::Dpo,
+        ReferenceLogps::Precomputed,
+    ) = (&mut run_data, t.objective, t.reference_logps)
+    {
+        // the reference is fixed: its log-probabilities once per pair, not in every step
+        let started = Instant::now();
+        let lm = model
+            .causal_lm()
+            .ok_or_else(|| candle_core::Error::Msg("dpo needs a causal LM".into()))?;
+        let refs: Vec<&Pair> = train.pairs.iter().collect();
+        let mut all = Vec::with_capacity(refs.len());
+        for chunk in refs.chunks(t.batch_size) {
+            let l =
+                preference::reference_logps(lm, chunk, tok.pad_id, &device)?.to_vec1::<f32>()?;
+            let k = chunk.len();
+            all.extend((0..k).map(|i| (l[i], l[k + i])));
         }
-    ));
+        *reference = Some(all);
+        reporter.message(&format!(
+            "reference log-probabilities of {} pairs (adapters off) in {:.1} s",
+            refs.len(),
+            started.elapsed().as_secs_f64()
+        ));
+    }
     reporter.start(total, state.step);
 
     // Saving: the adapter (best / last) and checkpoints with optimizer state.
@@ -562,8 +778,34 @@ pub fn train(
     // Eval: keeps the best adapter, counts evals without improvement for early stopping.
     let run_eval =
         |state: &mut TrainState, reporter: &mut dyn Reporter| -> Result<Option<EvalResult>> {
-            let Some(ds) = &eval_ds else { return Ok(None) };
-            let r = evaluate(&model, ds, tok.pad_id, t.batch_size, eval_packing, &device)?;
+            let r = match &run_data {
+                RunData::Tokens { eval: Some(ds), .. } => {
+                    evaluate(&model, ds, tok.pad_id, t.batch_size, eval_packing, &device)?
+                }
+                RunData::Pairs {
+                    eval: Some(set), ..
+                } => {
+                    let lm = model.causal_lm().ok_or_else(|| {
+                        candle_core::Error::Msg("preference tuning needs a causal LM".into())
+                    })?;
+                    let m = preference::evaluate(
+                        lm,
+                        set,
+                        objectives.preference,
+                        tok.pad_id,
+                        t.batch_size,
+                        &device,
+                    )?;
+                    EvalResult {
+                        loss: m.loss,
+                        perplexity: m.loss.exp(),
+                        tokens: set.pairs.len(),
+                        accuracy: None,
+                        preference: Some(m),
+                    }
+                }
+                _ => return Ok(None),
+            };
             let best = state.best_eval_loss.is_none_or(|b| r.loss < b);
             if best {
                 state.best_eval_loss = Some(r.loss);
@@ -597,6 +839,8 @@ pub fn train(
                     eval_loss: Some(r.loss),
                     eval_perplexity: Some(r.perplexity),
                     eval_accuracy: r.accuracy,
+                    rewards: None,
+                    eval_rewards: r.preference.map(Into::into),
                 },
             )?;
         }
@@ -606,27 +850,22 @@ pub fn train(
     let mut interrupted = false;
     let mut checked_grads = false;
     'epochs: while state.step < total && !state.stopped_early {
-        let order = permutation(rows.len(), t.seed.wrapping_add(state.epoch as u64));
+        let order = permutation(units, t.seed.wrapping_add(state.epoch as u64));
         let micro: Vec<Vec<usize>> = order.chunks(t.batch_size).map(|c| c.to_vec()).collect();
         let groups: Vec<&[Vec<usize>]> = micro.chunks(t.grad_accum_steps).collect();
         while state.step_in_epoch < groups.len() {
             let group = groups[state.step_in_epoch];
             let step_start = Instant::now();
-            let batches: Vec<Batch> = group
+            let batches: Vec<Micro> = group
                 .iter()
-                .map(|idx| {
-                    let batch_rows: Vec<Vec<_>> = idx
-                        .iter()
-                        .map(|r| rows[*r].iter().map(|i| &train_ds.examples[*i]).collect())
-                        .collect();
-                    Batch::packed(&batch_rows, tok.pad_id, &device)
-                })
-                .collect::<candle_core::Result<_>>()?;
+                .map(|idx| micro_batch(&run_data, idx, &objectives, lm_of(&model)))
+                .collect::<Result<_>>()?;
             let lr = lr_at(t.lr_scheduler, t.learning_rate, state.step, warmup, total);
             let done = optimizer_step(
                 &model,
                 &mut opt,
                 &batches,
+                &objectives,
                 t,
                 state.step,
                 lr,
@@ -649,6 +888,7 @@ pub fn train(
                 tokens_per_s: tps,
                 examples_per_s: eps,
                 grad_norm: done.grad_norm,
+                rewards: done.pairs.map(|p| p.means()),
             });
             let epoch_done = state.step_in_epoch == groups.len();
             if epoch_done {
@@ -665,6 +905,8 @@ pub fn train(
                 eval_loss: None,
                 eval_perplexity: None,
                 eval_accuracy: None,
+                rewards: done.pairs.map(|p| p.means().into()),
+                eval_rewards: None,
             };
             if t.eval_every.is_some_and(|e| state.step.is_multiple_of(e))
                 || epoch_done
@@ -674,6 +916,7 @@ pub fn train(
                     row.eval_loss = Some(r.loss);
                     row.eval_perplexity = Some(r.perplexity);
                     row.eval_accuracy = r.accuracy;
+                    row.eval_rewards = r.preference.map(Into::into);
                 }
             }
             if state.step.is_multiple_of(t.log_every)
@@ -703,7 +946,7 @@ pub fn train(
     if !interrupted {
         save_checkpoint(&state, &opt)?;
         save_to(&out.join("last"))?;
-        if eval_ds.is_none() {
+        if !run_data.has_eval() {
             save_to(&out.join("adapter"))?;
         }
     }
@@ -728,9 +971,63 @@ pub fn train(
         interrupted,
         stopped_early: state.stopped_early,
         train_examples: n,
-        eval_examples: eval_ds.as_ref().map(|d| d.examples.len()).unwrap_or(0),
-        truncated: train_ds.truncated,
+        eval_examples: run_data.eval_examples(),
+        truncated: run_data.truncated().0,
         padding,
+    })
+}
+
+fn lm_of(model: &TaskModel) -> Option<&dyn lorakit_models::CausalLm> {
+    model.causal_lm()
+}
+
+/// The micro-batch of units `idx`: rows of examples, or pairs with their reference
+/// log-probabilities (precomputed, or computed now with the adapters off for `per_step`).
+fn micro_batch<'a>(
+    data: &'a RunData,
+    idx: &[usize],
+    objectives: &Objectives,
+    lm: Option<&dyn lorakit_models::CausalLm>,
+) -> Result<Micro<'a>> {
+    Ok(match data {
+        RunData::Tokens { train, rows, .. } => {
+            let batch_rows: Vec<Vec<_>> = idx
+                .iter()
+                .map(|r| rows[*r].iter().map(|i| &train.examples[*i]).collect())
+                .collect();
+            Micro::Tokens(Batch::packed(
+                &batch_rows,
+                objectives.pad_id,
+                objectives.device,
+            )?)
+        }
+        RunData::Pairs {
+            train, reference, ..
+        } => {
+            let pairs: Vec<&Pair> = idx.iter().map(|i| &train.pairs[*i]).collect();
+            let reference = match (objectives.preference.objective, reference) {
+                (Objective::Dpo, Some(all)) => {
+                    let v: Vec<f32> = idx
+                        .iter()
+                        .map(|i| all[*i].0)
+                        .chain(idx.iter().map(|i| all[*i].1))
+                        .collect();
+                    Some(Tensor::from_vec(v, 2 * idx.len(), objectives.device)?)
+                }
+                (Objective::Dpo, None) => {
+                    let lm =
+                        lm.ok_or_else(|| candle_core::Error::Msg("dpo needs a causal LM".into()))?;
+                    Some(preference::reference_logps(
+                        lm,
+                        &pairs,
+                        objectives.pad_id,
+                        objectives.device,
+                    )?)
+                }
+                _ => None,
+            };
+            Micro::Pairs { pairs, reference }
+        }
     })
 }
 
