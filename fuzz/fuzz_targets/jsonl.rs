@@ -1,8 +1,9 @@
-//! Data parsing and tokenisation in all three formats, with the tiny example model's tokenizer
-//! and chat template. First byte: format (mod 3) and `train_on_inputs` (bit 2).
+//! Data parsing and tokenisation in every causal-LM format (completion, instruction, chat, and
+//! preference pairs), with the tiny example model's tokenizer and chat template. First byte:
+//! format (low two bits) and `train_on_inputs` (bit 2).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use lorakit_train::{data, DataFormat, TextTokenizer};
+use lorakit_train::{data, preference, DataFormat, TextTokenizer};
 use std::path::Path;
 use std::sync::OnceLock;
 
@@ -18,11 +19,21 @@ fuzz_target!(|bytes: &[u8]| {
     let Some((&head, rest)) = bytes.split_first() else {
         return;
     };
+    if head & 3 == 3 {
+        let path = Path::new("fuzz.jsonl");
+        if let Ok(set) = preference::parse(rest.to_vec(), path, tokenizer(), 64) {
+            for p in &set.pairs {
+                assert!(!p.prompt.is_empty() && !p.chosen.is_empty() && !p.rejected.is_empty());
+                assert!(p.prompt.len() + p.chosen.len().max(p.rejected.len()) <= 64);
+            }
+        }
+        return;
+    }
     let format = [
         DataFormat::Completion,
         DataFormat::Instruction,
         DataFormat::Chat,
-    ][head as usize % 3];
+    ][head as usize & 3];
     if let Ok(ds) = data::parse(
         rest.to_vec(),
         Path::new("fuzz.jsonl"),
