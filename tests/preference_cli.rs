@@ -147,7 +147,10 @@ fn dpo_starts_at_ln2_learns_a_held_out_preference_and_resumes_exactly() {
 fn the_reference_per_step_gives_the_precomputed_run_and_orpo_trains() {
     let tmp = tempfile::tempdir().unwrap();
     let mut losses = Vec::new();
-    for (name, extra) in [("pre", ""), ("per", "  reference_logps: per_step\n")] {
+    for (name, extra) in [
+        ("pre", "  reference_logps: precomputed\n"),
+        ("per", "  reference_logps: per_step\n"),
+    ] {
         let dir = tmp.path().join(name);
         std::fs::create_dir_all(&dir).unwrap();
         train(&recipe(&dir, "dpo", extra), &["--set", "train.max_steps=6"]);
@@ -162,6 +165,12 @@ fn the_reference_per_step_gives_the_precomputed_run_and_orpo_trains() {
     for (a, b) in losses[0].iter().zip(&losses[1]) {
         assert!((a - b).abs() < 1e-5, "{:?} vs {:?}", losses[0], losses[1]);
     }
+
+    // auto: a run that visits fewer pairs than the data holds computes the reference per step
+    let dir = tmp.path().join("auto");
+    std::fs::create_dir_all(&dir).unwrap();
+    let stdout = train(&recipe(&dir, "dpo", ""), &["--set", "train.max_steps=2"]);
+    assert!(!stdout.contains("reference log-probabilities"), "{stdout}");
 
     let dir = tmp.path().join("orpo");
     std::fs::create_dir_all(&dir).unwrap();

@@ -147,7 +147,9 @@ pub struct TrainSection {
     #[serde(default)]
     pub beta: Option<f64>,
     /// DPO: the reference's log-probabilities computed once per pair before training
-    /// (`precomputed`, the default) or in every step (`per_step`).
+    /// (`precomputed`), in every step for the step's pairs (`per_step`), or (`auto`, the
+    /// default) precomputed when the run visits every pair at least once, else per step — the
+    /// reference pass costs the same per pair either way.
     #[serde(default)]
     pub reference_logps: ReferenceLogps,
 }
@@ -157,6 +159,7 @@ pub struct TrainSection {
 #[serde(rename_all = "snake_case")]
 pub enum ReferenceLogps {
     #[default]
+    Auto,
     Precomputed,
     PerStep,
 }
@@ -235,7 +238,7 @@ impl Default for TrainSection {
             loraplus_lr_ratio: None,
             objective: Objective::Sft,
             beta: None,
-            reference_logps: ReferenceLogps::Precomputed,
+            reference_logps: ReferenceLogps::Auto,
         }
     }
 }

@@ -706,13 +706,21 @@ pub fn train(
             }
         ));
     }
+    // the reference pass costs the same per pair in a step or up front: up front pays off when
+    // the run visits every pair
+    let visits = total.saturating_mul(t.batch_size * t.grad_accum_steps);
+    let precompute = match t.reference_logps {
+        ReferenceLogps::Precomputed => true,
+        ReferenceLogps::PerStep => false,
+        ReferenceLogps::Auto => visits >= units,
+    };
     if let (
         RunData::Pairs {
             train, reference, ..
         },
         Objective::Dpo,
-        ReferenceLogps::Precomputed,
-    ) = (&mut run_data, t.objective, t.reference_logps)
+        true,
+    ) = (&mut run_data, t.objective, precompute)
     {
         // the reference is fixed: its log-probabilities once per pair, not in every step
         let started = Instant::now();
