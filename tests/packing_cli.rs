@@ -2,7 +2,7 @@
 //! padding and examples/s, resumes byte-identically, and its adapter's eval loss is the same
 //! packed or not; packing a classifier's data is refused.
 mod common;
-use common::{lorakit, text};
+use common::{copy_dir, lorakit, text};
 use std::path::Path;
 
 fn train(out: &Path, extra: &[&str]) -> String {
@@ -55,19 +55,6 @@ fn eval_loss(adapter: &Path, packing: bool) -> (f64, u64) {
     assert!(o.status.success(), "{}", text(&o).1);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     (v["loss"].as_f64().unwrap(), v["tokens"].as_u64().unwrap())
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dst = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &dst);
-        } else {
-            std::fs::copy(e.path(), dst).unwrap();
-        }
-    }
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! in residual form when asked) and evaluate to the run's own eval loss; merging a DoRA adapter
 //! gives the model the unmerged adapter computes.
 mod common;
-use common::{lorakit, root, text};
+use common::{copy_dir, lorakit, root, text};
 use std::path::Path;
 
 const RECIPE: &str = "recipes/tiny-completion.yaml";
@@ -62,19 +62,6 @@ fn last_eval_loss(out: &Path) -> f64 {
 
 fn config(dir: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(dir.join("adapter_config.json")).unwrap()).unwrap()
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dst = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &dst);
-        } else {
-            std::fs::copy(e.path(), dst).unwrap();
-        }
-    }
 }
 
 /// Each variant: a run resumed from its step-4 checkpoint ends byte-identical to the

@@ -1,6 +1,6 @@
 //! Helpers shared by the end-to-end tests that drive the `lorakit` binary.
 #![allow(dead_code)] // each test binary uses its own subset of the helpers
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub fn root() -> PathBuf {
@@ -92,4 +92,19 @@ pub fn gguf_str(v: &str) -> Vec<u8> {
     let mut b = (v.len() as u64).to_le_bytes().to_vec();
     b.extend(v.as_bytes());
     b
+}
+
+/// Copies the directory tree `from` to `to` (the twin of a run, to resume from one of its
+/// checkpoints).
+pub fn fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
 }
