@@ -30,7 +30,7 @@ for a in "\$@"; do
   case "\$a" in *.cu) src="\$a";; esac
   prev="\$a"
 done
-# `--ptx --output-directory D x.cu` writes D/x.ptx
+# "--ptx --output-directory D x.cu" writes D/x.ptx
 [ -z "\$out" ] && [ -n "\$dir" ] && [ -n "\$src" ] && out="\$dir/\$(basename "\$src" .cu).ptx"
 [ -n "\$out" ] && : > "\$out"
 exit 0

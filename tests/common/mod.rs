@@ -96,7 +96,7 @@ pub fn gguf_str(v: &str) -> Vec<u8> {
 
 /// Copies the directory tree `from` to `to` (the twin of a run, to resume from one of its
 /// checkpoints).
-pub fn fn copy_dir(from: &Path, to: &Path) {
+pub fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
         let e = e.unwrap();

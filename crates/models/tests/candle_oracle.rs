@@ -1,8 +1,8 @@
-//! A second, independent oracle: candle-transformers' own llama, qwen2 and mistral on the same
-//! random weights must give the same last-position logits as our models.
+//! A second, independent oracle: candle-transformers' own llama, qwen2, qwen3 and mistral on the
+//! same random weights must give the same last-position logits as our models.
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::{llama, mistral, qwen2};
+use candle_transformers::models::{llama, mistral, qwen2, qwen3};
 use lorakit_adapter::Adapters;
 use lorakit_models::llama::LlamaConfig;
 use lorakit_models::{build_causal_lm, CausalLm};
@@ -58,6 +58,10 @@ fn weights(cfg: &LlamaConfig, seed: u64) -> HashMap<String, Tensor> {
         }
         for (n, out, inp) in [("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)] {
             put(format!("{p}.mlp.{n}.weight"), &[out, inp], 0.2);
+        }
+        if cfg.qk_norm {
+            put(format!("{p}.self_attn.q_norm.weight"), &[d], 1.0);
+            put(format!("{p}.self_attn.k_norm.weight"), &[d], 1.0);
         }
         put(format!("{p}.input_layernorm.weight"), &[h], 1.0);
         put(format!("{p}.post_attention_layernorm.weight"), &[h], 1.0);
@@ -174,6 +178,41 @@ fn qwen2_with_bias_and_tied_embeddings_matches_candle_transformers() {
     let ours = ours_last_logits(&cfg, &w, &x);
     let d = max_diff(&ours, &theirs);
     assert!(d <= 1e-5, "qwen2: max abs diff {d}");
+}
+
+#[test]
+fn qwen3_with_qk_norm_and_a_wider_head_matches_candle_transformers() {
+    let mut v = small("qwen3");
+    v["head_dim"] = json!(16);
+    v["rope_theta"] = json!(1000000.0);
+    let cfg = LlamaConfig::from_json(v, Path::new("config.json")).unwrap();
+    assert!(cfg.qk_norm);
+    let w = weights(&cfg, 4);
+    let ccfg = qwen3::Config {
+        vocab_size: 50,
+        hidden_size: 32,
+        intermediate_size: 40,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        head_dim: 16,
+        attention_bias: false,
+        num_key_value_heads: 2,
+        max_position_embeddings: 64,
+        sliding_window: None,
+        max_window_layers: 0,
+        tie_word_embeddings: false,
+        rope_theta: 1000000.0,
+        rms_norm_eps: 1e-5,
+        use_sliding_window: false,
+        hidden_act: candle_nn::Activation::Silu,
+    };
+    let vb = VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu);
+    let mut theirs_model = qwen3::ModelForCausalLM::new(&ccfg, vb).unwrap();
+    let x = ids(50);
+    let theirs = theirs_model.forward(&x, 0).unwrap().flatten_all().unwrap();
+    let ours = ours_last_logits(&cfg, &w, &x);
+    let d = max_diff(&ours, &theirs);
+    assert!(d <= 1e-5, "qwen3: max abs diff {d}");
 }
 
 #[test]

@@ -112,3 +112,9 @@ fn mistral_sliding_window_matches_transformers_and_peft() {
     check("mistral_window", None);
     check("mistral_window", Some("qv"));
 }
+
+#[test]
+fn qwen3_with_per_head_qk_norm_and_its_own_head_dim_matches_peft() {
+    check("qwen3_qk_norm", None);
+    check("qwen3_qk_norm", Some("all_linear"));
+}

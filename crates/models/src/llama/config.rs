@@ -12,6 +12,7 @@ pub enum Arch {
     Llama,
     Mistral,
     Qwen2,
+    Qwen3,
 }
 
 impl Arch {
@@ -20,6 +21,7 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Mistral => "mistral",
             Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
         }
     }
 }
@@ -90,6 +92,9 @@ pub struct LlamaConfig {
     pub mlp_bias: bool,
     /// Mistral's sliding attention window.
     pub sliding_window: Option<usize>,
+    /// Qwen3: RMSNorm over each head of q and k (`q_norm`, `k_norm`, weight `[head_dim]`)
+    /// before the rotary embedding.
+    pub qk_norm: bool,
     /// The dtype the checkpoint declares (`torch_dtype` / `dtype`).
     pub dtype: Option<DType>,
 }
@@ -114,10 +119,11 @@ impl LlamaConfig {
             "llama" => Arch::Llama,
             "mistral" => Arch::Mistral,
             "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
             other => {
                 return Err(err(
                     "model_type",
-                    format!("{other:?} is not supported (supported: llama, mistral, qwen2)"),
+                    format!("{other:?} is not supported (supported: llama, mistral, qwen2, qwen3)"),
                 ))
             }
         };
@@ -188,10 +194,13 @@ impl LlamaConfig {
             .filter(|v| !v.is_null())
             .or(raw.rope_parameters.as_ref());
         let rope_scaling = parse_rope_scaling(scaling, file)?;
-        if arch == Arch::Qwen2 && raw.use_sliding_window == Some(true) {
+        if matches!(arch, Arch::Qwen2 | Arch::Qwen3) && raw.use_sliding_window == Some(true) {
             return Err(err(
                 "use_sliding_window",
-                "sliding-window attention for qwen2 is not supported".into(),
+                format!(
+                    "sliding-window attention for {} is not supported",
+                    arch.name()
+                ),
             ));
         }
         let dtype_name = raw.dtype.or(raw.torch_dtype);
@@ -222,14 +231,18 @@ impl LlamaConfig {
             rope_scaling,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
-            qkv_bias: arch == Arch::Qwen2 || (arch == Arch::Llama && attention_bias),
-            o_bias: arch == Arch::Llama && attention_bias,
+            // Qwen2 always has q/k/v biases; Llama and Qwen3 as `attention_bias` says (Qwen3's
+            // `o_proj` too)
+            qkv_bias: arch == Arch::Qwen2
+                || (matches!(arch, Arch::Llama | Arch::Qwen3) && attention_bias),
+            o_bias: matches!(arch, Arch::Llama | Arch::Qwen3) && attention_bias,
             mlp_bias: arch == Arch::Llama && raw.mlp_bias.unwrap_or(false),
             sliding_window: if arch == Arch::Mistral {
                 raw.sliding_window
             } else {
                 None
             },
+            qk_norm: arch == Arch::Qwen3,
             dtype,
         })
     }
@@ -388,6 +401,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("hidden_size"), "{e}");
+    }
+
+    #[test]
+    fn qwen3_has_qk_norm_its_own_head_dim_and_no_bias_by_default() {
+        let mut v = base();
+        v["model_type"] = json!("qwen3");
+        v["head_dim"] = json!(8);
+        let c = LlamaConfig::from_json(v.clone(), Path::new("c")).unwrap();
+        assert!(c.qk_norm && !c.qkv_bias && !c.o_bias && c.arch == Arch::Qwen3);
+        assert_eq!(c.head_dim, 8);
+        v["attention_bias"] = json!(true);
+        let c = LlamaConfig::from_json(v.clone(), Path::new("c")).unwrap();
+        assert!(c.qkv_bias && c.o_bias);
+        v["use_sliding_window"] = json!(true);
+        let e = LlamaConfig::from_json(v, Path::new("c")).unwrap_err();
+        assert!(e.to_string().contains("use_sliding_window"), "{e}");
     }
 
     #[test]

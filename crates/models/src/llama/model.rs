@@ -17,6 +17,9 @@ struct Attention {
     k_proj: LoraLinear,
     v_proj: LoraLinear,
     o_proj: LoraLinear,
+    /// Qwen3's RMSNorm weights `[head_dim]` for each head of q and of k.
+    qk_norm: Option<(Tensor, Tensor)>,
+    eps: f64,
     heads: usize,
     kv_heads: usize,
 }
@@ -31,6 +34,15 @@ impl Attention {
             k_proj: lb.pp("k_proj").linear(h, kv_out, cfg.qkv_bias)?,
             v_proj: lb.pp("v_proj").linear(h, kv_out, cfg.qkv_bias)?,
             o_proj: lb.pp("o_proj").linear(q_out, h, cfg.o_bias)?,
+            qk_norm: if cfg.qk_norm {
+                Some((
+                    lb.pp("q_norm").tensor(d, "weight")?,
+                    lb.pp("k_norm").tensor(d, "weight")?,
+                ))
+            } else {
+                None
+            },
+            eps: cfg.rms_norm_eps,
             heads: cfg.num_attention_heads,
             kv_heads: cfg.num_key_value_heads,
         })
@@ -45,10 +57,14 @@ impl Attention {
         train: bool,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
-        let q = self.q_proj.forward_t(x, train)?;
-        let k = self.k_proj.forward_t(x, train)?;
+        let mut q = self.q_proj.forward_t(x, train)?;
+        let mut k = self.k_proj.forward_t(x, train)?;
         let v = self.v_proj.forward_t(x, train)?;
         let (h, kv) = (self.heads, self.kv_heads);
+        if let Some((qw, kw)) = &self.qk_norm {
+            q = per_head_rms_norm(&q, qw, h, self.eps)?;
+            k = per_head_rms_norm(&k, kw, kv, self.eps)?;
+        }
         let Some(slot) = cache else {
             let out = attention::rope_attention(&q, &k, &v, cos, sin, bias, h, kv)?;
             return Ok(self.o_proj.forward_t(&out, train)?);
@@ -65,6 +81,13 @@ impl Attention {
         let out = attention::attention(&q, &k, &v, bias)?;
         Ok(self.o_proj.forward_t(&out, train)?)
     }
+}
+
+/// RMSNorm over each head of `x` `[b, s, heads·d]` with weight `[d]`, layout kept.
+fn per_head_rms_norm(x: &Tensor, weight: &Tensor, heads: usize, eps: f64) -> Result<Tensor> {
+    let (b, s, width) = x.dims3()?;
+    let normed = rms_norm(&x.reshape((b, s, heads, width / heads))?, weight, eps)?;
+    Ok(normed.reshape((b, s, width))?)
 }
 
 struct Mlp {
