@@ -1,8 +1,8 @@
-//! A second, independent oracle: candle-transformers' own llama, qwen2, qwen3 and mistral on the
-//! same random weights must give the same last-position logits as our models.
+//! A second, independent oracle: candle-transformers' own llama, qwen2, qwen3, phi3 and mistral
+//! on the same random weights must give the same last-position logits as our models.
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::{llama, mistral, qwen2, qwen3};
+use candle_transformers::models::{llama, mistral, phi3, qwen2, qwen3};
 use lorakit_adapter::Adapters;
 use lorakit_models::llama::LlamaConfig;
 use lorakit_models::{build_causal_lm, CausalLm};
@@ -45,18 +45,28 @@ fn weights(cfg: &LlamaConfig, seed: u64) -> HashMap<String, Tensor> {
     }
     for l in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{l}");
-        for (n, out, inp) in [
-            ("q_proj", q, h),
-            ("k_proj", kv, h),
-            ("v_proj", kv, h),
-            ("o_proj", h, q),
-        ] {
+        let attn: &[(&str, usize, usize)] = if cfg.fused_projections {
+            &[("qkv_proj", q + 2 * kv, h), ("o_proj", h, q)]
+        } else {
+            &[
+                ("q_proj", q, h),
+                ("k_proj", kv, h),
+                ("v_proj", kv, h),
+                ("o_proj", h, q),
+            ]
+        };
+        for &(n, out, inp) in attn {
             put(format!("{p}.self_attn.{n}.weight"), &[out, inp], 0.2);
             if cfg.qkv_bias && n != "o_proj" {
                 put(format!("{p}.self_attn.{n}.bias"), &[out], 0.2);
             }
         }
-        for (n, out, inp) in [("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)] {
+        let mlp: &[(&str, usize, usize)] = if cfg.fused_projections {
+            &[("gate_up_proj", 2 * i, h), ("down_proj", h, i)]
+        } else {
+            &[("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)]
+        };
+        for &(n, out, inp) in mlp {
             put(format!("{p}.mlp.{n}.weight"), &[out, inp], 0.2);
         }
         if cfg.qk_norm {
@@ -213,6 +223,39 @@ fn qwen3_with_qk_norm_and_a_wider_head_matches_candle_transformers() {
     let ours = ours_last_logits(&cfg, &w, &x);
     let d = max_diff(&ours, &theirs);
     assert!(d <= 1e-5, "qwen3: max abs diff {d}");
+}
+
+#[test]
+fn phi3_with_fused_projections_matches_candle_transformers() {
+    let v = small("phi3");
+    let cfg = LlamaConfig::from_json(v, Path::new("config.json")).unwrap();
+    assert!(cfg.fused_projections);
+    let w = weights(&cfg, 5);
+    let ccfg = phi3::Config {
+        vocab_size: 50,
+        hidden_act: candle_nn::Activation::Silu,
+        hidden_size: 32,
+        intermediate_size: 40,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        bos_token_id: None,
+        eos_token_id: None,
+        rope_scaling: None,
+        max_position_embeddings: 64,
+        original_max_position_embeddings: None,
+        partial_rotary_factor: None,
+        tie_word_embeddings: false,
+    };
+    let vb = VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu);
+    let mut theirs_model = phi3::Model::new(&ccfg, vb).unwrap();
+    let x = ids(50);
+    let theirs = theirs_model.forward(&x, 0).unwrap().flatten_all().unwrap();
+    let ours = ours_last_logits(&cfg, &w, &x);
+    let d = max_diff(&ours, &theirs);
+    assert!(d <= 1e-5, "phi3: max abs diff {d}");
 }
 
 #[test]

@@ -118,3 +118,10 @@ fn qwen3_with_per_head_qk_norm_and_its_own_head_dim_matches_peft() {
     check("qwen3_qk_norm", None);
     check("qwen3_qk_norm", Some("all_linear"));
 }
+
+#[test]
+fn phi3_fused_projections_with_a_window_match_peft() {
+    check("phi3_fused", None);
+    check("phi3_fused", Some("all_linear"));
+    check("phi3_fused", Some("qkv"));
+}

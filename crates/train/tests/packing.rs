@@ -1,6 +1,6 @@
 //! Sample packing computes the unpacked model: on every causal architecture (Llama with grouped
 //! kv heads, Mistral's sliding window, Qwen2's biases and tied head, a sharded Llama 3, Qwen3's
-//! q/k norms), a data set's eval loss and a batch's gradients are those of one example per row,
+//! q/k norms, Phi-3's fused projections), a data set's eval loss and a batch's gradients are those of one example per row,
 //! with and without activation checkpointing; and no token sees another example of its row.
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
@@ -14,12 +14,13 @@ use lorakit_train::packing;
 use lorakit_train::task_model::TaskModel;
 use std::path::PathBuf;
 
-const CASES: [&str; 5] = [
+const CASES: [&str; 6] = [
     "llama_gqa",
     "mistral_window",
     "qwen2_tied",
     "llama3_sharded",
     "qwen3_qk_norm",
+    "phi3_fused",
 ];
 
 fn fixture(case: &str) -> PathBuf {

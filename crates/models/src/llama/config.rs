@@ -13,6 +13,7 @@ pub enum Arch {
     Mistral,
     Qwen2,
     Qwen3,
+    Phi3,
 }
 
 impl Arch {
@@ -22,6 +23,7 @@ impl Arch {
             Arch::Mistral => "mistral",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Phi3 => "phi3",
         }
     }
 }
@@ -65,6 +67,7 @@ struct Raw {
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
     hidden_act: Option<String>,
+    partial_rotary_factor: Option<f64>,
     torch_dtype: Option<String>,
     dtype: Option<String>,
 }
@@ -95,6 +98,9 @@ pub struct LlamaConfig {
     /// Qwen3: RMSNorm over each head of q and k (`q_norm`, `k_norm`, weight `[head_dim]`)
     /// before the rotary embedding.
     pub qk_norm: bool,
+    /// Phi-3: q, k and v are one `qkv_proj` (rows q, then k, then v) and gate and up one
+    /// `gate_up_proj` (gate rows first) — the module names PEFT targets.
+    pub fused_projections: bool,
     /// The dtype the checkpoint declares (`torch_dtype` / `dtype`).
     pub dtype: Option<DType>,
 }
@@ -120,10 +126,13 @@ impl LlamaConfig {
             "mistral" => Arch::Mistral,
             "qwen2" => Arch::Qwen2,
             "qwen3" => Arch::Qwen3,
+            "phi3" => Arch::Phi3,
             other => {
                 return Err(err(
                     "model_type",
-                    format!("{other:?} is not supported (supported: llama, mistral, qwen2, qwen3)"),
+                    format!(
+                        "{other:?} is not supported (supported: llama, mistral, qwen2, qwen3, phi3)"
+                    ),
                 ))
             }
         };
@@ -194,6 +203,17 @@ impl LlamaConfig {
             .filter(|v| !v.is_null())
             .or(raw.rope_parameters.as_ref());
         let rope_scaling = parse_rope_scaling(scaling, file)?;
+        let partial = raw.partial_rotary_factor.or_else(|| {
+            params
+                .and_then(|p| p.get("partial_rotary_factor"))
+                .and_then(Value::as_f64)
+        });
+        if let Some(f) = partial.filter(|f| *f != 1.0) {
+            return Err(err(
+                "partial_rotary_factor",
+                format!("{f} is not supported (rotary embedding over the whole head only)"),
+            ));
+        }
         if matches!(arch, Arch::Qwen2 | Arch::Qwen3) && raw.use_sliding_window == Some(true) {
             return Err(err(
                 "use_sliding_window",
@@ -237,12 +257,13 @@ impl LlamaConfig {
                 || (matches!(arch, Arch::Llama | Arch::Qwen3) && attention_bias),
             o_bias: matches!(arch, Arch::Llama | Arch::Qwen3) && attention_bias,
             mlp_bias: arch == Arch::Llama && raw.mlp_bias.unwrap_or(false),
-            sliding_window: if arch == Arch::Mistral {
+            sliding_window: if matches!(arch, Arch::Mistral | Arch::Phi3) {
                 raw.sliding_window
             } else {
                 None
             },
             qk_norm: arch == Arch::Qwen3,
+            fused_projections: arch == Arch::Phi3,
             dtype,
         })
     }
@@ -417,6 +438,19 @@ mod tests {
         v["use_sliding_window"] = json!(true);
         let e = LlamaConfig::from_json(v, Path::new("c")).unwrap_err();
         assert!(e.to_string().contains("use_sliding_window"), "{e}");
+    }
+
+    #[test]
+    fn phi3_has_fused_projections_and_its_window() {
+        let mut v = base();
+        v["model_type"] = json!("phi3");
+        v["sliding_window"] = json!(2047);
+        let c = LlamaConfig::from_json(v.clone(), Path::new("c")).unwrap();
+        assert!(c.fused_projections && !c.qkv_bias && c.arch == Arch::Phi3);
+        assert_eq!(c.sliding_window, Some(2047));
+        v["partial_rotary_factor"] = json!(0.75);
+        let e = LlamaConfig::from_json(v, Path::new("c")).unwrap_err();
+        assert!(e.to_string().contains("partial_rotary_factor"), "{e}");
     }
 
     #[test]

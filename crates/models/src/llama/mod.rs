@@ -1,5 +1,5 @@
-//! Llama, Mistral, Qwen2 and Qwen3 decoders: one family, differing only in biases, the
-//! attention window and Qwen3's per-head q/k norms. `config` reads config.json, `model` is the network, `gguf` is llama.cpp's naming.
+//! Llama, Mistral, Qwen2, Qwen3 and Phi-3 decoders: one family, differing only in biases, the
+//! attention window, Qwen3's per-head q/k norms and Phi-3's fused projections. `config` reads config.json, `model` is the network, `gguf` is llama.cpp's naming.
 mod config;
 pub mod gguf;
 mod model;
@@ -20,7 +20,7 @@ pub struct LlamaFamily;
 
 impl Architecture for LlamaFamily {
     fn model_types(&self) -> &'static [&'static str] {
-        &["llama", "mistral", "qwen2", "qwen3"]
+        &["llama", "mistral", "qwen2", "qwen3", "phi3"]
     }
 
     fn parse_config(&self, json: Value, file: &Path) -> Result<Box<dyn ModelConfig>> {

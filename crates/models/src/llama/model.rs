@@ -12,10 +12,52 @@ use lorakit_ops::layers::{
     segment_bias,
 };
 
+/// The q, k and v projections: three modules, or Phi-3's one `qkv_proj` whose output rows are
+/// q, then k, then v.
+#[allow(clippy::large_enum_variant)] // one per layer: its size does not matter
+enum QkvProjections {
+    Separate {
+        q_proj: LoraLinear,
+        k_proj: LoraLinear,
+        v_proj: LoraLinear,
+    },
+    Fused {
+        qkv_proj: LoraLinear,
+        q_out: usize,
+        kv_out: usize,
+    },
+}
+
+impl QkvProjections {
+    fn forward(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor, Tensor)> {
+        Ok(match self {
+            QkvProjections::Separate {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => (
+                q_proj.forward_t(x, train)?,
+                k_proj.forward_t(x, train)?,
+                v_proj.forward_t(x, train)?,
+            ),
+            QkvProjections::Fused {
+                qkv_proj,
+                q_out,
+                kv_out,
+            } => {
+                let qkv = qkv_proj.forward_t(x, train)?;
+                (
+                    qkv.narrow(2, 0, *q_out)?.contiguous()?,
+                    qkv.narrow(2, *q_out, *kv_out)?.contiguous()?,
+                    qkv.narrow(2, q_out + kv_out, *kv_out)?.contiguous()?,
+                )
+            }
+        })
+    }
+}
+
 struct Attention {
-    q_proj: LoraLinear,
-    k_proj: LoraLinear,
-    v_proj: LoraLinear,
+    qkv: QkvProjections,
     o_proj: LoraLinear,
     /// Qwen3's RMSNorm weights `[head_dim]` for each head of q and of k.
     qk_norm: Option<(Tensor, Tensor)>,
@@ -29,10 +71,23 @@ impl Attention {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let q_out = cfg.num_attention_heads * d;
         let kv_out = cfg.num_key_value_heads * d;
+        let qkv = if cfg.fused_projections {
+            QkvProjections::Fused {
+                qkv_proj: lb
+                    .pp("qkv_proj")
+                    .linear(h, q_out + 2 * kv_out, cfg.qkv_bias)?,
+                q_out,
+                kv_out,
+            }
+        } else {
+            QkvProjections::Separate {
+                q_proj: lb.pp("q_proj").linear(h, q_out, cfg.qkv_bias)?,
+                k_proj: lb.pp("k_proj").linear(h, kv_out, cfg.qkv_bias)?,
+                v_proj: lb.pp("v_proj").linear(h, kv_out, cfg.qkv_bias)?,
+            }
+        };
         Ok(Attention {
-            q_proj: lb.pp("q_proj").linear(h, q_out, cfg.qkv_bias)?,
-            k_proj: lb.pp("k_proj").linear(h, kv_out, cfg.qkv_bias)?,
-            v_proj: lb.pp("v_proj").linear(h, kv_out, cfg.qkv_bias)?,
+            qkv,
             o_proj: lb.pp("o_proj").linear(q_out, h, cfg.o_bias)?,
             qk_norm: if cfg.qk_norm {
                 Some((
@@ -57,9 +112,7 @@ impl Attention {
         train: bool,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
-        let mut q = self.q_proj.forward_t(x, train)?;
-        let mut k = self.k_proj.forward_t(x, train)?;
-        let v = self.v_proj.forward_t(x, train)?;
+        let (mut q, mut k, v) = self.qkv.forward(x, train)?;
         let (h, kv) = (self.heads, self.kv_heads);
         if let Some((qw, kw)) = &self.qk_norm {
             q = per_head_rms_norm(&q, qw, h, self.eps)?;
@@ -90,25 +143,60 @@ fn per_head_rms_norm(x: &Tensor, weight: &Tensor, heads: usize, eps: f64) -> Res
     Ok(normed.reshape((b, s, width))?)
 }
 
+/// The gate and up projections: two modules, or Phi-3's one `gate_up_proj` (gate rows first).
+#[allow(clippy::large_enum_variant)] // one per layer: its size does not matter
+enum GateUp {
+    Separate {
+        gate_proj: LoraLinear,
+        up_proj: LoraLinear,
+    },
+    Fused {
+        gate_up_proj: LoraLinear,
+        intermediate: usize,
+    },
+}
+
 struct Mlp {
-    gate_proj: LoraLinear,
-    up_proj: LoraLinear,
+    gate_up: GateUp,
     down_proj: LoraLinear,
 }
 
 impl Mlp {
     fn new(cfg: &LlamaConfig, lb: &LayerBuilder) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let gate_up = if cfg.fused_projections {
+            GateUp::Fused {
+                gate_up_proj: lb.pp("gate_up_proj").linear(h, 2 * i, cfg.mlp_bias)?,
+                intermediate: i,
+            }
+        } else {
+            GateUp::Separate {
+                gate_proj: lb.pp("gate_proj").linear(h, i, cfg.mlp_bias)?,
+                up_proj: lb.pp("up_proj").linear(h, i, cfg.mlp_bias)?,
+            }
+        };
         Ok(Mlp {
-            gate_proj: lb.pp("gate_proj").linear(h, i, cfg.mlp_bias)?,
-            up_proj: lb.pp("up_proj").linear(h, i, cfg.mlp_bias)?,
+            gate_up,
             down_proj: lb.pp("down_proj").linear(i, h, cfg.mlp_bias)?,
         })
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let gate = self.gate_proj.forward_t(x, train)?;
-        let up = self.up_proj.forward_t(x, train)?;
+        let (gate, up) = match &self.gate_up {
+            GateUp::Separate { gate_proj, up_proj } => {
+                (gate_proj.forward_t(x, train)?, up_proj.forward_t(x, train)?)
+            }
+            GateUp::Fused {
+                gate_up_proj,
+                intermediate: i,
+            } => {
+                let both = gate_up_proj.forward_t(x, train)?;
+                (
+                    both.narrow(2, 0, *i)?.contiguous()?,
+                    both.narrow(2, *i, *i)?.contiguous()?,
+                )
+            }
+        };
         let h = lorakit_ops::fused::swiglu(&gate, &up)?;
         Ok(self.down_proj.forward_t(&h, train)?)
     }

@@ -1,0 +1,163 @@
+//! The families added to the Llama family run every command through the binary. A Phi-3
+//! directory made by fusing the tiny Llama's projections (`qkv_proj` = [q; k; v], `gate_up_proj` =
+//! [gate; up]) computes exactly the tiny Llama: the same eval loss and the same generated text.
+//! It and a Qwen3 directory (the tiny Llama plus per-head q/k norms) are inspected, trained on
+//! their fused / normed layers, evaluated, and merged into a model that computes what the
+//! unmerged adapter computes.
+mod common;
+use candle_core::{Device, Tensor};
+use common::{lorakit, lorakit_ok, root, text};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// The tiny Llama's directory with its weights rewritten by `rewrite` and `config.json` edited.
+fn family(dir: &Path, model_type: &str, rewrite: impl Fn(&mut HashMap<String, Tensor>)) {
+    let src = root().join("examples/tiny-llama");
+    std::fs::create_dir_all(dir).unwrap();
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+    config["model_type"] = model_type.into();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let mut w =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    rewrite(&mut w);
+    candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
+}
+
+fn fuse(w: &mut HashMap<String, Tensor>, layer: usize, parts: &[&str], fused: &str) {
+    let names: Vec<String> = parts
+        .iter()
+        .map(|p| format!("model.layers.{layer}.{p}.weight"))
+        .collect();
+    let tensors: Vec<Tensor> = names.iter().map(|n| w.remove(n).unwrap()).collect();
+    let cat = Tensor::cat(&tensors, 0).unwrap();
+    w.insert(format!("model.layers.{layer}.{fused}.weight"), cat);
+}
+
+fn eval_loss(model: &Path, adapter: Option<&Path>) -> f64 {
+    let m = model.display().to_string();
+    let a = adapter.map(|a| a.display().to_string());
+    let mut args = vec![
+        "eval",
+        "--model",
+        &m,
+        "--data",
+        "examples/data/capitals-eval.jsonl",
+        "--json",
+    ];
+    if let Some(a) = &a {
+        args.extend(["--adapter", a.as_str()]);
+    }
+    let v: serde_json::Value = serde_json::from_str(&lorakit_ok(&args)).unwrap();
+    v["loss"].as_f64().unwrap()
+}
+
+fn generate(model: &Path) -> String {
+    let m = model.display().to_string();
+    lorakit_ok(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        "The capital of France is",
+        "--max-new-tokens",
+        "8",
+    ])
+}
+
+/// Trains all linear layers for a few steps, then checks `merge` against the unmerged adapter.
+fn train_and_merge(tmp: &Path, model: &Path, name: &str) {
+    let out = tmp.join(format!("{name}-run"));
+    let o = lorakit(&[
+        "train",
+        "recipes/tiny-completion.yaml",
+        "--set",
+        &format!("model.path={}", model.display()),
+        "--set",
+        &format!("output.dir={}", out.display()),
+        "--set",
+        "train.max_steps=10",
+    ]);
+    assert!(o.status.success(), "{name}: {}", text(&o).1);
+    let adapter = out.join("last");
+    let base = eval_loss(model, None);
+    let tuned = eval_loss(model, Some(&adapter));
+    assert!(tuned < base, "{name}: eval loss {base} -> {tuned}");
+    let merged = tmp.join(format!("{name}-merged"));
+    lorakit_ok(&[
+        "merge",
+        "--base",
+        &model.display().to_string(),
+        "--adapter",
+        &adapter.display().to_string(),
+        "--out",
+        &merged.display().to_string(),
+    ]);
+    let m = eval_loss(&merged, None);
+    assert!(
+        (m - tuned).abs() < 1e-4,
+        "{name}: merged {m}, unmerged {tuned}"
+    );
+}
+
+#[test]
+fn phi3_with_fused_projections_is_the_llama_it_was_made_from_and_trains() {
+    let tmp = tempfile::tempdir().unwrap();
+    let phi3 = tmp.path().join("phi3");
+    family(&phi3, "phi3", |w| {
+        for l in 0..2 {
+            fuse(
+                w,
+                l,
+                &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                "self_attn.qkv_proj",
+            );
+            fuse(w, l, &["mlp.gate_proj", "mlp.up_proj"], "mlp.gate_up_proj");
+        }
+    });
+    let inspect = lorakit_ok(&["inspect", &phi3.display().to_string()]);
+    assert!(
+        inspect.contains("phi3")
+            && inspect.contains("model.layers.0.self_attn.qkv_proj")
+            && inspect.contains("model.layers.1.mlp.gate_up_proj"),
+        "{inspect}"
+    );
+    let llama = root().join("examples/tiny-llama");
+    let (a, b) = (eval_loss(&llama, None), eval_loss(&phi3, None));
+    assert!((a - b).abs() < 1e-5, "llama {a}, phi3 {b}");
+    assert_eq!(generate(&llama), generate(&phi3));
+    train_and_merge(tmp.path(), &phi3, "phi3");
+}
+
+#[test]
+fn qwen3_with_qk_norms_trains_evaluates_generates_and_merges() {
+    let tmp = tempfile::tempdir().unwrap();
+    let qwen3 = tmp.path().join("qwen3");
+    family(&qwen3, "qwen3", |w| {
+        for l in 0..2 {
+            for n in ["q_norm", "k_norm"] {
+                // head_dim 16; weights away from 1 so a norm left out would show
+                let v: Vec<f32> = (0..16).map(|i| 0.8 + 0.025 * i as f32).collect();
+                let t = Tensor::from_vec(v, 16, &Device::Cpu).unwrap();
+                w.insert(format!("model.layers.{l}.self_attn.{n}.weight"), t);
+            }
+        }
+    });
+    let inspect = lorakit_ok(&["inspect", &qwen3.display().to_string()]);
+    assert!(inspect.contains("qwen3"), "{inspect}");
+    let llama = root().join("examples/tiny-llama");
+    let (a, b) = (eval_loss(&llama, None), eval_loss(&qwen3, None));
+    assert!(
+        (a - b).abs() > 1e-4,
+        "the q/k norms changed nothing: {a} vs {b}"
+    );
+    assert!(!generate(&qwen3).trim().is_empty());
+    train_and_merge(tmp.path(), &qwen3, "qwen3");
+}
