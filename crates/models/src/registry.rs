@@ -143,7 +143,7 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(
-            e.contains("c.json") && e.contains("gpt_neox") && e.contains("qwen2, bert"),
+            e.contains("c.json") && e.contains("gpt_neox") && e.contains("phi3, bert"),
             "{e}"
         );
     }
