@@ -66,6 +66,9 @@ fn merges_equal_peft_merge_and_unload() {
     compare_with_peft("llama_gqa", "rslora_patterns");
     compare_with_peft("qwen2_tied", "all_linear");
     compare_with_peft("mistral_window", "qv");
+    compare_with_peft("qwen3_qk_norm", "all_linear");
+    compare_with_peft("phi3_fused", "all_linear");
+    compare_with_peft("phi3_fused", "qkv");
 }
 
 #[test]
