@@ -268,7 +268,7 @@ fn run_preference(
         objective,
         beta: args.beta,
     };
-    let m = preference::evaluate(model, &set, loss, tok.pad_id, args.batch_size, device)
+    let m = preference::evaluate(model, &set, loss, tok.pad_id, args.batch_size, None, device)
         .with_context(|| format!("evaluating pairs in {}", args.data.display()))?;
     if args.json {
         say!(

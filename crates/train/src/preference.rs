@@ -300,6 +300,35 @@ pub fn reference_logps(
     Ok(logps.detach())
 }
 
+/// The reference's (chosen, rejected) log-probabilities of every pair of `pairs`, in batches of
+/// `batch_size` pairs: they never change, so a run computes them once.
+pub fn reference_table(
+    model: &dyn CausalLm,
+    pairs: &[Pair],
+    pad_id: u32,
+    batch_size: usize,
+    device: &Device,
+) -> Result<Vec<(f32, f32)>> {
+    let refs: Vec<&Pair> = pairs.iter().collect();
+    let mut all = Vec::with_capacity(refs.len());
+    for chunk in refs.chunks(batch_size.max(1)) {
+        let l = reference_logps(model, chunk, pad_id, device)?.to_vec1::<f32>()?;
+        let k = chunk.len();
+        all.extend((0..k).map(|i| (l[i], l[k + i])));
+    }
+    Ok(all)
+}
+
+/// Rows of `table` for the pairs `idx`, as [`answer_logps`] orders them (chosen, then rejected).
+pub fn reference_rows(table: &[(f32, f32)], idx: &[usize], device: &Device) -> Result<Tensor> {
+    let v: Vec<f32> = idx
+        .iter()
+        .map(|i| table[*i].0)
+        .chain(idx.iter().map(|i| table[*i].1))
+        .collect();
+    Ok(Tensor::from_vec(v, 2 * idx.len(), device)?)
+}
+
 /// The objective's settings.
 #[derive(Clone, Copy, Debug)]
 pub struct PreferenceLoss {
@@ -444,20 +473,25 @@ fn log1m_exp(x: &Tensor) -> Result<Tensor> {
 }
 
 /// The objective's mean figures over a whole preference set, in batches of `batch_size` pairs
-/// (no dropout): `lorakit eval --format preference` and the eval of a preference run.
+/// (no dropout): `lorakit eval --format preference` and the eval of a preference run. DPO reads
+/// the reference from `reference` (a [`reference_table`] of `set`) when given, else computes it.
 pub fn evaluate(
     model: &dyn CausalLm,
     set: &PreferenceSet,
     loss: PreferenceLoss,
     pad_id: u32,
     batch_size: usize,
+    reference: Option<&[(f32, f32)]>,
     device: &Device,
 ) -> Result<PairMeans> {
     let mut total = PairStats::default();
-    let refs: Vec<&Pair> = set.pairs.iter().collect();
-    for chunk in refs.chunks(batch_size.max(1)) {
-        let reference = match loss.objective {
-            Objective::Dpo => Some(reference_logps(model, chunk, pad_id, device)?),
+    let order: Vec<usize> = (0..set.pairs.len()).collect();
+    for idx in order.chunks(batch_size.max(1)) {
+        let chunk: Vec<&Pair> = idx.iter().map(|i| &set.pairs[*i]).collect();
+        let chunk = chunk.as_slice();
+        let reference = match (loss.objective, reference) {
+            (Objective::Dpo, Some(table)) => Some(reference_rows(table, idx, device)?),
+            (Objective::Dpo, None) => Some(reference_logps(model, chunk, pad_id, device)?),
             _ => None,
         };
         let out = loss.apply(

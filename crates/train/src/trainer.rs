@@ -727,18 +727,16 @@ pub fn train(
         let lm = model
             .causal_lm()
             .ok_or_else(|| candle_core::Error::Msg("dpo needs a causal LM".into()))?;
-        let refs: Vec<&Pair> = train.pairs.iter().collect();
-        let mut all = Vec::with_capacity(refs.len());
-        for chunk in refs.chunks(t.batch_size) {
-            let l =
-                preference::reference_logps(lm, chunk, tok.pad_id, &device)?.to_vec1::<f32>()?;
-            let k = chunk.len();
-            all.extend((0..k).map(|i| (l[i], l[k + i])));
-        }
-        *reference = Some(all);
+        *reference = Some(preference::reference_table(
+            lm,
+            &train.pairs,
+            tok.pad_id,
+            t.batch_size,
+            &device,
+        )?);
         reporter.message(&format!(
             "reference log-probabilities of {} pairs (adapters off) in {:.1} s",
-            refs.len(),
+            train.pairs.len(),
             started.elapsed().as_secs_f64()
         ));
     }
@@ -784,6 +782,7 @@ pub fn train(
         )
     };
     // Eval: keeps the best adapter, counts evals without improvement for early stopping.
+    let eval_reference: std::cell::OnceCell<Vec<(f32, f32)>> = Default::default();
     let run_eval =
         |state: &mut TrainState, reporter: &mut dyn Reporter| -> Result<Option<EvalResult>> {
             let r = match &run_data {
@@ -796,12 +795,30 @@ pub fn train(
                     let lm = model.causal_lm().ok_or_else(|| {
                         candle_core::Error::Msg("preference tuning needs a causal LM".into())
                     })?;
+                    // the eval pairs' reference never changes: computed at the first eval
+                    let table = match objectives.preference.objective {
+                        Objective::Dpo => Some(match eval_reference.get() {
+                            Some(table) => table,
+                            None => {
+                                let table = preference::reference_table(
+                                    lm,
+                                    &set.pairs,
+                                    tok.pad_id,
+                                    t.batch_size,
+                                    &device,
+                                )?;
+                                eval_reference.get_or_init(|| table)
+                            }
+                        }),
+                        _ => None,
+                    };
                     let m = preference::evaluate(
                         lm,
                         set,
                         objectives.preference,
                         tok.pad_id,
                         t.batch_size,
+                        table.map(Vec::as_slice),
                         &device,
                     )?;
                     EvalResult {
@@ -1014,13 +1031,8 @@ fn micro_batch<'a>(
         } => {
             let pairs: Vec<&Pair> = idx.iter().map(|i| &train.pairs[*i]).collect();
             let reference = match (objectives.preference.objective, reference) {
-                (Objective::Dpo, Some(all)) => {
-                    let v: Vec<f32> = idx
-                        .iter()
-                        .map(|i| all[*i].0)
-                        .chain(idx.iter().map(|i| all[*i].1))
-                        .collect();
-                    Some(Tensor::from_vec(v, 2 * idx.len(), objectives.device)?)
+                (Objective::Dpo, Some(table)) => {
+                    Some(preference::reference_rows(table, idx, objectives.device)?)
                 }
                 (Objective::Dpo, None) => {
                     let lm =
