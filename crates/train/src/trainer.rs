@@ -883,7 +883,7 @@ pub fn train(
             let step_start = Instant::now();
             let batches: Vec<Micro> = group
                 .iter()
-                .map(|idx| micro_batch(&run_data, idx, &objectives, lm_of(&model)))
+                .map(|idx| micro_batch(&run_data, idx, &objectives, model.causal_lm()))
                 .collect::<Result<_>>()?;
             let lr = lr_at(t.lr_scheduler, t.learning_rate, state.step, warmup, total);
             let done = optimizer_step(
@@ -1000,10 +1000,6 @@ pub fn train(
         truncated: run_data.truncated().0,
         padding,
     })
-}
-
-fn lm_of(model: &TaskModel) -> Option<&dyn lorakit_models::CausalLm> {
-    model.causal_lm()
 }
 
 /// The micro-batch of units `idx`: rows of examples, or pairs with their reference
