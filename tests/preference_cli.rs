@@ -38,6 +38,14 @@ fn metrics(run: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The run's last eval row.
+fn last_eval(rows: &[serde_json::Value]) -> &serde_json::Value {
+    rows.iter()
+        .rev()
+        .find(|v| v["eval_loss"].is_number())
+        .expect("an eval row")
+}
+
 fn eval_pairs(adapter: &Path, objective: &str) -> serde_json::Value {
     let a = adapter.display().to_string();
     let o = lorakit(&[
@@ -88,11 +96,7 @@ fn dpo_starts_at_ln2_learns_a_held_out_preference_and_resumes_exactly() {
         "{step1}"
     );
     // after training: held-out pairs prefer the chosen answer
-    let last = rows
-        .iter()
-        .rev()
-        .find(|v| v["eval_loss"].is_number())
-        .unwrap();
+    let last = last_eval(&rows);
     assert!(
         last["eval_reward_accuracy"].as_f64().unwrap() >= 0.75,
         "{last}"
@@ -127,11 +131,7 @@ fn dpo_starts_at_ln2_learns_a_held_out_preference_and_resumes_exactly() {
         "the resumed run ends with another adapter"
     );
     let resumed = metrics(&run);
-    let resumed_last = resumed
-        .iter()
-        .rev()
-        .find(|v| v["eval_loss"].is_number())
-        .unwrap();
+    let resumed_last = last_eval(&resumed);
     for k in [
         "step",
         "loss",
@@ -179,11 +179,7 @@ fn the_reference_per_step_gives_the_precomputed_run_and_orpo_trains() {
     let rows = metrics(&dir.join("run"));
     let losses: Vec<f64> = rows.iter().filter_map(|v| v["loss"].as_f64()).collect();
     assert!(losses.last().unwrap() < &(losses[0] * 0.8), "{losses:?}");
-    let last = rows
-        .iter()
-        .rev()
-        .find(|v| v["eval_loss"].is_number())
-        .unwrap();
+    let last = last_eval(&rows);
     assert!(
         last["eval_reward_accuracy"].as_f64().unwrap() >= 0.75,
         "{last}"
