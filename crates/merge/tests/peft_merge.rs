@@ -69,6 +69,7 @@ fn merges_equal_peft_merge_and_unload() {
     compare_with_peft("qwen3_qk_norm", "all_linear");
     compare_with_peft("phi3_fused", "all_linear");
     compare_with_peft("phi3_fused", "qkv");
+    compare_with_peft("gemma3_text", "all_linear");
 }
 
 #[test]

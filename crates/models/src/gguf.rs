@@ -393,6 +393,50 @@ impl GgufHeader {
     pub fn hf_name(&self, gguf_name: &str) -> Option<String> {
         self.family().ok()?.1.hf_tensor_name(gguf_name)
     }
+
+    /// `<general.architecture>.<key>` as an integer; an error naming the key (and `path`) when
+    /// it is missing or not an integer.
+    pub fn arch_u64(&self, key: &str, path: &Path) -> Result<u64> {
+        let full = format!("{}.{key}", self.arch_prefix());
+        self.metadata
+            .get(&full)
+            .and_then(Value::as_u64)
+            .ok_or_else(|| ModelError::Config {
+                file: path.to_path_buf(),
+                key: full,
+                message: "missing or not an integer".into(),
+            })
+    }
+
+    /// `<general.architecture>.<key>` as a float, if present.
+    pub fn arch_f64(&self, key: &str) -> Option<f64> {
+        match self.metadata.get(&format!("{}.{key}", self.arch_prefix())) {
+            Some(Value::F64(v)) => Some(*v),
+            _ => None,
+        }
+    }
+
+    /// `<general.architecture>.<key>` as a string, if present.
+    pub fn arch_str(&self, key: &str) -> Option<&str> {
+        self.metadata
+            .get(&format!("{}.{key}", self.arch_prefix()))
+            .and_then(Value::as_str)
+    }
+
+    fn arch_prefix(&self) -> &str {
+        self.metadata
+            .get("general.architecture")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+    }
+
+    /// The shape of tensor `name` in GGUF order (innermost first), if the file has it.
+    pub fn tensor_dims(&self, name: &str) -> Option<&[u64]> {
+        self.tensors
+            .iter()
+            .find(|t| t.name == name)
+            .map(|t| t.dims.as_slice())
+    }
 }
 
 /// config.json, as transformers writes it, of the model in a GGUF file.

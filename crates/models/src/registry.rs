@@ -44,7 +44,11 @@ pub trait Architecture: Sync {
 }
 
 /// Every architecture lorakit builds. One line per architecture.
-pub static ARCHITECTURES: &[&dyn Architecture] = &[&crate::llama::LlamaFamily, &crate::bert::Bert];
+pub static ARCHITECTURES: &[&dyn Architecture] = &[
+    &crate::llama::LlamaFamily,
+    &crate::llama::gemma3::Gemma3,
+    &crate::bert::Bert,
+];
 
 /// The `model_type`s lorakit reads, for messages.
 pub fn model_types() -> Vec<&'static str> {
@@ -143,7 +147,9 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(
-            e.contains("c.json") && e.contains("gpt_neox") && e.contains("phi3, bert"),
+            e.contains("c.json")
+                && e.contains("gpt_neox")
+                && e.contains("phi3, gemma3_text, gemma3, bert"),
             "{e}"
         );
     }

@@ -27,7 +27,12 @@ fn ids(v: &[u32]) -> Tensor {
 
 #[test]
 fn cached_decoding_equals_the_full_forward() {
-    for (case, adapter) in [("llama_gqa", "all_f32"), ("mistral_window", "qv")] {
+    // Gemma 3's sliding layers (window 3) and full layers alternate, each with its own RoPE base
+    for (case, adapter) in [
+        ("llama_gqa", "all_f32"),
+        ("mistral_window", "qv"),
+        ("gemma3_text", "all_linear"),
+    ] {
         let m = model(case, adapter);
         let seq: Vec<u32> = vec![3, 17, 5, 9, 22, 4, 11, 8, 30, 2];
         let full = m.forward(&ids(&seq), None, false).unwrap();
@@ -51,7 +56,14 @@ fn cached_decoding_equals_the_full_forward() {
 
 #[test]
 fn packed_candidates_equal_separate_sequences() {
-    let m = model("llama_gqa", "all_f32");
+    // Gemma 3: the sliding layers' window (3) counts positions, not places in the packed row
+    for (case, adapter) in [("llama_gqa", "all_f32"), ("gemma3_text", "all_linear")] {
+        packed_candidates(case, adapter);
+    }
+}
+
+fn packed_candidates(case: &str, adapter: &str) {
+    let m = model(case, adapter);
     let prompt = [3u32, 17, 5, 9];
     let cands: [&[u32]; 3] = [&[22, 4], &[11], &[8, 30, 2]];
     // one row: prompt, then each candidate at positions 4.. seeing the prompt and itself
@@ -89,7 +101,7 @@ fn packed_candidates_equal_separate_sequences() {
             &packed.narrow(0, offset, c.len()).unwrap(),
             &full.narrow(0, prompt.len(), c.len()).unwrap(),
         );
-        assert!(d < 1e-5, "{d}");
+        assert!(d < 1e-5, "{case}: {d}");
         let d = max_diff(
             &packed.narrow(0, 0, prompt.len()).unwrap(),
             &full.narrow(0, 0, prompt.len()).unwrap(),

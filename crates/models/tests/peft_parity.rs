@@ -125,3 +125,9 @@ fn phi3_fused_projections_with_a_window_match_peft() {
     check("phi3_fused", Some("all_linear"));
     check("phi3_fused", Some("qkv"));
 }
+
+#[test]
+fn gemma3_norms_scales_and_sliding_layers_with_their_own_rope_base_match_peft() {
+    check("gemma3_text", None);
+    check("gemma3_text", Some("all_linear"));
+}

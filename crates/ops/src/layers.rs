@@ -161,6 +161,27 @@ pub fn segment_bias(
     Tensor::from_vec(bias, (batch, 1, seq, seq), device)
 }
 
+/// Additive bias `[b, 1, s, s]` hiding key j from query i when `positions[i] − positions[j]`
+/// reaches `window` (0 elsewhere): a sliding window over rows whose tokens carry explicit
+/// positions, to add to a bias that says what else each token sees.
+pub fn window_bias_at(positions: &[Vec<usize>], window: usize, device: &Device) -> Result<Tensor> {
+    let batch = positions.len();
+    let seq = positions.first().map(|r| r.len()).unwrap_or(0);
+    let mut bias = Vec::with_capacity(batch * seq * seq);
+    for row in positions {
+        if row.len() != seq {
+            candle_core::bail!("position rows differ in length");
+        }
+        for &pi in row {
+            for &pj in row {
+                let hidden = pi >= pj && pi - pj >= window;
+                bias.push(if hidden { -1.0e9f32 } else { 0.0 });
+            }
+        }
+    }
+    Tensor::from_vec(bias, (batch, 1, seq, seq), device)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,7 @@
 //! A `tokenizers::Tokenizer` rebuilt from a GGUF's `tokenizer.ggml.*` metadata, as llama.cpp
-//! tokenises: GPT-2 byte-level BPE (vocabulary, merges, control tokens) behind the pre-tokenizer
-//! that `tokenizer.ggml.pre` names.
+//! tokenises: `gpt2` — byte-level BPE (vocabulary, merges, control tokens) behind the
+//! pre-tokenizer that `tokenizer.ggml.pre` names; `llama` — SentencePiece (Gemma, Llama 2,
+//! Mistral 7B v0.1, TinyLlama): see [`sentencepiece_model`].
 use lorakit_models::gguf::{GgufHeader, Value};
 use serde_json::json;
 
@@ -37,6 +38,115 @@ fn pre_tokenizer(pre: &str) -> Option<serde_json::Value> {
     })
 }
 
+/// The pieces of a tokenizer.json that differ between GGUF tokenizer types.
+struct Parts {
+    normalizer: serde_json::Value,
+    pre_tokenizer: serde_json::Value,
+    decoder: serde_json::Value,
+    model: serde_json::Value,
+}
+
+/// GPT-2-style byte-level BPE with the file's merges.
+fn byte_level_model(
+    pre: Option<&str>,
+    vocab: serde_json::Map<String, serde_json::Value>,
+    merges: &[&str],
+) -> Result<Parts, (String, String)> {
+    let pre_name = pre.unwrap_or("default");
+    let pre = pre_tokenizer(pre_name).ok_or_else(|| {
+        (
+            "tokenizer.ggml.pre".to_string(),
+            format!(
+                "pre-tokenizer {pre_name:?} is not supported (supported: {})",
+                SUPPORTED_PRE.join(", ")
+            ),
+        )
+    })?;
+    for m in merges {
+        if m.split(' ').count() != 2 {
+            return Err((
+                "tokenizer.ggml.merges".to_string(),
+                format!("merge {m:?} is not two tokens separated by one space"),
+            ));
+        }
+    }
+    Ok(Parts {
+        normalizer: serde_json::Value::Null,
+        pre_tokenizer: pre,
+        decoder: json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true}),
+        model: json!({"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab, "merges": merges}),
+    })
+}
+
+/// llama.cpp's SentencePiece tokenizer as a BPE model. llama.cpp starts from the characters of
+/// the text (spaces written `▁`) and repeatedly joins the adjacent pair whose concatenation is
+/// the highest-scoring piece of the vocabulary (leftmost first on ties); characters no piece
+/// covers become their UTF-8 bytes `<0xNN>`. A BPE whose merges are every split `(a, b)` of
+/// every normal piece with both halves in the vocabulary, ranked by the piece's score, makes
+/// the same choices; `byte_fallback` does the rest. User-defined pieces (Gemma's `\n` and runs
+/// of spaces) are matched whole before, as added tokens.
+fn sentencepiece_model(
+    tokens: &[&str],
+    types: &[u64],
+    scores: &[f64],
+    vocab: serde_json::Map<String, serde_json::Value>,
+    space_prefix: bool,
+) -> Parts {
+    let ids: std::collections::HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .rev()
+        .map(|(i, t)| (*t, i))
+        .collect();
+    // (score of the joined piece, its id, split point) for every usable split
+    let mut merges: Vec<(f64, usize, usize)> = Vec::new();
+    for (id, piece) in tokens.iter().enumerate() {
+        // 1 = normal; control, user-defined, unused and byte pieces come from elsewhere
+        if types[id] != 1 || ids.get(piece) != Some(&id) {
+            continue;
+        }
+        for (at, _) in piece.char_indices().skip(1) {
+            if ids.contains_key(&piece[..at]) && ids.contains_key(&piece[at..]) {
+                merges.push((scores[id], id, at));
+            }
+        }
+    }
+    // highest score first; one piece's splits together, in split order
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    let merges: Vec<serde_json::Value> = merges
+        .iter()
+        .map(|&(_, id, at)| json!([&tokens[id][..at], &tokens[id][at..]]))
+        .collect();
+    let replace = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+    let normalizer = if space_prefix {
+        json!({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u{2581}"}, replace]})
+    } else {
+        replace
+    };
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if space_prefix {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    let unk = ids
+        .iter()
+        .find(|(_, &i)| types[i] == 2)
+        .map(|(t, _)| t.to_string());
+    Parts {
+        normalizer,
+        pre_tokenizer: serde_json::Value::Null,
+        decoder: json!({"type": "Sequence", "decoders": decoders}),
+        model: json!({"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+            "vocab": vocab, "merges": merges}),
+    }
+}
+
 /// Builds the tokenizer; errors are `(metadata key, message)`.
 pub fn from_header(h: &GgufHeader) -> Result<GgufTokenizer, (String, String)> {
     let err = |k: &str, m: String| (k.to_string(), m);
@@ -50,21 +160,9 @@ pub fn from_header(h: &GgufHeader) -> Result<GgufTokenizer, (String, String)> {
                     .into(),
             )
         })?;
-    if model != "gpt2" {
-        return Err(err("tokenizer.ggml.model", format!("{model:?} is not supported: lorakit builds GGUF tokenizers of type \"gpt2\" (byte-level BPE); for SentencePiece models use the Hugging Face directory with its tokenizer.json")));
+    if model != "gpt2" && model != "llama" {
+        return Err(err("tokenizer.ggml.model", format!("{model:?} is not supported: lorakit builds GGUF tokenizers of type \"gpt2\" (byte-level BPE) and \"llama\" (SentencePiece); use the model's Hugging Face directory with its tokenizer.json")));
     }
-    let pre_name = get("tokenizer.ggml.pre")
-        .and_then(Value::as_str)
-        .unwrap_or("default");
-    let pre = pre_tokenizer(pre_name).ok_or_else(|| {
-        err(
-            "tokenizer.ggml.pre",
-            format!(
-                "pre-tokenizer {pre_name:?} is not supported (supported: {})",
-                SUPPORTED_PRE.join(", ")
-            ),
-        )
-    })?;
     let strings = |k: &str| -> Result<Vec<&str>, (String, String)> {
         match get(k) {
             Some(Value::Array(a)) => a
@@ -75,7 +173,6 @@ pub fn from_header(h: &GgufHeader) -> Result<GgufTokenizer, (String, String)> {
         }
     };
     let tokens = strings("tokenizer.ggml.tokens")?;
-    let merges = strings("tokenizer.ggml.merges")?;
     let types: Vec<u64> = match get("tokenizer.ggml.token_type") {
         Some(Value::Array(a)) if a.len() == tokens.len() => {
             a.iter().map(|v| v.as_u64().unwrap_or(1)).collect()
@@ -91,7 +188,10 @@ pub fn from_header(h: &GgufHeader) -> Result<GgufTokenizer, (String, String)> {
     let mut vocab = serde_json::Map::new();
     let mut added = Vec::new();
     for (id, (tok, ty)) in tokens.iter().zip(&types).enumerate() {
-        vocab.insert(tok.to_string(), json!(id));
+        // a repeated piece keeps its first id, as llama.cpp's lookup does
+        if !vocab.contains_key(*tok) {
+            vocab.insert(tok.to_string(), json!(id));
+        }
         // 3 = control, 4 = user-defined: matched whole, before BPE
         if *ty == 3 || *ty == 4 {
             added.push(
@@ -100,14 +200,41 @@ pub fn from_header(h: &GgufHeader) -> Result<GgufTokenizer, (String, String)> {
             );
         }
     }
-    for m in &merges {
-        if m.split(' ').count() != 2 {
-            return Err(err(
-                "tokenizer.ggml.merges",
-                format!("merge {m:?} is not two tokens separated by one space"),
-            ));
-        }
-    }
+    let Parts {
+        normalizer,
+        pre_tokenizer,
+        decoder,
+        model,
+    } = if model == "gpt2" {
+        let merges = strings("tokenizer.ggml.merges")?;
+        byte_level_model(
+            get("tokenizer.ggml.pre").and_then(Value::as_str),
+            vocab,
+            &merges,
+        )?
+    } else {
+        let scores: Vec<f64> = match get("tokenizer.ggml.scores") {
+            Some(Value::Array(a)) if a.len() == tokens.len() => a
+                .iter()
+                .map(|v| match v {
+                    Value::F64(f) => Ok(f),
+                    _ => Err(err("tokenizer.ggml.scores", "expected floats".into())),
+                })
+                .collect::<Result<_, _>>()?,
+            _ => {
+                return Err(err(
+                    "tokenizer.ggml.scores",
+                    format!("missing or not {} floats, one per token", tokens.len()),
+                ))
+            }
+        };
+        // llama.cpp's default for SentencePiece vocabularies is a space before the text
+        let space_prefix = !matches!(
+            get("tokenizer.ggml.add_space_prefix"),
+            Some(Value::Bool(false))
+        );
+        sentencepiece_model(&tokens, &types, &scores, vocab, space_prefix)
+    };
     let id = |k: &str| -> Result<Option<u32>, (String, String)> {
         match get(k) {
             None => Ok(None),
@@ -138,13 +265,11 @@ pub fn from_header(h: &GgufHeader) -> Result<GgufTokenizer, (String, String)> {
     let spec = json!({
         "version": "1.0", "truncation": null, "padding": null,
         "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": pre,
+        "normalizer": normalizer,
+        "pre_tokenizer": pre_tokenizer,
         "post_processor": post,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-            "vocab": vocab, "merges": merges},
+        "decoder": decoder,
+        "model": model,
     });
     let tokenizer: tokenizers::Tokenizer = spec.to_string().parse().map_err(|e| {
         err(

@@ -205,3 +205,45 @@ fn smollm2_gguf_tokenizer_matches_transformers() {
         .unwrap()
         .contains("<|im_start|>"));
 }
+
+/// A SentencePiece GGUF (Gemma 3's 262,144 pieces, user-defined `\n` and space runs, byte
+/// fallback, no space prefix) against llama.cpp's own tokenizer
+/// (tests/fixtures/make_gemma3_fixtures.py --tokens): BOS added, special tokens parsed.
+#[test]
+fn gemma3_gguf_sentencepiece_tokenizer_matches_llama_cpp() {
+    let Some(cache) = real_cache() else { return };
+    let start = std::time::Instant::now();
+    let tok = TextTokenizer::open(&cache.join("gemma3/gemma-3-270m-q4_k_m.gguf")).unwrap();
+    eprintln!("built in {:.2} s", start.elapsed().as_secs_f64());
+    let fx: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/real/gemma3_tokens.json")).unwrap(),
+    )
+    .unwrap();
+    let mut byte_fallback = 0;
+    for case in fx["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(tok.encode(text, true).unwrap(), want, "{text:?}");
+        // decoding gives the text back (after the BOS)
+        assert_eq!(tok.decode(&want[1..]).unwrap(), text);
+        byte_fallback += want
+            .iter()
+            .filter(|&&i| (238..238 + 256).contains(&i))
+            .count();
+    }
+    assert!(
+        byte_fallback > 0,
+        "the fixture texts exercise byte fallback"
+    );
+    assert_eq!(tok.eos_id, Some(1));
+    assert_eq!(tok.bos.as_deref(), Some("<bos>"));
+    assert!(
+        tok.chat_template.is_none(),
+        "a base model has no chat template"
+    );
+}

@@ -14,6 +14,7 @@ pub enum Arch {
     Qwen2,
     Qwen3,
     Phi3,
+    Gemma3,
 }
 
 impl Arch {
@@ -24,6 +25,7 @@ impl Arch {
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
             Arch::Phi3 => "phi3",
+            Arch::Gemma3 => "gemma3_text",
         }
     }
 }
@@ -43,6 +45,22 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: f64,
     },
+}
+
+/// Which attention a layer has: over the whole prefix, or over the last `sliding_window` keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerKind {
+    Full,
+    Sliding,
+}
+
+/// The MLP's gate activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `up · silu(gate)` (Llama and most others).
+    Silu,
+    /// `up · gelu_tanh(gate)` (Gemma's `gelu_pytorch_tanh`).
+    GeluTanh,
 }
 
 /// The raw fields we read; everything else in config.json is ignored.
@@ -67,6 +85,14 @@ struct Raw {
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
     hidden_act: Option<String>,
+    hidden_activation: Option<String>,
+    query_pre_attn_scalar: Option<f64>,
+    layer_types: Option<Vec<String>>,
+    rope_local_base_freq: Option<f64>,
+    sliding_window_pattern: Option<usize>,
+    final_logit_softcapping: Option<f64>,
+    attn_logit_softcapping: Option<f64>,
+    use_bidirectional_attention: Option<bool>,
     partial_rotary_factor: Option<f64>,
     torch_dtype: Option<String>,
     dtype: Option<String>,
@@ -93,8 +119,20 @@ pub struct LlamaConfig {
     /// Bias on the output projection (Llama `attention_bias`).
     pub o_bias: bool,
     pub mlp_bias: bool,
-    /// Mistral's sliding attention window.
+    /// The attention window of the [`LayerKind::Sliding`] layers (Mistral, Phi-3: every layer;
+    /// Gemma 3: those `layer_types` names).
     pub sliding_window: Option<usize>,
+    /// Each layer's attention: all `Full`, unless a window is configured.
+    pub layer_types: Vec<LayerKind>,
+    /// Gemma 3: the sliding layers' own RoPE base (unscaled); others use `rope_theta` throughout.
+    pub sliding_rope_theta: Option<f64>,
+    /// Gemma 3: RMSNorms compute `x·(1 + w)` (the checkpoint stores `w`), four per layer (the
+    /// attention and MLP outputs are normed before the residual add, `pre_feedforward_layernorm`
+    /// before the MLP), and embeddings are scaled by √hidden.
+    pub gemma_norms: bool,
+    pub activation: Activation,
+    /// Gemma 3: attention scores scaled by `query_pre_attn_scalar^-½` instead of `head_dim^-½`.
+    pub query_pre_attn_scalar: Option<f64>,
     /// Qwen3: RMSNorm over each head of q and k (`q_norm`, `k_norm`, weight `[head_dim]`)
     /// before the rotary embedding.
     pub qk_norm: bool,
@@ -103,6 +141,9 @@ pub struct LlamaConfig {
     pub fused_projections: bool,
     /// The dtype the checkpoint declares (`torch_dtype` / `dtype`).
     pub dtype: Option<DType>,
+    /// A multimodal checkpoint (`gemma3`) of which lorakit builds the language model: its
+    /// weights live under `model.language_model.` (transformers 5) or `language_model.model.`.
+    pub multimodal: bool,
 }
 
 impl LlamaConfig {
@@ -121,17 +162,42 @@ impl LlamaConfig {
             .and_then(Value::as_str)
             .unwrap_or("llama")
             .to_string();
+        if model_type == "gemma3" {
+            // the multimodal checkpoint: its text model is configured under `text_config`
+            let mut text = v
+                .get("text_config")
+                .filter(|t| t.is_object())
+                .cloned()
+                .ok_or_else(|| {
+                    err(
+                        "text_config",
+                        "missing: a gemma3 config.json describes its language model there".into(),
+                    )
+                })?;
+            text["model_type"] = "gemma3_text".into();
+            if text.get("dtype").is_none() && text.get("torch_dtype").is_none() {
+                for k in ["dtype", "torch_dtype"] {
+                    if let Some(d) = v.get(k) {
+                        text[k] = d.clone();
+                    }
+                }
+            }
+            let mut cfg = Self::from_json(text, file)?;
+            cfg.multimodal = true;
+            return Ok(cfg);
+        }
         let arch = match model_type.as_str() {
             "llama" => Arch::Llama,
             "mistral" => Arch::Mistral,
             "qwen2" => Arch::Qwen2,
             "qwen3" => Arch::Qwen3,
             "phi3" => Arch::Phi3,
+            "gemma3_text" => Arch::Gemma3,
             other => {
                 return Err(err(
                     "model_type",
                     format!(
-                        "{other:?} is not supported (supported: llama, mistral, qwen2, qwen3, phi3)"
+                        "{other:?} is not supported (supported: llama, mistral, qwen2, qwen3, phi3, gemma3_text, gemma3)"
                     ),
                 ))
             }
@@ -142,11 +208,48 @@ impl LlamaConfig {
             err(&key, msg)
         })?;
         debug_assert_eq!(raw.model_type.as_deref().unwrap_or("llama"), model_type);
-        if let Some(act) = &raw.hidden_act {
-            if act != "silu" {
+        let gemma = arch == Arch::Gemma3;
+        let activation = match (
+            gemma,
+            raw.hidden_activation.as_ref().or(raw.hidden_act.as_ref()),
+        ) {
+            (false, None) => Activation::Silu,
+            (false, Some(a)) if a == "silu" => Activation::Silu,
+            (true, None) => Activation::GeluTanh,
+            (true, Some(a)) if a == "gelu_pytorch_tanh" || a == "gelu_new" => Activation::GeluTanh,
+            (_, Some(act)) => {
+                let key = if raw.hidden_activation.is_some() {
+                    "hidden_activation"
+                } else {
+                    "hidden_act"
+                };
+                let want = if gemma {
+                    "\"gelu_pytorch_tanh\""
+                } else {
+                    "\"silu\""
+                };
                 return Err(err(
-                    "hidden_act",
-                    format!("{act:?} is not supported (expected \"silu\")"),
+                    key,
+                    format!("{act:?} is not supported (expected {want})"),
+                ));
+            }
+        };
+        if gemma {
+            for (key, v) in [
+                ("final_logit_softcapping", raw.final_logit_softcapping),
+                ("attn_logit_softcapping", raw.attn_logit_softcapping),
+            ] {
+                if let Some(v) = v {
+                    return Err(err(
+                        key,
+                        format!("{v} is not supported (Gemma 3 has none: null)"),
+                    ));
+                }
+            }
+            if raw.use_bidirectional_attention == Some(true) {
+                return Err(err(
+                    "use_bidirectional_attention",
+                    "bidirectional attention is not supported (causal language models only)".into(),
                 ));
             }
         }
@@ -175,7 +278,19 @@ impl LlamaConfig {
                 format!("{head_dim} must be even and positive for rotary embeddings"),
             ));
         }
-        let params = raw.rope_parameters.as_ref().and_then(Value::as_object);
+        // Gemma 3 in transformers 5 keys `rope_parameters` by layer type
+        let by_kind = |kind: &str| {
+            raw.rope_parameters
+                .as_ref()
+                .and_then(|p| p.get(kind))
+                .filter(|p| p.is_object())
+        };
+        let full_params = if gemma {
+            by_kind("full_attention")
+        } else {
+            raw.rope_parameters.as_ref()
+        };
+        let params = full_params.and_then(Value::as_object);
         let rope_theta = raw
             .rope_theta
             .or_else(|| {
@@ -183,7 +298,7 @@ impl LlamaConfig {
                     .and_then(|p| p.get("rope_theta"))
                     .and_then(Value::as_f64)
             })
-            .unwrap_or(10_000.0);
+            .unwrap_or(if gemma { 1_000_000.0 } else { 10_000.0 });
         if !(rope_theta.is_finite() && rope_theta > 0.0) {
             return Err(err(
                 "rope_theta",
@@ -201,7 +316,7 @@ impl LlamaConfig {
             .rope_scaling
             .as_ref()
             .filter(|v| !v.is_null())
-            .or(raw.rope_parameters.as_ref());
+            .or(full_params);
         let rope_scaling = parse_rope_scaling(scaling, file)?;
         let partial = raw.partial_rotary_factor.or_else(|| {
             params
@@ -237,6 +352,39 @@ impl LlamaConfig {
             }
         };
         let attention_bias = raw.attention_bias.unwrap_or(false);
+        let sliding_window = match arch {
+            Arch::Mistral | Arch::Phi3 => raw.sliding_window,
+            Arch::Gemma3 => Some(raw.sliding_window.unwrap_or(4096)),
+            _ => None,
+        };
+        if sliding_window == Some(0) {
+            return Err(err("sliding_window", "must be at least 1".into()));
+        }
+        let n = raw.num_hidden_layers;
+        let layer_types = if gemma {
+            gemma_layer_types(raw.layer_types.as_deref(), raw.sliding_window_pattern, n)
+                .map_err(|m| err("layer_types", m))?
+        } else if sliding_window.is_some() {
+            vec![LayerKind::Sliding; n]
+        } else {
+            vec![LayerKind::Full; n]
+        };
+        let sliding_rope_theta = if gemma {
+            let theta = by_kind("sliding_attention")
+                .and_then(|p| p.get("rope_theta"))
+                .and_then(Value::as_f64)
+                .or(raw.rope_local_base_freq)
+                .unwrap_or(10_000.0);
+            if !(theta.is_finite() && theta > 0.0) {
+                return Err(err(
+                    "rope_local_base_freq",
+                    format!("must be a positive number, got {theta}"),
+                ));
+            }
+            Some(theta)
+        } else {
+            None
+        };
         Ok(LlamaConfig {
             arch,
             vocab_size: raw.vocab_size,
@@ -250,30 +398,39 @@ impl LlamaConfig {
             rope_theta,
             rope_scaling,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
-            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(gemma),
             // Qwen2 always has q/k/v biases; Llama and Qwen3 as `attention_bias` says (Qwen3's
             // `o_proj` too)
             qkv_bias: arch == Arch::Qwen2
-                || (matches!(arch, Arch::Llama | Arch::Qwen3) && attention_bias),
-            o_bias: matches!(arch, Arch::Llama | Arch::Qwen3) && attention_bias,
+                || (matches!(arch, Arch::Llama | Arch::Qwen3 | Arch::Gemma3) && attention_bias),
+            o_bias: matches!(arch, Arch::Llama | Arch::Qwen3 | Arch::Gemma3) && attention_bias,
             mlp_bias: arch == Arch::Llama && raw.mlp_bias.unwrap_or(false),
-            sliding_window: if matches!(arch, Arch::Mistral | Arch::Phi3) {
-                raw.sliding_window
-            } else {
-                None
-            },
-            qk_norm: arch == Arch::Qwen3,
+            sliding_window,
+            layer_types,
+            sliding_rope_theta,
+            gemma_norms: gemma,
+            activation,
+            query_pre_attn_scalar: gemma.then(|| raw.query_pre_attn_scalar.unwrap_or(256.0)),
+            qk_norm: matches!(arch, Arch::Qwen3 | Arch::Gemma3),
             fused_projections: arch == Arch::Phi3,
             dtype,
+            multimodal: false,
         })
+    }
+
+    /// Rotary inverse frequencies `[head_dim / 2]` of one kind of layer, and the factor
+    /// positions are multiplied by (linear scaling), as configured. Gemma 3's sliding layers
+    /// have their own base and no scaling.
+    pub fn rope_for(&self, kind: LayerKind) -> (Vec<f64>, f64) {
+        match (kind, self.sliding_rope_theta) {
+            (LayerKind::Sliding, Some(theta)) => (rope_base(theta, self.head_dim), 1.0),
+            _ => (self.inv_freq(), self.position_scale()),
+        }
     }
 
     /// Rotary inverse frequencies `[head_dim / 2]`, scaled as configured.
     pub fn inv_freq(&self) -> Vec<f64> {
-        let d = self.head_dim;
-        let base: Vec<f64> = (0..d / 2)
-            .map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / d as f64))
-            .collect();
+        let base = rope_base(self.rope_theta, self.head_dim);
         match self.rope_scaling {
             RopeScaling::None | RopeScaling::Linear { .. } => base,
             RopeScaling::Llama3 {
@@ -307,6 +464,54 @@ impl LlamaConfig {
         match self.rope_scaling {
             RopeScaling::Linear { factor } => 1.0 / factor,
             _ => 1.0,
+        }
+    }
+}
+
+/// `1 / theta^(2i / d)` for `i < d / 2`.
+fn rope_base(theta: f64, d: usize) -> Vec<f64> {
+    (0..d / 2)
+        .map(|i| 1.0 / theta.powf(2.0 * i as f64 / d as f64))
+        .collect()
+}
+
+/// Gemma 3's layer kinds: `layer_types` when given (it is what transformers reads), else every
+/// `pattern`-th layer (default 6) full.
+fn gemma_layer_types(
+    names: Option<&[String]>,
+    pattern: Option<usize>,
+    layers: usize,
+) -> std::result::Result<Vec<LayerKind>, String> {
+    match names {
+        Some(names) => {
+            if names.len() != layers {
+                return Err(format!(
+                    "{} entries for num_hidden_layers = {layers}",
+                    names.len()
+                ));
+            }
+            names
+                .iter()
+                .map(|n| match n.as_str() {
+                    "full_attention" => Ok(LayerKind::Full),
+                    "sliding_attention" => Ok(LayerKind::Sliding),
+                    other => Err(format!(
+                        "{other:?} is not a layer type (full_attention or sliding_attention)"
+                    )),
+                })
+                .collect()
+        }
+        None => {
+            let p = pattern.unwrap_or(6).max(1);
+            Ok((0..layers)
+                .map(|i| {
+                    if (i + 1) % p == 0 {
+                        LayerKind::Full
+                    } else {
+                        LayerKind::Sliding
+                    }
+                })
+                .collect())
         }
     }
 }

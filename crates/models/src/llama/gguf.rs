@@ -36,27 +36,17 @@ pub fn hf_name(gguf: &str) -> Option<String> {
 
 /// `config.json` of a llama GGUF as transformers writes it for `LlamaForCausalLM`.
 pub fn config_json(header: &GgufHeader, path: &Path) -> Result<serde_json::Value> {
-    let err = |key: &str, message: String| ModelError::Config {
-        file: path.to_path_buf(),
-        key: key.into(),
-        message,
-    };
-    let num = |k: &str| -> Result<u64> {
-        header
-            .metadata
-            .get(&format!("llama.{k}"))
-            .and_then(Value::as_u64)
-            .ok_or_else(|| err(&format!("llama.{k}"), "missing or not an integer".into()))
-    };
-    let float = |k: &str| match header.metadata.get(&format!("llama.{k}")) {
-        Some(Value::F64(v)) => Some(*v),
-        _ => None,
-    };
-    let embed = header
-        .tensors
-        .iter()
-        .find(|t| t.name == "token_embd.weight")
-        .ok_or_else(|| err("token_embd.weight", "missing".into()))?;
+    let num = |k: &str| header.arch_u64(k, path);
+    let vocab = header
+        .tensor_dims("token_embd.weight")
+        .ok_or_else(|| ModelError::Config {
+            file: path.to_path_buf(),
+            key: "token_embd.weight".into(),
+            message: "missing".into(),
+        })?
+        .get(1)
+        .copied()
+        .unwrap_or(0);
     let heads = num("attention.head_count")?;
     crate::layer_count::check(
         num("block_count")?,
@@ -67,16 +57,16 @@ pub fn config_json(header: &GgufHeader, path: &Path) -> Result<serde_json::Value
     )?;
     let json = serde_json::json!({
         "model_type": "llama",
-        "vocab_size": embed.dims.get(1).copied().unwrap_or(0),
+        "vocab_size": vocab,
         "hidden_size": num("embedding_length")?,
         "intermediate_size": num("feed_forward_length")?,
         "num_hidden_layers": num("block_count")?,
         "num_attention_heads": heads,
         "num_key_value_heads": num("attention.head_count_kv").unwrap_or(heads),
-        "rms_norm_eps": float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
-        "rope_theta": float("rope.freq_base").unwrap_or(10_000.0),
+        "rms_norm_eps": header.arch_f64("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+        "rope_theta": header.arch_f64("rope.freq_base").unwrap_or(10_000.0),
         "max_position_embeddings": num("context_length").unwrap_or(2048),
-        "tie_word_embeddings": !header.tensors.iter().any(|t| t.name == "output.weight"),
+        "tie_word_embeddings": header.tensor_dims("output.weight").is_none(),
         "architectures": ["LlamaForCausalLM"],
         "hidden_act": "silu",
         "bos_token_id": header.metadata.get("tokenizer.ggml.bos_token_id").and_then(Value::as_u64),

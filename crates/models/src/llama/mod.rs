@@ -1,10 +1,12 @@
-//! Llama, Mistral, Qwen2, Qwen3 and Phi-3 decoders: one family, differing only in biases, the
-//! attention window, Qwen3's per-head q/k norms and Phi-3's fused projections. `config` reads config.json, `model` is the network, `gguf` is llama.cpp's naming.
+//! Llama, Mistral, Qwen2, Qwen3, Phi-3 and Gemma 3 decoders: one family, differing in biases,
+//! attention windows (per layer for Gemma 3), Qwen3's and Gemma's per-head q/k norms, Phi-3's
+//! fused projections and Gemma's norms, activation and scales. `config` reads config.json, `model` is the network, `gguf` is llama.cpp's naming.
 mod config;
+pub mod gemma3;
 pub mod gguf;
 mod model;
 
-pub use config::{Arch, LlamaConfig, RopeScaling};
+pub use config::{Activation, Arch, LayerKind, LlamaConfig, RopeScaling};
 pub use model::Llama;
 
 use crate::error::{ModelError, Result};
@@ -88,5 +90,7 @@ impl ModelConfig for LlamaConfig {
     fn may_leave_unused(&self, name: &str) -> bool {
         name.ends_with("rotary_emb.inv_freq")
             || (self.tie_word_embeddings && name == "lm_head.weight")
+            // a multimodal checkpoint's vision tower and projector
+            || (self.multimodal && !name.contains("language_model"))
     }
 }

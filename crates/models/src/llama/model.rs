@@ -1,5 +1,5 @@
 //! The Llama-family decoder network, differentiable end to end.
-use super::config::LlamaConfig;
+use super::config::{Activation, LayerKind, LlamaConfig};
 use crate::error::{ModelError, Result};
 use crate::model::{CausalLm, KvCache, ModelConfig};
 use candle_core::backprop::GradStore;
@@ -9,7 +9,7 @@ use lorakit_ops::attention;
 use lorakit_ops::chunked_loss::{chunk_rows, linear_cross_entropy};
 use lorakit_ops::layers::{
     apply_rope, mask_segments, packed_positions, rms_norm, rope_tables, rope_tables_at,
-    segment_bias,
+    segment_bias, window_bias_at,
 };
 
 /// The q, k and v projections: three modules, or Phi-3's one `qkv_proj` whose output rows are
@@ -59,8 +59,11 @@ impl QkvProjections {
 struct Attention {
     qkv: QkvProjections,
     o_proj: LoraLinear,
-    /// Qwen3's RMSNorm weights `[head_dim]` for each head of q and of k.
+    /// Qwen3's and Gemma 3's RMSNorm weights `[head_dim]` for each head of q and of k.
     qk_norm: Option<(Tensor, Tensor)>,
+    /// Multiplies q when the score scale is not `head_dim^-½` (Gemma 3's
+    /// `query_pre_attn_scalar`): `√(head_dim / query_pre_attn_scalar)`.
+    query_scale: Option<f64>,
     eps: f64,
     heads: usize,
     kv_heads: usize,
@@ -91,12 +94,16 @@ impl Attention {
             o_proj: lb.pp("o_proj").linear(q_out, h, cfg.o_bias)?,
             qk_norm: if cfg.qk_norm {
                 Some((
-                    lb.pp("q_norm").tensor(d, "weight")?,
-                    lb.pp("k_norm").tensor(d, "weight")?,
+                    norm_weight(cfg, &lb.pp("q_norm"), d)?,
+                    norm_weight(cfg, &lb.pp("k_norm"), d)?,
                 ))
             } else {
                 None
             },
+            query_scale: cfg
+                .query_pre_attn_scalar
+                .map(|s| (d as f64 / s).sqrt())
+                .filter(|f| *f != 1.0),
             eps: cfg.rms_norm_eps,
             heads: cfg.num_attention_heads,
             kv_heads: cfg.num_key_value_heads,
@@ -118,6 +125,9 @@ impl Attention {
             q = per_head_rms_norm(&q, qw, h, self.eps)?;
             k = per_head_rms_norm(&k, kw, kv, self.eps)?;
         }
+        if let Some(f) = self.query_scale {
+            q = (q * f)?;
+        }
         let Some(slot) = cache else {
             let out = attention::rope_attention(&q, &k, &v, cos, sin, bias, h, kv)?;
             return Ok(self.o_proj.forward_t(&out, train)?);
@@ -134,6 +144,16 @@ impl Attention {
         let out = attention::attention(&q, &k, &v, bias)?;
         Ok(self.o_proj.forward_t(&out, train)?)
     }
+}
+
+/// An RMSNorm weight `[dim]` as [`rms_norm`] uses it: Gemma stores `w` and computes `x·(1 + w)`,
+/// so `1 + w` (added in f32).
+fn norm_weight(cfg: &LlamaConfig, lb: &LayerBuilder, dim: usize) -> Result<Tensor> {
+    let w = lb.tensor(dim, "weight")?;
+    if !cfg.gemma_norms {
+        return Ok(w);
+    }
+    Ok((w.to_dtype(DType::F32)? + 1.0)?.to_dtype(w.dtype())?)
 }
 
 /// RMSNorm over each head of `x` `[b, s, heads·d]` with weight `[d]`, layout kept.
@@ -159,6 +179,7 @@ enum GateUp {
 struct Mlp {
     gate_up: GateUp,
     down_proj: LoraLinear,
+    activation: Activation,
 }
 
 impl Mlp {
@@ -178,6 +199,7 @@ impl Mlp {
         Ok(Mlp {
             gate_up,
             down_proj: lb.pp("down_proj").linear(i, h, cfg.mlp_bias)?,
+            activation: cfg.activation,
         })
     }
 
@@ -197,23 +219,49 @@ impl Mlp {
                 )
             }
         };
-        let h = lorakit_ops::fused::swiglu(&gate, &up)?;
+        let h = match self.activation {
+            Activation::Silu => lorakit_ops::fused::swiglu(&gate, &up)?,
+            Activation::GeluTanh => (gate.gelu()? * up)?,
+        };
         Ok(self.down_proj.forward_t(&h, train)?)
     }
 }
 
 struct DecoderLayer {
+    kind: LayerKind,
     input_layernorm: Tensor,
     self_attn: Attention,
     post_attention_layernorm: Tensor,
+    /// Gemma 3's norms around the MLP (`pre_feedforward_layernorm`,
+    /// `post_feedforward_layernorm`); with them `post_attention_layernorm` norms the attention
+    /// output before the residual add instead of the MLP input.
+    feedforward_norms: Option<(Tensor, Tensor)>,
     mlp: Mlp,
 }
 
-/// What every layer of one forward pass shares: rotary tables and the attention bias.
-struct LayerInputs<'a> {
-    cos: &'a Tensor,
-    sin: &'a Tensor,
-    bias: &'a Tensor,
+/// Rotary tables and attention bias of one kind of layer.
+#[derive(Clone)]
+struct KindInputs {
+    cos: Tensor,
+    sin: Tensor,
+    bias: Tensor,
+}
+
+/// What the layers of one forward pass share: rotary tables and attention bias per layer kind
+/// (only the kinds the model has).
+struct LayerInputs {
+    full: Option<KindInputs>,
+    sliding: Option<KindInputs>,
+}
+
+impl LayerInputs {
+    fn of(&self, kind: LayerKind) -> Result<&KindInputs> {
+        match kind {
+            LayerKind::Full => self.full.as_ref(),
+            LayerKind::Sliding => self.sliding.as_ref(),
+        }
+        .ok_or_else(|| ModelError::Input(format!("no inputs prepared for {kind:?} layers")))
+    }
 }
 
 impl DecoderLayer {
@@ -225,13 +273,20 @@ impl DecoderLayer {
         train: bool,
         slot: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
+        let t = inputs.of(self.kind)?;
         let h = rms_norm(x, &self.input_layernorm, eps)?;
         let attn = self
             .self_attn
-            .forward(&h, inputs.cos, inputs.sin, inputs.bias, train, slot)?;
-        let x = (x + attn)?;
-        let h = rms_norm(&x, &self.post_attention_layernorm, eps)?;
-        Ok((&x + self.mlp.forward(&h, train)?)?)
+            .forward(&h, &t.cos, &t.sin, &t.bias, train, slot)?;
+        let Some((pre_ff, post_ff)) = &self.feedforward_norms else {
+            let x = (x + attn)?;
+            let h = rms_norm(&x, &self.post_attention_layernorm, eps)?;
+            return Ok((&x + self.mlp.forward(&h, train)?)?);
+        };
+        let x = (x + rms_norm(&attn, &self.post_attention_layernorm, eps)?)?;
+        let h = rms_norm(&x, pre_ff, eps)?;
+        let m = rms_norm(&self.mlp.forward(&h, train)?, post_ff, eps)?;
+        Ok((&x + m)?)
     }
 }
 
@@ -242,30 +297,48 @@ pub struct Llama {
     layers: Vec<DecoderLayer>,
     norm: Tensor,
     lm_head: LoraLinear,
-    inv_freq: Vec<f64>,
+    /// Rotary frequencies and position scale of each layer kind.
+    rope_full: (Vec<f64>, f64),
+    rope_sliding: (Vec<f64>, f64),
+    /// Gemma: embeddings × √hidden.
+    embed_scale: Option<f64>,
 }
 
 impl Llama {
     /// Builds the model from weights named as in Hugging Face checkpoints
     /// (`model.layers.N.self_attn.q_proj.weight`, ...).
     pub fn new(cfg: &LlamaConfig, lb: &LayerBuilder) -> Result<Self> {
-        let m = lb.pp("model");
+        let m = if !cfg.multimodal {
+            lb.pp("model")
+        } else if lb.contains_tensor("language_model.model.embed_tokens.weight") {
+            lb.pp("language_model").pp("model")
+        } else {
+            lb.pp("model").pp("language_model")
+        };
         let embed_tokens = m
             .pp("embed_tokens")
             .embedding(cfg.vocab_size, cfg.hidden_size)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let l = m.pp("layers").pp(i);
+            let h = cfg.hidden_size;
             layers.push(DecoderLayer {
-                input_layernorm: l.pp("input_layernorm").tensor(cfg.hidden_size, "weight")?,
+                kind: cfg.layer_types[i],
+                input_layernorm: norm_weight(cfg, &l.pp("input_layernorm"), h)?,
                 self_attn: Attention::new(cfg, &l.pp("self_attn"))?,
-                post_attention_layernorm: l
-                    .pp("post_attention_layernorm")
-                    .tensor(cfg.hidden_size, "weight")?,
+                post_attention_layernorm: norm_weight(cfg, &l.pp("post_attention_layernorm"), h)?,
+                feedforward_norms: if cfg.gemma_norms {
+                    Some((
+                        norm_weight(cfg, &l.pp("pre_feedforward_layernorm"), h)?,
+                        norm_weight(cfg, &l.pp("post_feedforward_layernorm"), h)?,
+                    ))
+                } else {
+                    None
+                },
                 mlp: Mlp::new(cfg, &l.pp("mlp"))?,
             });
         }
-        let norm = m.pp("norm").tensor(cfg.hidden_size, "weight")?;
+        let norm = norm_weight(cfg, &m.pp("norm"), cfg.hidden_size)?;
         let head = lb.pp("lm_head");
         let lm_head = if cfg.tie_word_embeddings {
             head.linear_from(embed_tokens.clone(), None)?
@@ -278,7 +351,11 @@ impl Llama {
             layers,
             norm,
             lm_head,
-            inv_freq: cfg.inv_freq(),
+            rope_full: cfg.rope_for(LayerKind::Full),
+            rope_sliding: cfg.rope_for(LayerKind::Sliding),
+            embed_scale: cfg
+                .gemma_norms
+                .then(|| (cfg.hidden_size as f64).sqrt() as f32 as f64),
         })
     }
 
@@ -287,12 +364,71 @@ impl Llama {
         &self.cfg
     }
 
-    /// The checked inputs of a full-sequence pass: embeddings, rotary tables and attention bias.
+    /// Whether some layer is of `kind`.
+    fn has(&self, kind: LayerKind) -> bool {
+        self.layers.iter().any(|l| l.kind == kind)
+    }
+
+    /// The rotary tables of each layer kind the model has, for `positions` (`[b][s]`) or, when
+    /// `None`, for `0..seq` shared by every row. Kinds with the same frequencies share tables.
+    fn rope_by_kind(
+        &self,
+        positions: Option<&[Vec<usize>]>,
+        seq: usize,
+        dtype: DType,
+    ) -> Result<[Option<(Tensor, Tensor)>; 2]> {
+        let dev = self.embed_tokens.device();
+        let table = |(freq, scale): &(Vec<f64>, f64)| -> Result<(Tensor, Tensor)> {
+            Ok(match positions {
+                Some(p) => rope_tables_at(freq, *scale, p, dtype, dev)?,
+                None => rope_tables(freq, *scale, seq, dtype, dev)?,
+            })
+        };
+        let full = self
+            .has(LayerKind::Full)
+            .then(|| table(&self.rope_full))
+            .transpose()?;
+        let sliding = match (&full, self.has(LayerKind::Sliding)) {
+            (_, false) => None,
+            (Some(f), true) if self.rope_sliding == self.rope_full => Some(f.clone()),
+            _ => Some(table(&self.rope_sliding)?),
+        };
+        Ok([full, sliding])
+    }
+
+    /// Pairs the rotary tables with each kind's attention bias.
+    fn by_kind(
+        [full, sliding]: [Option<(Tensor, Tensor)>; 2],
+        mut bias: impl FnMut(LayerKind) -> Result<Tensor>,
+    ) -> Result<LayerInputs> {
+        let mut make = |t: Option<(Tensor, Tensor)>, kind| -> Result<Option<KindInputs>> {
+            t.map(|(cos, sin)| {
+                Ok(KindInputs {
+                    cos,
+                    sin,
+                    bias: bias(kind)?,
+                })
+            })
+            .transpose()
+        };
+        Ok(LayerInputs {
+            full: make(full, LayerKind::Full)?,
+            sliding: make(sliding, LayerKind::Sliding)?,
+        })
+    }
+
+    /// The sliding window, if it can hide anything from a row of `seq` tokens.
+    fn window_within(&self, seq: usize) -> Option<usize> {
+        self.cfg.sliding_window.filter(|w| *w < seq)
+    }
+
+    /// The checked inputs of a full-sequence pass: embeddings, and rotary tables and attention
+    /// bias per layer kind.
     fn inputs(
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
-    ) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    ) -> Result<(Tensor, LayerInputs)> {
         let (b, s) = input_ids.dims2()?;
         if s == 0 {
             return Err(ModelError::Input("empty input sequence".into()));
@@ -312,14 +448,30 @@ impl Llama {
             Some(m) => mask_segments(m)?,
             None => vec![vec![1; s]; b],
         };
-        let scale = self.cfg.position_scale();
         // rows that pack several examples: positions restart at each one
-        let (cos, sin) = match packed_positions(&segments) {
-            Some(p) => rope_tables_at(&self.inv_freq, scale, &p, x.dtype(), dev)?,
-            None => rope_tables(&self.inv_freq, scale, s, x.dtype(), dev)?,
-        };
-        let bias = segment_bias(&segments, self.cfg.sliding_window, dev)?;
-        Ok((x, cos, sin, bias))
+        let positions = packed_positions(&segments);
+        let tables = self.rope_by_kind(positions.as_deref(), s, x.dtype())?;
+        let window = self.window_within(s);
+        let mut full: Option<Tensor> = None;
+        let inputs = Self::by_kind(tables, |kind| {
+            let w = if kind == LayerKind::Sliding {
+                window
+            } else {
+                None
+            };
+            // a window longer than the rows changes nothing: both kinds share one bias
+            if w.is_none() {
+                if let Some(f) = &full {
+                    return Ok(f.clone());
+                }
+            }
+            let bias = segment_bias(&segments, w, dev)?;
+            if w.is_none() {
+                full = Some(bias.clone());
+            }
+            Ok(bias)
+        })?;
+        Ok((x, inputs))
     }
 
     fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
@@ -332,26 +484,27 @@ impl Llama {
                 self.cfg.vocab_size
             )));
         }
-        Ok(self
+        let x = self
             .embed_tokens
             .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, s, self.cfg.hidden_size))?)
+            .reshape((b, s, self.cfg.hidden_size))?;
+        Ok(match self.embed_scale {
+            Some(f) => (x * f)?,
+            None => x,
+        })
     }
 
     fn layers_forward(
         &self,
         mut x: Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        bias: &Tensor,
+        shared: &LayerInputs,
         train: bool,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps;
-        let shared = LayerInputs { cos, sin, bias };
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(&x, &shared, eps, train, slot)?;
+            x = layer.forward(&x, shared, eps, train, slot)?;
         }
         Ok(rms_norm(&x, &self.norm, eps)?)
     }
@@ -404,8 +557,8 @@ impl CausalLm for Llama {
         attention_mask: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
-        let (x, cos, sin, bias) = self.inputs(input_ids, attention_mask)?;
-        self.layers_forward(x, &cos, &sin, &bias, train, None)
+        let (x, shared) = self.inputs(input_ids, attention_mask)?;
+        self.layers_forward(x, &shared, train, None)
     }
 
     /// Summed cross-entropy of the output head over `hidden` `[batch, seq, hidden]` at
@@ -452,12 +605,7 @@ impl CausalLm for Llama {
         scale: f64,
         vars: &[Tensor],
     ) -> Result<(f32, Vec<Option<Tensor>>)> {
-        let (x, cos, sin, bias) = self.inputs(input_ids, attention_mask)?;
-        let shared = LayerInputs {
-            cos: &cos,
-            sin: &sin,
-            bias: &bias,
-        };
+        let (x, shared) = self.inputs(input_ids, attention_mask)?;
         let eps = self.cfg.rms_norm_eps;
         let mut inputs = Vec::with_capacity(self.layers.len());
         let mut x = x.detach();
@@ -529,9 +677,15 @@ impl CausalLm for Llama {
         }
         let x = self.embed(input_ids)?;
         let dev = x.device().clone();
-        let scale = self.cfg.position_scale();
-        let (cos, sin) = rope_tables_at(&self.inv_freq, scale, positions, x.dtype(), &dev)?;
-        let hidden = self.layers_forward(x, &cos, &sin, bias, false, None)?;
+        let tables = self.rope_by_kind(Some(positions), s, x.dtype())?;
+        let shared = Self::by_kind(tables, |kind| match self.cfg.sliding_window {
+            // the window counts positions, so the caller's bias knows nothing of it
+            Some(w) if kind == LayerKind::Sliding => {
+                Ok((bias + window_bias_at(positions, w, &dev)?)?)
+            }
+            _ => Ok(bias.clone()),
+        })?;
+        let hidden = self.layers_forward(x, &shared, false, None)?;
         let d = hidden.dim(2)?;
         let picked = hidden.reshape((b * s, d))?.index_select(at, 0)?;
         Ok(self
@@ -560,24 +714,28 @@ impl CausalLm for Llama {
         let dev = x.device().clone();
         let past = cache.len;
         let total = past + s;
-        let (cos, sin) = rope_tables(
-            &self.inv_freq,
-            self.cfg.position_scale(),
-            total,
-            x.dtype(),
-            &dev,
-        )?;
-        let (cos, sin) = (cos.narrow(0, past, s)?, sin.narrow(0, past, s)?);
-        let mut bias = Vec::with_capacity(s * total);
-        for i in 0..s {
-            let qi = past + i;
-            for j in 0..total {
-                let in_window = self.cfg.sliding_window.is_none_or(|w| qi - j.min(qi) < w);
-                bias.push(if j <= qi && in_window { 0f32 } else { -1.0e9 });
-            }
+        let mut tables = self.rope_by_kind(None, total, x.dtype())?;
+        for t in tables.iter_mut().flatten() {
+            *t = (t.0.narrow(0, past, s)?, t.1.narrow(0, past, s)?);
         }
-        let bias = Tensor::from_vec(bias, (1, 1, s, total), &dev)?;
-        let hidden = self.layers_forward(x, &cos, &sin, &bias, false, Some(cache))?;
+        let window = self.cfg.sliding_window;
+        let shared = Self::by_kind(tables, |kind| {
+            let w = if kind == LayerKind::Sliding {
+                window
+            } else {
+                None
+            };
+            let mut bias = Vec::with_capacity(s * total);
+            for i in 0..s {
+                let qi = past + i;
+                for j in 0..total {
+                    let in_window = w.is_none_or(|w| qi - j.min(qi) < w);
+                    bias.push(if j <= qi && in_window { 0f32 } else { -1.0e9 });
+                }
+            }
+            Ok(Tensor::from_vec(bias, (1, 1, s, total), &dev)?)
+        })?;
+        let hidden = self.layers_forward(x, &shared, false, Some(cache))?;
         cache.len = total;
         Ok(self
             .lm_head
