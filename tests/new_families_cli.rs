@@ -12,6 +12,15 @@ use std::path::Path;
 
 /// The tiny Llama's directory with its weights rewritten by `rewrite` and `config.json` edited.
 fn family(dir: &Path, model_type: &str, rewrite: impl Fn(&mut HashMap<String, Tensor>)) {
+    family_with(dir, &serde_json::json!({"model_type": model_type}), rewrite)
+}
+
+/// [`family`] with several config.json fields set.
+fn family_with(
+    dir: &Path,
+    fields: &serde_json::Value,
+    rewrite: impl Fn(&mut HashMap<String, Tensor>),
+) {
     let src = root().join("examples/tiny-llama");
     std::fs::create_dir_all(dir).unwrap();
     for f in [
@@ -23,7 +32,9 @@ fn family(dir: &Path, model_type: &str, rewrite: impl Fn(&mut HashMap<String, Te
     }
     let mut config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
-    config["model_type"] = model_type.into();
+    for (k, v) in fields.as_object().unwrap() {
+        config[k] = v.clone();
+    }
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     let mut w =
         candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
@@ -160,4 +171,67 @@ fn qwen3_with_qk_norms_trains_evaluates_generates_and_merges() {
     );
     assert!(!generate(&qwen3).trim().is_empty());
     train_and_merge(tmp.path(), &qwen3, "qwen3");
+}
+
+/// Gemma 3 from the tiny Llama: the four norms per layer, q/k norms, GELU-tanh, √hidden-scaled
+/// embeddings, one full layer between sliding ones (window 4, shorter than the rows). A base
+/// model without a chat template: `chat` data is refused by name, completion data trains.
+#[test]
+fn gemma3_trains_evaluates_generates_and_merges_and_refuses_chat_without_a_template() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gemma = tmp.path().join("gemma3");
+    let fields = serde_json::json!({
+        "model_type": "gemma3_text", "hidden_act": null, "hidden_activation": "gelu_pytorch_tanh",
+        "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 4,
+        "query_pre_attn_scalar": 16, "rope_parameters": {
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}});
+    family_with(&gemma, &fields, |w| {
+        for l in 0..2 {
+            // Gemma norms compute x·(1 + w): weights near 0
+            for n in [
+                "input_layernorm",
+                "post_attention_layernorm",
+                "pre_feedforward_layernorm",
+                "post_feedforward_layernorm",
+            ] {
+                let t = Tensor::full(0.05f32, 64, &Device::Cpu).unwrap();
+                w.insert(format!("model.layers.{l}.{n}.weight"), t);
+            }
+            for n in ["q_norm", "k_norm"] {
+                let t = Tensor::full(-0.1f32, 16, &Device::Cpu).unwrap();
+                w.insert(format!("model.layers.{l}.self_attn.{n}.weight"), t);
+            }
+        }
+        w.insert(
+            "model.norm.weight".into(),
+            Tensor::zeros(64, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
+    });
+    // a base model: no chat template
+    let tc = gemma.join("tokenizer_config.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&tc).unwrap()).unwrap();
+    v.as_object_mut().unwrap().remove("chat_template");
+    std::fs::write(&tc, v.to_string()).unwrap();
+
+    let inspect = lorakit_ok(&["inspect", &gemma.display().to_string()]);
+    assert!(
+        inspect.contains("gemma3_text") && inspect.contains("model.layers.1.mlp.gate_proj"),
+        "{inspect}"
+    );
+    assert!(!generate(&gemma).trim().is_empty());
+    let o = lorakit(&[
+        "train",
+        "recipes/tiny-chat.yaml",
+        "--set",
+        &format!("model.path={}", gemma.display()),
+        "--set",
+        &format!("output.dir={}", tmp.path().join("chat-run").display()),
+    ]);
+    let err = text(&o).1;
+    assert!(
+        !o.status.success() && err.contains("chat_template") && err.contains("completion"),
+        "{err}"
+    );
+    train_and_merge(tmp.path(), &gemma, "gemma3");
 }

@@ -88,9 +88,58 @@ fn smollm2_classifies_labelled_chat_data() {
 #[test]
 fn smollm2_gguf_converts_and_merges_into_a_hugging_face_directory() {
     let Some(c) = cache() else { return };
+    converts_and_merges(&c.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"));
+}
+
+/// Gemma 3 270M as a Q4_K_M GGUF (K-quants, Q5_0, a SentencePiece vocabulary of 262,144):
+/// generates what transformers generates from the same file; a base model, so chat is refused
+/// by name; converts and merges like any GGUF.
+#[test]
+fn gemma3_gguf_generates_converts_and_merges() {
+    let Some(c) = cache() else { return };
+    let gguf = c.join("gemma3/gemma-3-270m-q4_k_m.gguf");
+    if !gguf.is_file() {
+        skipped(&format!(
+            "no {}; run `bash scripts/fetch-real.sh`",
+            gguf.display()
+        ));
+        return;
+    }
+    let g = gguf.to_str().unwrap();
+    let out = lorakit(&[
+        "generate",
+        "--model",
+        g,
+        "--prompt",
+        "The capital of France is",
+        "--max-new-tokens",
+        "8",
+        "--device",
+        "cpu",
+    ]);
+    assert_eq!(
+        out.trim_end_matches('\n'),
+        " the capital of the country of France."
+    );
+    let o = common::lorakit(&["generate", "--model", g, "--chat", "Hi", "--device", "cpu"]);
+    let err = common::text(&o).1;
+    assert!(
+        !o.status.success() && err.contains("chat_template"),
+        "{err}"
+    );
+    let info = lorakit(&["inspect", g, "--json"]);
+    assert!(
+        info.contains("gemma3_text") && info.contains("model.layers.17.mlp.down_proj"),
+        "{info}"
+    );
+    converts_and_merges(&gguf);
+}
+
+/// `convert` gives a directory that computes exactly what the GGUF computes (tokenizer
+/// included); a one-step adapter trained on the GGUF merges into it with the GGUF as base.
+fn converts_and_merges(gguf: &std::path::Path) {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let gguf = c.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     let g = gguf.to_str().unwrap();
     std::fs::write(
         d.join("data.jsonl"),

@@ -81,12 +81,6 @@ fn summarize_gguf(path: &Path) -> Result<Summary> {
         .architecture()
         .map_err(|m| anyhow::anyhow!("{}: {m}", path.display()))?
         .to_string();
-    let meta = |k: &str| {
-        h.metadata
-            .get(&format!("{arch}.{k}"))
-            .and_then(|v| v.as_u64())
-            .unwrap_or(0) as usize
-    };
     if h.tensors.is_empty() {
         bail!("{}: the GGUF file holds no tensors", path.display());
     }
@@ -132,29 +126,29 @@ fn summarize_gguf(path: &Path) -> Result<Summary> {
             });
         }
     }
-    let tied = !h.tensors.iter().any(|t| t.name == "output.weight");
+    // the dimensions as the model is built: config.json as transformers would write it
+    let config = lorakit_models::registry::parse_config(
+        lorakit_models::gguf::hf_config_json(&h, path)?,
+        path,
+    )?;
+    let d = config.dimensions();
+    let tied = d.tied_embeddings;
     if tied {
         linears.push(LinearInfo {
             path: "lm_head".into(),
-            in_dim: meta("embedding_length"),
+            in_dim: d.hidden,
             out_dim: vocab,
             bias: false,
             lora: None,
         });
     }
-    let heads = meta("attention.head_count");
-    let (layers, hidden, kv_heads) = (
-        meta("block_count"),
-        meta("embedding_length"),
-        meta("attention.head_count_kv"),
-    );
     Ok(Summary {
-        arch,
-        layers,
-        hidden,
-        heads,
-        kv_heads,
-        head_dim: hidden / heads.max(1),
+        arch: config.model_type().to_string(),
+        layers: d.layers,
+        hidden: d.hidden,
+        heads: d.heads,
+        kv_heads: d.kv_heads,
+        head_dim: d.head_dim,
         vocab,
         tied,
         params,
