@@ -839,6 +839,8 @@ fn gguf(arch: &str, tensors: &[(&str, [u64; 2])]) -> Vec<u8> {
             ("general.architecture", 8, common::gguf_str(arch)),
             ("llama.block_count", 4, 1u32.to_le_bytes().to_vec()),
             ("llama.embedding_length", 4, 8u32.to_le_bytes().to_vec()),
+            ("llama.feed_forward_length", 4, 12u32.to_le_bytes().to_vec()),
+            ("llama.attention.head_count", 4, 2u32.to_le_bytes().to_vec()),
         ],
         tensors,
     )

@@ -146,12 +146,12 @@ fn inspect_errors_name_the_file() {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(
         tmp.path().join("config.json"),
-        r#"{"model_type": "gpt2", "vocab_size": 3}"#,
+        r#"{"model_type": "gpt_neox", "vocab_size": 3}"#,
     )
     .unwrap();
     let err = assert_clean_failure(&lorakit(&["inspect", p(tmp.path())]));
     assert!(
-        err.contains("config.json") && err.contains("model_type") && err.contains("gpt2"),
+        err.contains("config.json") && err.contains("model_type") && err.contains("gpt_neox"),
         "{err}"
     );
 

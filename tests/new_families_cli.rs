@@ -235,3 +235,21 @@ fn gemma3_trains_evaluates_generates_and_merges_and_refuses_chat_without_a_templ
     );
     train_and_merge(tmp.path(), &gemma, "gemma3");
 }
+
+/// GPT-2 (Conv1D weights stored [in, out], fused c_attn, learned positions) through every
+/// command: the adapter is saved with `fan_in_fan_out: true` and the merge transposes the update
+/// into the stored layout (the merged model computes what the unmerged adapter computes).
+#[test]
+fn gpt2_with_conv1d_layers_trains_evaluates_generates_and_merges() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gpt2 = root().join("tests/fixtures/trained/gpt2_base");
+    let inspect = lorakit_ok(&["inspect", &gpt2.display().to_string()]);
+    assert!(
+        inspect.contains("gpt2")
+            && inspect.contains("transformer.h.1.attn.c_attn  [192, 64] +bias")
+            && inspect.contains("transformer.h.0.mlp.c_proj"),
+        "{inspect}"
+    );
+    assert!(!generate(&gpt2).trim().is_empty());
+    train_and_merge(tmp.path(), &gpt2, "gpt2");
+}

@@ -13,10 +13,14 @@ fn expected() -> serde_json::Value {
 }
 
 fn eval_loss(adapter: Option<&str>) -> (f64, u64) {
+    eval_loss_on("examples/tiny-llama", adapter)
+}
+
+fn eval_loss_on(model: &str, adapter: Option<&str>) -> (f64, u64) {
     let mut args = vec![
         "eval",
         "--model",
-        "examples/tiny-llama",
+        model,
         "--data",
         "examples/data/capitals-eval.jsonl",
         "--json",
@@ -86,4 +90,39 @@ fn lorakit_eval_reproduces_peft_losses() {
         (loss - base).abs() > 1e-3,
         "the PEFT adapter changes nothing"
     );
+}
+
+/// Adapters lorakit trained on tiny Gemma 3 and GPT-2 bases (GPT-2's saved with
+/// `fan_in_fan_out: true` for its Conv1D layers): PEFT loads them with no missing or unexpected
+/// keys and computes lorakit's eval loss, base and adapted.
+#[test]
+fn peft_loads_lorakit_adapters_of_the_newer_families() {
+    let e = expected();
+    for fam in ["gemma3", "gpt2"] {
+        let name = format!("lorakit_{fam}_adapter");
+        let ours = &e[&name];
+        assert_eq!(ours["missing_lora_keys"], serde_json::json!([]), "{name}");
+        assert_eq!(ours["unexpected_keys"], serde_json::json!([]), "{name}");
+        let base = format!("tests/fixtures/trained/{fam}_base");
+        let adapter = format!("tests/fixtures/trained/{name}");
+        for (got, want) in [
+            (eval_loss_on(&base, None).0, &ours["base_loss"]),
+            (eval_loss_on(&base, Some(&adapter)).0, &ours["peft_loss"]),
+        ] {
+            let want = want.as_f64().unwrap();
+            assert!(
+                (got - want).abs() <= 1e-4,
+                "{fam}: lorakit {got} vs PEFT {want}"
+            );
+        }
+        assert!(
+            ours["base_loss"].as_f64().unwrap() - ours["peft_loss"].as_f64().unwrap() > 1.0,
+            "{fam}: the adapter matters"
+        );
+    }
+    let gpt2 = std::fs::read_to_string(
+        root().join("tests/fixtures/trained/lorakit_gpt2_adapter/adapter_config.json"),
+    )
+    .unwrap();
+    assert!(gpt2.contains("\"fan_in_fan_out\": true"), "{gpt2}");
 }

@@ -263,6 +263,19 @@ impl<'a> LayerBuilder<'a> {
         self.linear_from(weight, bias)
     }
 
+    /// A GPT-2-style `Conv1D` at this path: `weight` stored `[in, out]` (what PEFT calls
+    /// `fan_in_fan_out`) and `bias: [out]`. The layer keeps the weight transposed, so adapters
+    /// (A `[r, in]`, B `[out, r]`, as PEFT stores them) apply as on any linear layer; only a
+    /// merge must transpose the update back.
+    pub fn conv1d(&self, in_dim: usize, out_dim: usize) -> Result<LoraLinear> {
+        let weight = self
+            .tensor((in_dim, out_dim), "weight")?
+            .t()?
+            .contiguous()?;
+        let bias = self.tensor(out_dim, "bias")?;
+        self.linear_from(weight, Some(bias))
+    }
+
     /// A linear layer at this path over an existing weight (e.g. a tied output head).
     pub fn linear_from(&self, weight: Tensor, bias: Option<Tensor>) -> Result<LoraLinear> {
         // PEFT stores the base weight of an adapted output head (`lm_head.base_layer.weight`),

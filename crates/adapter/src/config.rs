@@ -89,6 +89,11 @@ pub struct LoraConfig {
     /// weight that rewrites it to a residual (`"pissa"`, `"pissa_niter_N"`, `"olora"`).
     #[serde(default)]
     pub init_lora_weights: InitLoraWeights,
+    /// The adapted layers store weights `[in, out]` (GPT-2's `Conv1D`). The model knows its
+    /// layers' layout; this is written for PEFT, which reads it (and, as PEFT does, a value that
+    /// contradicts the layer is overridden by it).
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
 }
 
 /// PEFT's `init_lora_weights`: a boolean or the name of an initialisation.
@@ -179,6 +184,7 @@ impl Default for LoraConfig {
             base_model_name_or_path: None,
             use_dora: false,
             init_lora_weights: InitLoraWeights::default(),
+            fan_in_fan_out: false,
         }
     }
 }
@@ -198,7 +204,6 @@ const INERT_KEYS: &[&str] = &[
     "auto_mapping",
     "revision",
     "inference_mode",
-    "fan_in_fan_out",
     "lora_bias",
     "megatron_config",
     "megatron_core",
@@ -229,9 +234,6 @@ fn switched_on_feature(key: &str, value: &Value) -> Option<&'static str> {
     let truthy = !is_default_like(value);
     match key {
         "lora_bias" if value == &Value::Bool(true) => Some("trainable LoRA bias (lora_bias)"),
-        "fan_in_fan_out" if value == &Value::Bool(true) => {
-            Some("transposed (Conv1D-style) weights")
-        }
         "use_qalora" if value == &Value::Bool(true) => Some("QA-LoRA"),
         "layer_replication" if truthy => Some("layer replication"),
         "trainable_token_indices" if truthy => Some("trainable token embeddings"),
@@ -272,6 +274,7 @@ fn is_default_like(v: &Value) -> bool {
 /// `lora:` block).
 pub const LORA_FIELDS: &[&str] = &[
     "r",
+    "fan_in_fan_out",
     "lora_alpha",
     "lora_dropout",
     "target_modules",
@@ -517,7 +520,7 @@ impl LoraConfig {
         put("target_modules", targets);
         put("use_rslora", self.use_rslora.into());
         put("bias", self.bias.clone().into());
-        put("fan_in_fan_out", false.into());
+        put("fan_in_fan_out", self.fan_in_fan_out.into());
         put("inference_mode", true.into());
         put(
             "init_lora_weights",
@@ -612,7 +615,6 @@ mod tests {
             ("init_lora_weights", json!("corda")),
             ("init_lora_weights", json!("loftq")),
             ("init_lora_weights", json!("pissa_niter_x")),
-            ("fan_in_fan_out", json!(true)),
             ("bias", json!("all")),
             ("peft_type", json!("IA3")),
         ] {

@@ -133,9 +133,16 @@ pub fn merge_pending(
         })?
     };
 
+    // Which modules store `[in, out]` weights (GPT-2's Conv1D): the model's config knows; for an
+    // architecture lorakit does not build, the adapter's `fan_in_fan_out` says, as in PEFT.
+    let model_config = lorakit_models::registry::parse_config(config.clone(), &config_path).ok();
+    let transposed = |module: &str| match &model_config {
+        Some(c) => c.stores_transposed(module),
+        None => adapter.config.fan_in_fan_out,
+    };
     // Every adapted module resolved to a base tensor, and checked, before writing anything.
     let plan = plan_updates(&base, &config, adapter)?;
-    check_fits(&base, adapter, &plan)?;
+    check_fits(&base, adapter, &plan, &transposed)?;
     let Plan { updates, untied } = plan;
     let dev = Device::Cpu;
 
@@ -200,7 +207,8 @@ pub fn merge_pending(
                 if update.is_some() {
                     merged.push(n.clone());
                 }
-                w.write_tensor(n, &changed_tensor(&base, adapter, n, update, replacement)?)?;
+                let t = changed_tensor(&base, adapter, n, update, replacement, &transposed)?;
+                w.write_tensor(n, &t)?;
             }
             weight_map.insert(n.clone(), file_name.clone());
             tensors += 1;
@@ -233,13 +241,15 @@ pub fn merge_pending(
 }
 
 /// A tensor the merge changes, in f32: the adapter's replacement or the base tensor (for a tied
-/// head, the embedding it shares), with the module's update folded in by its LoRA variant.
+/// head, the embedding it shares), with the module's update folded in by its LoRA variant — in
+/// the `[out, in]` layout the update has, for a weight stored `[in, out]` (`transposed`).
 fn changed_tensor(
     base: &Checkpoint,
     adapter: &PeftAdapter,
     name: &str,
     update: Option<&(String, Source)>,
     replacement: Option<&Tensor>,
+    transposed: &dyn Fn(&str) -> bool,
 ) -> Result<Tensor> {
     let dev = Device::Cpu;
     let src = match update {
@@ -251,10 +261,17 @@ fn changed_tensor(
         None => base.load(src, &dev)?.to_dtype(DType::F32)?,
     };
     if let Some((module, _)) = update {
+        let flip = transposed(module);
+        if flip {
+            t = t.t()?.contiguous()?;
+        }
         let (out_dim, in_dim) = t.dims2()?;
         // every planned module has its pair: `check_fits` read each one
         if let Some(l) = adapter.low_rank(module, in_dim, out_dim, &dev)? {
             t = l.merged_weight(&t)?;
+        }
+        if flip {
+            t = t.t()?.contiguous()?;
         }
     }
     check_finite(name, &t)?;
@@ -330,7 +347,12 @@ fn plan_updates(
 /// The adapter fits the base: replaced tensors exist, every low-rank pair has its base
 /// tensor's shape, and every module the config targets has its tensors (as when the adapter is
 /// loaded to run).
-fn check_fits(base: &Checkpoint, adapter: &PeftAdapter, plan: &Plan) -> Result<()> {
+fn check_fits(
+    base: &Checkpoint,
+    adapter: &PeftAdapter,
+    plan: &Plan,
+    transposed: &dyn Fn(&str) -> bool,
+) -> Result<()> {
     let dev = Device::Cpu;
     let updates = &plan.updates;
     for name in adapter.replacements().keys() {
@@ -349,13 +371,16 @@ fn check_fits(base: &Checkpoint, adapter: &PeftAdapter, plan: &Plan) -> Result<(
             Source::TiedFrom(e) => e.as_str(),
         };
         let shape = base.meta(src)?.shape;
-        let [out_dim, in_dim] = shape[..] else {
+        let [mut out_dim, mut in_dim] = shape[..] else {
             return Err(MergeError::NoBaseWeight {
                 adapter: adapter.weights_file(),
                 module: module.clone(),
                 base: format!("{} (`{src}` is not a matrix)", base.describe()),
             });
         };
+        if transposed(module) {
+            std::mem::swap(&mut out_dim, &mut in_dim);
+        }
         adapter.low_rank(module, in_dim, out_dim, &dev)?;
     }
     // Every module the config targets must have its tensors, as when the adapter is loaded to
@@ -370,7 +395,8 @@ fn check_fits(base: &Checkpoint, adapter: &PeftAdapter, plan: &Plan) -> Result<(
             let is_matrix = base
                 .meta(&format!("{module}.weight"))
                 .is_ok_and(|m| m.shape.len() == 2);
-            let embedding = module.contains("embed") || module.ends_with("wte");
+            let embedding =
+                module.contains("embed") || module.ends_with("wte") || module.ends_with("wpe");
             if is_matrix
                 && !(all_linear && embedding)
                 && selector.matches(module)

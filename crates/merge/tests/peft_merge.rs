@@ -70,6 +70,10 @@ fn merges_equal_peft_merge_and_unload() {
     compare_with_peft("phi3_fused", "all_linear");
     compare_with_peft("phi3_fused", "qkv");
     compare_with_peft("gemma3_text", "all_linear");
+    // GPT-2's Conv1D weights are stored [in, out]: the update goes in transposed (the
+    // attention's c_proj is square, so only the values would show a missing transpose)
+    compare_with_peft("gpt2_conv1d", "all");
+    compare_with_peft("gpt2_conv1d", "attn_only");
 }
 
 #[test]

@@ -7,10 +7,10 @@
 use crate::error::{ModelError, Result};
 use crate::model::{Dimensions, Model, ModelConfig, SequenceClassifier, Task};
 use crate::registry::Architecture;
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 use lorakit_adapter::{Adapters, LayerBuilder, LoraLinear};
 use lorakit_ops::attention;
-use lorakit_ops::frozen::{frozen_add, frozen_mul};
+use lorakit_ops::layers::layer_norm;
 use serde_json::Value;
 use std::path::Path;
 
@@ -186,19 +186,6 @@ impl ModelConfig for BertConfig {
     fn optional_prefix(&self) -> Option<&'static str> {
         Some("bert.")
     }
-}
-
-/// LayerNorm over the last dimension in f32, with frozen weight and bias.
-fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let centered = x.broadcast_sub(&mean)?;
-    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = centered
-        .broadcast_div(&(var + eps)?.sqrt()?)?
-        .to_dtype(dtype)?;
-    frozen_add(&frozen_mul(&normed, w)?, b)
 }
 
 struct Norm {

@@ -4,9 +4,11 @@
 //! which architectures exist. Never mentions rank, alpha or merging.
 pub mod base_model;
 pub mod bert;
+pub mod decoder;
 pub mod error;
 pub mod generate;
 pub mod gguf;
+pub mod gpt2;
 pub mod hub;
 pub mod layer_count;
 pub mod llama;

@@ -57,6 +57,11 @@ pub trait ModelConfig: std::fmt::Debug + Send + Sync {
     fn optional_prefix(&self) -> Option<&'static str> {
         None
     }
+    /// Whether the linear module at `module` stores its weight `[in, out]` (GPT-2's `Conv1D`;
+    /// PEFT's `fan_in_fan_out`): a merge adds the transposed update.
+    fn stores_transposed(&self, _module: &str) -> bool {
+        false
+    }
 }
 
 /// Keys and values (after RoPE, before head repetition) of the tokens seen so far, per layer.

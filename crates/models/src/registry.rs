@@ -47,6 +47,7 @@ pub trait Architecture: Sync {
 pub static ARCHITECTURES: &[&dyn Architecture] = &[
     &crate::llama::LlamaFamily,
     &crate::llama::gemma3::Gemma3,
+    &crate::gpt2::Gpt2Family,
     &crate::bert::Bert,
 ];
 
@@ -149,7 +150,7 @@ mod tests {
         assert!(
             e.contains("c.json")
                 && e.contains("gpt_neox")
-                && e.contains("phi3, gemma3_text, gemma3, bert"),
+                && e.contains("phi3, gemma3_text, gemma3, gpt2, bert"),
             "{e}"
         );
     }

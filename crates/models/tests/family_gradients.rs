@@ -1,7 +1,8 @@
 //! Adapter gradients of every causal architecture against central finite differences of its
 //! loss, the model in f64 (the adapter weights stay f32, so each nudge is the f32 step actually
 //! taken): the backward pass through each family's own
-//! pieces (fused projections, q/k norms, Gemma's norms and GELU, sliding layers) is the
+//! pieces (fused projections, q/k norms, Gemma's norms and GELU, sliding layers, GPT-2's
+//! transposed Conv1D weights, LayerNorms and learned positions) is the
 //! derivative of its forward pass.
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
@@ -9,7 +10,13 @@ use lorakit_adapter::{Adapters, LoraConfig, StepSeed};
 use lorakit_models::{BaseModel, CausalLm};
 use std::path::PathBuf;
 
-const CASES: [&str; 4] = ["llama_gqa", "qwen3_qk_norm", "phi3_fused", "gemma3_text"];
+const CASES: [&str; 5] = [
+    "llama_gqa",
+    "qwen3_qk_norm",
+    "phi3_fused",
+    "gemma3_text",
+    "gpt2_conv1d",
+];
 
 fn fixture(case: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -60,6 +67,7 @@ fn head(case: &str) -> Tensor {
     let w = candle_core::safetensors::load(file, &Device::Cpu).unwrap();
     w.get("lm_head.weight")
         .or(w.get("model.embed_tokens.weight"))
+        .or(w.get("transformer.wte.weight"))
         .unwrap()
         .to_dtype(DType::F64)
         .unwrap()

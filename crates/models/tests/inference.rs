@@ -32,6 +32,7 @@ fn cached_decoding_equals_the_full_forward() {
         ("llama_gqa", "all_f32"),
         ("mistral_window", "qv"),
         ("gemma3_text", "all_linear"),
+        ("gpt2_conv1d", "all"),
     ] {
         let m = model(case, adapter);
         let seq: Vec<u32> = vec![3, 17, 5, 9, 22, 4, 11, 8, 30, 2];
@@ -57,7 +58,11 @@ fn cached_decoding_equals_the_full_forward() {
 #[test]
 fn packed_candidates_equal_separate_sequences() {
     // Gemma 3: the sliding layers' window (3) counts positions, not places in the packed row
-    for (case, adapter) in [("llama_gqa", "all_f32"), ("gemma3_text", "all_linear")] {
+    for (case, adapter) in [
+        ("llama_gqa", "all_f32"),
+        ("gemma3_text", "all_linear"),
+        ("gpt2_conv1d", "all"),
+    ] {
         packed_candidates(case, adapter);
     }
 }

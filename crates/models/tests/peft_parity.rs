@@ -131,3 +131,10 @@ fn gemma3_norms_scales_and_sliding_layers_with_their_own_rope_base_match_peft() 
     check("gemma3_text", None);
     check("gemma3_text", Some("all_linear"));
 }
+
+#[test]
+fn gpt2_conv1d_fused_attention_and_learned_positions_match_peft() {
+    check("gpt2_conv1d", None);
+    check("gpt2_conv1d", Some("all"));
+    check("gpt2_conv1d", Some("attn_only"));
+}

@@ -16,6 +16,19 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     frozen_mul(&normed.to_dtype(dtype)?, weight)
 }
 
+/// LayerNorm over the last dimension in f32, with frozen weight and bias (BERT, GPT-2).
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centered
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .to_dtype(dtype)?;
+    crate::frozen::frozen_add(&frozen_mul(&normed, w)?, b)
+}
+
 /// `cos` and `sin` tables `[seq_len, head_dim / 2]` for positions `0..seq_len`.
 pub fn rope_tables(
     inv_freq: &[f64],

@@ -100,6 +100,15 @@ impl TaskModel {
         }
     }
 
+    /// Whether any of `modules` stores its weight `[in, out]` (GPT-2's Conv1D).
+    pub fn stores_transposed<'a>(&self, mut modules: impl Iterator<Item = &'a str>) -> bool {
+        let config = match self {
+            TaskModel::CausalLm(m) => m.config(),
+            TaskModel::Classifier(m) => m.config(),
+        };
+        modules.any(|m| config.stores_transposed(m))
+    }
+
     pub fn vocab_size(&self) -> usize {
         match self {
             TaskModel::CausalLm(m) => m.vocab_size(),

@@ -21,7 +21,7 @@ use candle_core::{Tensor, Var};
 use candle_nn::VarMap;
 use lorakit_adapter::fsutil::AtomicDir;
 use lorakit_adapter::output_guard::{self, Input};
-use lorakit_adapter::{save_adapter_with, AdapterError, Adapters, StepSeed};
+use lorakit_adapter::{save_adapter_with, AdapterError, Adapters, LoraConfig, StepSeed};
 use lorakit_models::{BaseModel, Task as ModelTask};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -752,6 +752,11 @@ pub fn train(
             serde_json::to_string(&labels).unwrap_or_default(),
         );
     }
+    // GPT-2's Conv1D layers: PEFT records them as `fan_in_fan_out`
+    let lora = LoraConfig {
+        fan_in_fan_out: model.stores_transposed(report.wrapped().map(|l| l.path.as_str())),
+        ..recipe.lora.clone()
+    };
     let save_to = |dir: &Path| -> Result<()> {
         let mut modules = report.trained_modules(&varmap)?;
         if recipe.output.residual_form {
@@ -763,7 +768,7 @@ pub fn train(
         }
         let whole = report.trained_whole(&varmap)?;
         let tmp = AtomicDir::create(dir, true)?;
-        save_adapter_with(tmp.path(), &recipe.lora, &modules, &whole, &metadata)?;
+        save_adapter_with(tmp.path(), &lora, &modules, &whole, &metadata)?;
         tmp.commit()?;
         Ok(())
     };
@@ -773,7 +778,7 @@ pub fn train(
         let dir = out.join("checkpoints").join(format!("step-{}", state.step));
         checkpoint::save(
             &dir,
-            &recipe.lora,
+            &lora,
             &modules,
             &whole,
             &opt.state(),

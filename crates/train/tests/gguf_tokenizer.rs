@@ -35,7 +35,13 @@ fn write_gguf(path: &Path, meta: &[(&str, serde_json::Value)]) {
             }
             serde_json::Value::Array(a) => {
                 b.extend(9u32.to_le_bytes());
-                if a.first().is_some_and(|x| x.is_string()) {
+                if a.first().is_some_and(|x| x.is_f64()) {
+                    b.extend(6u32.to_le_bytes()); // f32
+                    b.extend((a.len() as u64).to_le_bytes());
+                    for x in a {
+                        b.extend((x.as_f64().unwrap() as f32).to_le_bytes());
+                    }
+                } else if a.first().is_some_and(|x| x.is_string()) {
                     b.extend(8u32.to_le_bytes());
                     b.extend((a.len() as u64).to_le_bytes());
                     for x in a {
@@ -130,6 +136,100 @@ fn gguf_tokenizer_encodes_like_the_models_tokenizer_json() {
     assert_eq!(ours.vocab_size(), reference.vocab_size());
 }
 
+/// A Llama-2-style SentencePiece vocabulary (`tokenizer.ggml.model = llama`): pieces merge by
+/// score, highest first (`ll`, then `▁h`, `llo`, `▁he`, `▁hello`), spaces are `▁`, a space is
+/// put before the text unless `add_space_prefix` is false, characters no piece covers fall back
+/// to their bytes, and decoding undoes all of it. Expected pieces worked out by hand from
+/// llama.cpp's algorithm.
+#[test]
+fn sentencepiece_gguf_tokenizer_merges_by_score_with_space_prefix_and_byte_fallback() {
+    // (piece, type, score): 1 normal, 2 unknown, 3 control, 6 byte
+    let vocab: &[(&str, u32, f64)] = &[
+        ("<unk>", 2, 0.0),
+        ("<s>", 3, 0.0),
+        ("</s>", 3, 0.0),
+        ("<0x21>", 6, 0.0),
+        ("<0x0A>", 6, 0.0),
+        ("\u{2581}", 1, -1.0),
+        ("h", 1, -2.0),
+        ("e", 1, -2.1),
+        ("l", 1, -2.2),
+        ("o", 1, -2.3),
+        ("w", 1, -2.4),
+        ("r", 1, -2.5),
+        ("d", 1, -2.6),
+        ("ll", 1, -3.0),
+        ("\u{2581}h", 1, -4.0),
+        ("llo", 1, -5.0),
+        ("\u{2581}he", 1, -6.0),
+        ("lo", 1, -7.0),
+        ("\u{2581}hello", 1, -8.0),
+        ("\u{2581}w", 1, -9.0),
+        ("or", 1, -10.0),
+        ("ld", 1, -11.0),
+        ("\u{2581}wor", 1, -12.0),
+        ("\u{2581}world", 1, -13.0),
+    ];
+    let meta = |space_prefix: Option<bool>| {
+        let mut m: Vec<(&str, serde_json::Value)> = vec![
+            ("general.architecture", "llama".into()),
+            ("tokenizer.ggml.model", "llama".into()),
+            (
+                "tokenizer.ggml.tokens",
+                vocab.iter().map(|v| v.0).collect::<Vec<_>>().into(),
+            ),
+            (
+                "tokenizer.ggml.token_type",
+                vocab.iter().map(|v| v.1).collect::<Vec<_>>().into(),
+            ),
+            (
+                "tokenizer.ggml.scores",
+                vocab.iter().map(|v| v.2 - 0.5).collect::<Vec<_>>().into(),
+            ),
+            ("tokenizer.ggml.bos_token_id", 1.into()),
+            ("tokenizer.ggml.eos_token_id", 2.into()),
+            ("tokenizer.ggml.add_bos_token", true.into()),
+        ];
+        if let Some(p) = space_prefix {
+            m.push(("tokenizer.ggml.add_space_prefix", p.into()));
+        }
+        m
+    };
+    let id = |piece: &str| vocab.iter().position(|v| v.0 == piece).unwrap() as u32;
+    let d = tempfile::tempdir().unwrap();
+    // no add_space_prefix key: llama.cpp's default for SentencePiece is a space prefix
+    let path = d.path().join("spm.gguf");
+    write_gguf(&path, &meta(None));
+    let tok = TextTokenizer::open(&path).unwrap();
+    let text = "hello world!\nhold";
+    let want: Vec<u32> = [
+        "<s>",
+        "\u{2581}hello",
+        "\u{2581}world",
+        "<0x21>",
+        "<0x0A>",
+        "h",
+        "o",
+        "ld",
+    ]
+    .iter()
+    .map(|p| id(p))
+    .collect();
+    assert_eq!(tok.encode(text, true).unwrap(), want);
+    assert_eq!(tok.decode(&want[1..]).unwrap(), text);
+    assert_eq!(tok.bos.as_deref(), Some("<s>"));
+
+    let path = d.path().join("spm-no-prefix.gguf");
+    write_gguf(&path, &meta(Some(false)));
+    let tok = TextTokenizer::open(&path).unwrap();
+    let want: Vec<u32> = ["h", "e", "llo", "\u{2581}world"]
+        .iter()
+        .map(|p| id(p))
+        .collect();
+    assert_eq!(tok.encode("hello world", false).unwrap(), want);
+    assert_eq!(tok.decode(&want).unwrap(), "hello world");
+}
+
 #[test]
 fn unsupported_gguf_tokenizers_are_named() {
     let d = tempfile::tempdir().unwrap();
@@ -141,13 +241,18 @@ fn unsupported_gguf_tokenizers_are_named() {
         "{e}"
     );
     let mut meta = tiny_meta("gpt2");
-    meta[1].1 = "llama".into();
+    meta[1].1 = "bert".into();
     write_gguf(&path, &meta);
     let e = TextTokenizer::open(&path).err().unwrap().to_string();
     assert!(
-        e.contains("tokenizer.ggml.model") && e.contains("SentencePiece"),
+        e.contains("tokenizer.ggml.model") && e.contains("bert") && e.contains("SentencePiece"),
         "{e}"
     );
+    // a SentencePiece vocabulary needs its scores
+    meta[1].1 = "llama".into();
+    write_gguf(&path, &meta);
+    let e = TextTokenizer::open(&path).err().unwrap().to_string();
+    assert!(e.contains("tokenizer.ggml.scores"), "{e}");
     write_gguf(&path, &meta[..1]);
     let e = TextTokenizer::open(&path).err().unwrap().to_string();
     assert!(

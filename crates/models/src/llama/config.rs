@@ -54,6 +54,30 @@ pub enum LayerKind {
     Sliding,
 }
 
+/// The attention kind of every layer, without a per-layer list until the weights have confirmed
+/// the layer count (a config may claim any number of layers).
+#[derive(Clone, Debug, PartialEq)]
+pub enum LayerKinds {
+    /// Every layer alike.
+    All(LayerKind),
+    /// Every `n`-th layer full, the others sliding (Gemma 3 without `layer_types`).
+    EveryNthFull(usize),
+    /// One entry per layer (`layer_types`).
+    Listed(Vec<LayerKind>),
+}
+
+impl LayerKinds {
+    /// The kind of layer `i`.
+    pub fn of(&self, i: usize) -> LayerKind {
+        match self {
+            LayerKinds::All(k) => *k,
+            LayerKinds::EveryNthFull(n) if (i + 1) % n == 0 => LayerKind::Full,
+            LayerKinds::EveryNthFull(_) => LayerKind::Sliding,
+            LayerKinds::Listed(v) => v.get(i).copied().unwrap_or(LayerKind::Full),
+        }
+    }
+}
+
 /// The MLP's gate activation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
@@ -123,7 +147,7 @@ pub struct LlamaConfig {
     /// Gemma 3: those `layer_types` names).
     pub sliding_window: Option<usize>,
     /// Each layer's attention: all `Full`, unless a window is configured.
-    pub layer_types: Vec<LayerKind>,
+    pub layer_types: LayerKinds,
     /// Gemma 3: the sliding layers' own RoPE base (unscaled); others use `rope_theta` throughout.
     pub sliding_rope_theta: Option<f64>,
     /// Gemma 3: RMSNorms compute `x·(1 + w)` (the checkpoint stores `w`), four per layer (the
@@ -365,9 +389,9 @@ impl LlamaConfig {
             gemma_layer_types(raw.layer_types.as_deref(), raw.sliding_window_pattern, n)
                 .map_err(|m| err("layer_types", m))?
         } else if sliding_window.is_some() {
-            vec![LayerKind::Sliding; n]
+            LayerKinds::All(LayerKind::Sliding)
         } else {
-            vec![LayerKind::Full; n]
+            LayerKinds::All(LayerKind::Full)
         };
         let sliding_rope_theta = if gemma {
             let theta = by_kind("sliding_attention")
@@ -481,39 +505,27 @@ fn gemma_layer_types(
     names: Option<&[String]>,
     pattern: Option<usize>,
     layers: usize,
-) -> std::result::Result<Vec<LayerKind>, String> {
-    match names {
-        Some(names) => {
-            if names.len() != layers {
-                return Err(format!(
-                    "{} entries for num_hidden_layers = {layers}",
-                    names.len()
-                ));
-            }
-            names
-                .iter()
-                .map(|n| match n.as_str() {
-                    "full_attention" => Ok(LayerKind::Full),
-                    "sliding_attention" => Ok(LayerKind::Sliding),
-                    other => Err(format!(
-                        "{other:?} is not a layer type (full_attention or sliding_attention)"
-                    )),
-                })
-                .collect()
-        }
-        None => {
-            let p = pattern.unwrap_or(6).max(1);
-            Ok((0..layers)
-                .map(|i| {
-                    if (i + 1) % p == 0 {
-                        LayerKind::Full
-                    } else {
-                        LayerKind::Sliding
-                    }
-                })
-                .collect())
-        }
+) -> std::result::Result<LayerKinds, String> {
+    let Some(names) = names else {
+        return Ok(LayerKinds::EveryNthFull(pattern.unwrap_or(6).max(1)));
+    };
+    if names.len() != layers {
+        return Err(format!(
+            "{} entries for num_hidden_layers = {layers}",
+            names.len()
+        ));
     }
+    names
+        .iter()
+        .map(|n| match n.as_str() {
+            "full_attention" => Ok(LayerKind::Full),
+            "sliding_attention" => Ok(LayerKind::Sliding),
+            other => Err(format!(
+                "{other:?} is not a layer type (full_attention or sliding_attention)"
+            )),
+        })
+        .collect::<std::result::Result<_, _>>()
+        .map(LayerKinds::Listed)
 }
 
 fn parse_rope_scaling(v: Option<&Value>, file: &Path) -> Result<RopeScaling> {

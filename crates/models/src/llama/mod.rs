@@ -6,7 +6,7 @@ pub mod gemma3;
 pub mod gguf;
 mod model;
 
-pub use config::{Activation, Arch, LayerKind, LlamaConfig, RopeScaling};
+pub use config::{Activation, Arch, LayerKind, LayerKinds, LlamaConfig, RopeScaling};
 pub use model::Llama;
 
 use crate::error::{ModelError, Result};

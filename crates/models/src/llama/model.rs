@@ -1,12 +1,11 @@
 //! The Llama-family decoder network, differentiable end to end.
 use super::config::{Activation, LayerKind, LlamaConfig};
+use crate::decoder;
 use crate::error::{ModelError, Result};
 use crate::model::{CausalLm, KvCache, ModelConfig};
-use candle_core::backprop::GradStore;
-use candle_core::{DType, Module, Tensor, Var};
+use candle_core::{DType, Module, Tensor};
 use lorakit_adapter::{LayerBuilder, LoraLinear};
 use lorakit_ops::attention;
-use lorakit_ops::chunked_loss::{chunk_rows, linear_cross_entropy};
 use lorakit_ops::layers::{
     apply_rope, mask_segments, packed_positions, rms_norm, rope_tables, rope_tables_at,
     segment_bias, window_bias_at,
@@ -323,7 +322,7 @@ impl Llama {
             let l = m.pp("layers").pp(i);
             let h = cfg.hidden_size;
             layers.push(DecoderLayer {
-                kind: cfg.layer_types[i],
+                kind: cfg.layer_types.of(i),
                 input_layernorm: norm_weight(cfg, &l.pp("input_layernorm"), h)?,
                 self_attn: Attention::new(cfg, &l.pp("self_attn"))?,
                 post_attention_layernorm: norm_weight(cfg, &l.pp("post_attention_layernorm"), h)?,
@@ -570,24 +569,14 @@ impl CausalLm for Llama {
         labels: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
-        let (b, s, d) = hidden.dims3()?;
-        let rows = hidden.reshape((b * s, d))?.index_select(positions, 0)?;
-        let head = &self.lm_head;
-        let loss = if head.lora().is_none() && head.bias().is_none() && !head.is_trainable() {
-            let chunk = chunk_rows(self.cfg.vocab_size);
-            linear_cross_entropy(
-                &rows,
-                head.weight(),
-                head.weight_t(train)?,
-                labels,
-                chunk,
-                train,
-            )?
-        } else {
-            let logits = head.forward_t(&rows, train)?.to_dtype(DType::F32)?;
-            lorakit_ops::fused::cross_entropy(&logits, labels)?
-        };
-        Ok(loss.sum_all()?)
+        decoder::head_loss(
+            &self.lm_head,
+            self.cfg.vocab_size,
+            hidden,
+            positions,
+            labels,
+            train,
+        )
     }
 
     /// `scale ×` [`CausalLm::summed_loss`] (training mode) and the gradients of `vars` (in
@@ -607,55 +596,17 @@ impl CausalLm for Llama {
     ) -> Result<(f32, Vec<Option<Tensor>>)> {
         let (x, shared) = self.inputs(input_ids, attention_mask)?;
         let eps = self.cfg.rms_norm_eps;
-        let mut inputs = Vec::with_capacity(self.layers.len());
-        let mut x = x.detach();
-        for layer in &self.layers {
-            let out = layer.forward(&x, &shared, eps, true, None)?.detach();
-            inputs.push(std::mem::replace(&mut x, out));
-        }
-        let top = Var::from_tensor(&x)?;
-        drop(x);
-        let hidden = rms_norm(top.as_tensor(), &self.norm, eps)?;
-        let loss = (self.head_loss(&hidden, positions, labels, true)? * scale)?;
-        let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-        // Only the wanted gradients are kept from each backward pass: a GradStore also holds
-        // gradients of untracked operands (e.g. a broadcast attention bias), views that keep
-        // that layer's activation buffers alive.
-        let mut wanted: Vec<Option<Tensor>> = vec![None; vars.len()];
-        let mut collect = |store: &GradStore| -> Result<()> {
-            for (slot, v) in wanted.iter_mut().zip(vars) {
-                if let Some(g) = store.get(v) {
-                    *slot = Some(match slot.take() {
-                        Some(a) => (a + g)?,
-                        None => g.clone(),
-                    });
-                }
-            }
-            Ok(())
-        };
-        let lost =
-            || ModelError::Input("checkpointed backward: no gradient reached a layer".into());
-        let mut grads = loss.backward()?;
-        drop(loss);
-        collect(&grads)?;
-        let mut g = grads.remove(top.as_tensor()).ok_or_else(lost)?;
-        drop(grads);
-        for (i, (layer, input)) in self.layers.iter().zip(inputs).enumerate().rev() {
-            // the first layer's input (the embeddings) needs no gradient
-            let var = if i > 0 {
-                Some(Var::from_tensor(&input)?)
-            } else {
-                None
-            };
-            let x = var.as_ref().map(|v| v.as_tensor()).unwrap_or(&input);
-            let out = layer.forward(x, &shared, eps, true, None)?;
-            let mut lg = (out * &g)?.sum_all()?.backward()?;
-            collect(&lg)?;
-            if let Some(v) = &var {
-                g = lg.remove(v.as_tensor()).ok_or_else(lost)?;
-            }
-        }
-        Ok((value, wanted))
+        decoder::checkpointed_loss_and_grads(
+            x,
+            self.layers.len(),
+            |i, x| self.layers[i].forward(x, &shared, eps, true, None),
+            |top| {
+                let hidden = rms_norm(top, &self.norm, eps)?;
+                self.head_loss(&hidden, positions, labels, true)
+            },
+            scale,
+            vars,
+        )
     }
 
     /// Logits (f32) `[n, vocab]` at `at` (flat indices into `b × s`) of rows that pack several
