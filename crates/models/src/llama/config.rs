@@ -71,7 +71,7 @@ impl LayerKinds {
     pub fn of(&self, i: usize) -> LayerKind {
         match self {
             LayerKinds::All(k) => *k,
-            LayerKinds::EveryNthFull(n) if (i + 1) % n == 0 => LayerKind::Full,
+            LayerKinds::EveryNthFull(n) if (i + 1).is_multiple_of(*n) => LayerKind::Full,
             LayerKinds::EveryNthFull(_) => LayerKind::Sliding,
             LayerKinds::Listed(v) => v.get(i).copied().unwrap_or(LayerKind::Full),
         }
