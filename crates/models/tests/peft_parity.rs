@@ -138,3 +138,41 @@ fn gpt2_conv1d_fused_attention_and_learned_positions_match_peft() {
     check("gpt2_conv1d", Some("all"));
     check("gpt2_conv1d", Some("attn_only"));
 }
+
+/// The multimodal `gemma3` checkpoint: its text model configured under `text_config`, weights
+/// under `model.language_model.` (transformers 5) or `language_model.model.` (the original
+/// releases), a vision tower beside them that the language model leaves alone.
+#[test]
+fn gemma3_multimodal_checkpoint_builds_its_language_model() {
+    let dir = case("gemma3_text");
+    let exp = expected("gemma3_text");
+    let text_config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("base/config.json")).unwrap()).unwrap();
+    let weights =
+        candle_core::safetensors::load(dir.join("base/model.safetensors"), &Device::Cpu).unwrap();
+    for prefix in ["model.language_model.", "language_model.model."] {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = serde_json::json!({
+            "model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
+            "text_config": text_config, "vision_config": {"hidden_size": 8}});
+        std::fs::write(tmp.path().join("config.json"), config.to_string()).unwrap();
+        let mut renamed: HashMap<String, Tensor> = weights
+            .iter()
+            .map(|(k, v)| (k.replacen("model.", prefix, 1), v.clone()))
+            .collect();
+        renamed.insert(
+            "model.vision_tower.patch_embedding.weight".into(),
+            Tensor::zeros((8, 3), DType::F32, &Device::Cpu).unwrap(),
+        );
+        candle_core::safetensors::save(&renamed, tmp.path().join("model.safetensors")).unwrap();
+        let (model, _) = BaseModel::open(tmp.path())
+            .unwrap()
+            .load_causal_lm(Adapters::None, DType::F32, &Device::Cpu)
+            .unwrap();
+        let ours = model
+            .forward(&exp["input_ids"], Some(&exp["attention_mask"]), false)
+            .unwrap();
+        let diff = masked_max_diff(&ours, &exp["logits_base"], &exp["attention_mask"]);
+        assert!(diff <= 1e-5, "{prefix}: {diff}");
+    }
+}
