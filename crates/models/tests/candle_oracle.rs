@@ -1,8 +1,8 @@
-//! A second, independent oracle: candle-transformers' own llama, qwen2, qwen3, phi3 and mistral
-//! on the same random weights must give the same last-position logits as our models.
+//! A second, independent oracle: candle-transformers' own llama, qwen2, qwen3, phi3, mistral and
+//! gemma3 on the same random weights must give the same last-position logits as our models.
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::{llama, mistral, phi3, qwen2, qwen3};
+use candle_transformers::models::{gemma3, llama, mistral, phi3, qwen2, qwen3};
 use lorakit_adapter::Adapters;
 use lorakit_models::llama::LlamaConfig;
 use lorakit_models::{build_causal_lm, CausalLm};
@@ -75,6 +75,10 @@ fn weights(cfg: &LlamaConfig, seed: u64) -> HashMap<String, Tensor> {
         }
         put(format!("{p}.input_layernorm.weight"), &[h], 1.0);
         put(format!("{p}.post_attention_layernorm.weight"), &[h], 1.0);
+        if cfg.gemma_norms {
+            put(format!("{p}.pre_feedforward_layernorm.weight"), &[h], 1.0);
+            put(format!("{p}.post_feedforward_layernorm.weight"), &[h], 1.0);
+        }
     }
     // norms near 1
     for (k, v) in w.iter_mut() {
@@ -353,4 +357,59 @@ fn merged_backend_runs_a_peft_adapter_in_candle_transformers() {
         .flatten_all()
         .unwrap();
     assert_eq!(max_diff(&via_module, &ours), 0.0);
+}
+
+/// Gemma 3. candle-transformers 0.11.1's gemma3 counts one more key inside the sliding window than
+/// transformers does (it hides key j from query i only when i − j > window), scales scores by
+/// `head_dim^-½` whatever `query_pre_attn_scalar` says, and its KV cache refuses a prompt of more
+/// than one token (a non-contiguous value tensor): so here the window (16) is longer than the row,
+/// the scalar equals head_dim, and candle's model is fed one token at a time. The window and the
+/// scalar are checked against transformers in `peft_parity.rs`.
+#[test]
+fn gemma3_with_sandwich_norms_and_two_rope_bases_matches_candle_transformers() {
+    let mut v = small("gemma3_text");
+    v["head_dim"] = json!(16);
+    v["query_pre_attn_scalar"] = json!(16);
+    v["sliding_window"] = json!(16);
+    v["layer_types"] = json!(["sliding_attention", "full_attention"]);
+    v["rope_parameters"] = json!({
+        "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}});
+    let cfg = LlamaConfig::from_json(v, Path::new("config.json")).unwrap();
+    assert!(cfg.gemma_norms && cfg.qk_norm && cfg.tie_word_embeddings);
+    let w = weights(&cfg, 6);
+    let ccfg = gemma3::Config {
+        attention_bias: false,
+        head_dim: 16,
+        hidden_activation: candle_nn::Activation::GeluPytorchTanh,
+        hidden_size: 32,
+        intermediate_size: 40,
+        num_attention_heads: 4,
+        num_hidden_layers: 2,
+        num_key_value_heads: 2,
+        rms_norm_eps: 1e-5,
+        rope_theta: 1000000.0,
+        rope_local_base_freq: 10000.0,
+        vocab_size: 50,
+        final_logit_softcapping: None,
+        attn_logit_softcapping: None,
+        query_pre_attn_scalar: 16,
+        sliding_window: 16,
+        sliding_window_pattern: 2,
+        max_position_embeddings: 64,
+    };
+    let vb = VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu);
+    let mut theirs_model = gemma3::Model::new(false, &ccfg, vb).unwrap();
+    let x = ids(50);
+    let mut theirs = None;
+    for i in 0..SEQ {
+        let t = x.narrow(1, i, 1).unwrap();
+        theirs = Some(theirs_model.forward(&t, i).unwrap().flatten_all().unwrap());
+    }
+    let theirs = theirs.unwrap();
+    let ours = ours_last_logits(&cfg, &w, &x);
+    let d = max_diff(&ours, &theirs);
+    // Gemma's logits are larger (√hidden-scaled embeddings, (1 + w) norms): relative to them
+    let size = theirs.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(d <= 1e-5 * size.max(1.0), "gemma3: max abs diff {d} (max logit {size})");
 }
