@@ -29,7 +29,7 @@ lora: {r: 8, lora_alpha: 16, target_modules: [q_proj, k_proj, v_proj, o_proj, ga
 train: {max_steps: $steps, batch_size: $batch, learning_rate: 1.0e-4, log_every: 1}
 output: {dir: $work/run}
 YAML
-peak() { awk '/Maximum resident set size/ {print $6 * 1024}' "$1"; }
+peak() { awk '/Maximum resident set size/ {printf "%d", $6 * 1024}' "$1"; }
 /usr/bin/time -v target/release/lorakit train "$work/recipe.yaml" > "$work/lorakit.log" 2> "$work/lorakit.time" \
   || { cat "$work/lorakit.log" "$work/lorakit.time"; exit 1; }
 ours_peak=$(peak "$work/lorakit.time")

@@ -92,13 +92,13 @@ fn lorakit_eval_reproduces_peft_losses() {
     );
 }
 
-/// Adapters lorakit trained on tiny Gemma 3 and GPT-2 bases (GPT-2's saved with
+/// Adapters lorakit trained on tiny Gemma 3, GPT-2, Qwen3 and Phi-3 bases (GPT-2's saved with
 /// `fan_in_fan_out: true` for its Conv1D layers): PEFT loads them with no missing or unexpected
 /// keys and computes lorakit's eval loss, base and adapted.
 #[test]
 fn peft_loads_lorakit_adapters_of_the_newer_families() {
     let e = expected();
-    for fam in ["gemma3", "gpt2"] {
+    for fam in ["gemma3", "gpt2", "qwen3", "phi3"] {
         let name = format!("lorakit_{fam}_adapter");
         let ours = &e[&name];
         assert_eq!(ours["missing_lora_keys"], serde_json::json!([]), "{name}");

@@ -410,6 +410,15 @@ fn gemma3_with_sandwich_norms_and_two_rope_bases_matches_candle_transformers() {
     let ours = ours_last_logits(&cfg, &w, &x);
     let d = max_diff(&ours, &theirs);
     // Gemma's logits are larger (√hidden-scaled embeddings, (1 + w) norms): relative to them
-    let size = theirs.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    assert!(d <= 1e-5 * size.max(1.0), "gemma3: max abs diff {d} (max logit {size})");
+    let size = theirs
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        d <= 1e-5 * size.max(1.0),
+        "gemma3: max abs diff {d} (max logit {size})"
+    );
 }

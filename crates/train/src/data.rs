@@ -404,7 +404,7 @@ impl ChatTemplate {
     pub fn new(tok: &TextTokenizer) -> Result<Self> {
         let source = tok.chat_template.clone().ok_or_else(|| TrainError::Template {
             file: tok.config_file.clone(),
-            message: "the model has no `chat_template` (needed by data.format: chat); use format: instruction or completion".into(),
+            message: "the model has no `chat_template` (a base model?), which chat data (data.format: chat) and `generate --chat` need; use data.format: instruction or completion, or `generate --prompt`".into(),
         })?;
         Self::from_source(source, &tok.config_file)
     }
