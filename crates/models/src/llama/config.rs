@@ -259,6 +259,15 @@ impl LlamaConfig {
             }
         };
         if gemma {
+            if let Some(q) = raw
+                .query_pre_attn_scalar
+                .filter(|q| !(q.is_finite() && *q > 0.0))
+            {
+                return Err(err(
+                    "query_pre_attn_scalar",
+                    format!("must be a positive number, got {q}"),
+                ));
+            }
             for (key, v) in [
                 ("final_logit_softcapping", raw.final_logit_softcapping),
                 ("attn_logit_softcapping", raw.attn_logit_softcapping),
@@ -668,6 +677,51 @@ mod tests {
         v["partial_rotary_factor"] = json!(0.75);
         let e = LlamaConfig::from_json(v, Path::new("c")).unwrap_err();
         assert!(e.to_string().contains("partial_rotary_factor"), "{e}");
+    }
+
+    #[test]
+    fn gemma3_reads_both_config_forms_and_names_what_it_refuses() {
+        let mut v = base();
+        v["model_type"] = json!("gemma3_text");
+        v["num_hidden_layers"] = json!(12);
+        v["head_dim"] = json!(8);
+        // transformers 4 form: rope_theta + rope_local_base_freq, the layer pattern by default
+        v["rope_theta"] = json!(1000000.0);
+        v["rope_local_base_freq"] = json!(10000.0);
+        let c = LlamaConfig::from_json(v.clone(), Path::new("c")).unwrap();
+        assert!(c.gemma_norms && c.qk_norm && c.tie_word_embeddings);
+        assert_eq!(c.activation, Activation::GeluTanh);
+        assert_eq!(c.query_pre_attn_scalar, Some(256.0));
+        assert_eq!(c.sliding_window, Some(4096));
+        let kinds: Vec<LayerKind> = (0..12).map(|i| c.layer_types.of(i)).collect();
+        assert_eq!(kinds[5], LayerKind::Full);
+        assert_eq!(kinds[11], LayerKind::Full);
+        assert_eq!(kinds.iter().filter(|k| **k == LayerKind::Full).count(), 2);
+        let (full, _) = c.rope_for(LayerKind::Full);
+        let (local, _) = c.rope_for(LayerKind::Sliding);
+        assert_eq!(full[1], 1.0 / 1e6f64.powf(2.0 / 8.0));
+        assert_eq!(local[1], 1.0 / 1e4f64.powf(2.0 / 8.0));
+        // the multimodal config: the same text model under text_config
+        let mm = json!({"model_type": "gemma3", "text_config": v.clone(), "dtype": "bfloat16"});
+        let m = LlamaConfig::from_json(mm, Path::new("c")).unwrap();
+        assert!(m.multimodal && m.dtype == Some(DType::BF16));
+        assert_eq!(m.layer_types, c.layer_types);
+        for (key, value) in [
+            ("final_logit_softcapping", json!(30.0)),
+            ("use_bidirectional_attention", json!(true)),
+            ("query_pre_attn_scalar", json!(0)),
+            ("sliding_window", json!(0)),
+            ("layer_types", json!(["full_attention"])),
+            ("hidden_activation", json!("relu")),
+        ] {
+            let mut bad = v.clone();
+            bad[key] = value;
+            let e = LlamaConfig::from_json(bad, Path::new("c")).unwrap_err();
+            assert!(e.to_string().contains(key), "{key}: {e}");
+        }
+        let e =
+            LlamaConfig::from_json(json!({"model_type": "gemma3"}), Path::new("c")).unwrap_err();
+        assert!(e.to_string().contains("text_config"), "{e}");
     }
 
     #[test]
