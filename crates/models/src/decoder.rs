@@ -1,10 +1,57 @@
-//! What every decoder language model does the same way, whatever its layers: the loss of the
-//! output head, and the checkpointed backward pass over a stack of layers.
+//! What every decoder language model does the same way, whatever its layers: reading its
+//! inputs, the attention bias of cached decoding, the loss of the output head, and the
+//! checkpointed backward pass over a stack of layers.
 use crate::error::{ModelError, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use lorakit_adapter::LoraLinear;
 use lorakit_ops::chunked_loss::{chunk_rows, linear_cross_entropy};
+
+/// The segment numbers `[b][s]` of a full-sequence pass's rows ([`lorakit_ops::layers::mask_segments`]:
+/// 0 = padding, 1, 2, … = the examples packed into a row; all 1 without a mask), after
+/// checking that the rows are non-empty and the mask has the ids' shape.
+pub fn segments(input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Vec<Vec<u32>>> {
+    let (b, s) = input_ids.dims2()?;
+    if s == 0 {
+        return Err(ModelError::Input("empty input sequence".into()));
+    }
+    match attention_mask {
+        Some(m) if m.dims() != [b, s] => Err(ModelError::Input(format!(
+            "attention mask has shape {:?}, input ids {:?}",
+            m.dims(),
+            [b, s]
+        ))),
+        Some(m) => Ok(lorakit_ops::layers::mask_segments(m)?),
+        None => Ok(vec![vec![1; s]; b]),
+    }
+}
+
+/// The length of `input_ids` `[1, s]` for cached decoding, which takes one non-empty row.
+pub fn cached_len(input_ids: &Tensor) -> Result<usize> {
+    let (b, s) = input_ids.dims2()?;
+    if b != 1 || s == 0 {
+        return Err(ModelError::Input(format!(
+            "cached forward takes one non-empty sequence, got shape {:?}",
+            [b, s]
+        )));
+    }
+    Ok(s)
+}
+
+/// Additive bias `[1, 1, s, past + s]` of `s` new tokens after `past` cached ones: each sees
+/// itself, the cached tokens and the new ones before it, within `window` if one is given.
+pub fn cached_bias(past: usize, s: usize, window: Option<usize>, dev: &Device) -> Result<Tensor> {
+    let total = past + s;
+    let mut bias = Vec::with_capacity(s * total);
+    for i in 0..s {
+        let qi = past + i;
+        for j in 0..total {
+            let in_window = window.is_none_or(|w| qi - j.min(qi) < w);
+            bias.push(if j <= qi && in_window { 0f32 } else { -1.0e9 });
+        }
+    }
+    Ok(Tensor::from_vec(bias, (1, 1, s, total), dev)?)
+}
 
 /// Summed cross-entropy of `lm_head` over `hidden` `[batch, seq, hidden]` at `positions` (flat
 /// indices into `batch × seq`) against `labels`. A frozen head without bias goes through the

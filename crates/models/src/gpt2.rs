@@ -9,7 +9,7 @@ use crate::registry::Architecture;
 use candle_core::{DType, Tensor};
 use lorakit_adapter::{LayerBuilder, LoraLinear};
 use lorakit_ops::attention;
-use lorakit_ops::layers::{layer_norm, mask_segments, packed_positions, segment_bias};
+use lorakit_ops::layers::{layer_norm, packed_positions, segment_bias};
 use serde::Deserialize;
 use serde_json::Value;
 use std::path::Path;
@@ -338,23 +338,8 @@ impl Gpt2 {
     /// Embeddings and attention bias of a full-sequence pass; packed rows (segment numbers in
     /// the mask) restart their positions at each example.
     fn inputs(&self, input_ids: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+        let segments = decoder::segments(input_ids, mask)?;
         let (b, s) = input_ids.dims2()?;
-        if s == 0 {
-            return Err(ModelError::Input("empty input sequence".into()));
-        }
-        if let Some(m) = mask {
-            if m.dims() != [b, s] {
-                return Err(ModelError::Input(format!(
-                    "attention mask has shape {:?}, input ids {:?}",
-                    m.dims(),
-                    [b, s]
-                )));
-            }
-        }
-        let segments = match mask {
-            Some(m) => mask_segments(m)?,
-            None => vec![vec![1; s]; b],
-        };
         let positions = packed_positions(&segments).unwrap_or_else(|| vec![(0..s).collect(); b]);
         let x = self.embed(input_ids, &positions)?;
         let bias = segment_bias(&segments, None, x.device())?;
@@ -490,23 +475,11 @@ impl CausalLm for Gpt2 {
     }
 
     fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (b, s) = input_ids.dims2()?;
-        if b != 1 || s == 0 {
-            return Err(ModelError::Input(format!(
-                "cached forward takes one non-empty sequence, got shape {:?}",
-                [b, s]
-            )));
-        }
+        let s = decoder::cached_len(input_ids)?;
         let past = cache.len;
         let total = past + s;
         let x = self.embed(input_ids, &[(past..total).collect()])?;
-        let mut bias = Vec::with_capacity(s * total);
-        for i in 0..s {
-            for j in 0..total {
-                bias.push(if j <= past + i { 0f32 } else { -1.0e9 });
-            }
-        }
-        let bias = Tensor::from_vec(bias, (1, 1, s, total), x.device())?;
+        let bias = decoder::cached_bias(past, s, None, x.device())?;
         let hidden = self.blocks_forward(x, &bias, false, Some(cache))?;
         cache.len = total;
         self.logits(&hidden, false)

@@ -7,8 +7,8 @@ use candle_core::{DType, Module, Tensor};
 use lorakit_adapter::{LayerBuilder, LoraLinear};
 use lorakit_ops::attention;
 use lorakit_ops::layers::{
-    apply_rope, mask_segments, packed_positions, rms_norm, rope_tables, rope_tables_at,
-    segment_bias, window_bias_at,
+    apply_rope, packed_positions, rms_norm, rope_tables, rope_tables_at, segment_bias,
+    window_bias_at,
 };
 
 /// The q, k and v projections: three modules, or Phi-3's one `qkv_proj` whose output rows are
@@ -428,25 +428,10 @@ impl Llama {
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
     ) -> Result<(Tensor, LayerInputs)> {
-        let (b, s) = input_ids.dims2()?;
-        if s == 0 {
-            return Err(ModelError::Input("empty input sequence".into()));
-        }
-        if let Some(m) = attention_mask {
-            if m.dims() != [b, s] {
-                return Err(ModelError::Input(format!(
-                    "attention mask has shape {:?}, input ids {:?}",
-                    m.dims(),
-                    [b, s]
-                )));
-            }
-        }
+        let segments = decoder::segments(input_ids, attention_mask)?;
+        let s = input_ids.dim(1)?;
         let x = self.embed(input_ids)?;
         let dev = self.embed_tokens.device();
-        let segments = match attention_mask {
-            Some(m) => mask_segments(m)?,
-            None => vec![vec![1; s]; b],
-        };
         // rows that pack several examples: positions restart at each one
         let positions = packed_positions(&segments);
         let tables = self.rope_by_kind(positions.as_deref(), s, x.dtype())?;
@@ -654,13 +639,7 @@ impl CausalLm for Llama {
     /// `cache` (inference only: no dropout). Generation feeds the prompt once, then one token at
     /// a time.
     fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (b, s) = input_ids.dims2()?;
-        if b != 1 || s == 0 {
-            return Err(ModelError::Input(format!(
-                "cached forward takes one non-empty sequence, got shape {:?}",
-                [b, s]
-            )));
-        }
+        let s = decoder::cached_len(input_ids)?;
         let x = self.embed(input_ids)?;
         let dev = x.device().clone();
         let past = cache.len;
@@ -676,15 +655,7 @@ impl CausalLm for Llama {
             } else {
                 None
             };
-            let mut bias = Vec::with_capacity(s * total);
-            for i in 0..s {
-                let qi = past + i;
-                for j in 0..total {
-                    let in_window = w.is_none_or(|w| qi - j.min(qi) < w);
-                    bias.push(if j <= qi && in_window { 0f32 } else { -1.0e9 });
-                }
-            }
-            Ok(Tensor::from_vec(bias, (1, 1, s, total), &dev)?)
+            decoder::cached_bias(past, s, w, &dev)
         })?;
         let hidden = self.layers_forward(x, &shared, false, Some(cache))?;
         cache.len = total;
