@@ -58,33 +58,26 @@ impl Architecture for Gemma3 {
 
 /// The Hugging Face name of a llama.cpp `gemma3` tensor.
 pub fn hf_name(gguf: &str) -> Option<String> {
-    let (stem, suffix) = gguf.rsplit_once('.')?;
-    let mapped = match stem {
-        "token_embd" => "model.embed_tokens".to_string(),
-        "output_norm" => "model.norm".to_string(),
-        _ => {
-            let (n, part) = stem.strip_prefix("blk.")?.split_once('.')?;
-            let n: usize = n.parse().ok()?;
-            let m = match part {
-                "attn_q" => "self_attn.q_proj",
-                "attn_k" => "self_attn.k_proj",
-                "attn_v" => "self_attn.v_proj",
-                "attn_output" => "self_attn.o_proj",
-                "attn_q_norm" => "self_attn.q_norm",
-                "attn_k_norm" => "self_attn.k_norm",
-                "ffn_gate" => "mlp.gate_proj",
-                "ffn_up" => "mlp.up_proj",
-                "ffn_down" => "mlp.down_proj",
-                "attn_norm" => "input_layernorm",
-                "post_attention_norm" => "post_attention_layernorm",
-                "ffn_norm" => "pre_feedforward_layernorm",
-                "post_ffw_norm" => "post_feedforward_layernorm",
-                _ => return None,
-            };
-            format!("model.layers.{n}.{m}")
-        }
+    let block = |part: &str| {
+        Some(match part {
+            "attn_q" => "self_attn.q_proj",
+            "attn_k" => "self_attn.k_proj",
+            "attn_v" => "self_attn.v_proj",
+            "attn_output" => "self_attn.o_proj",
+            "attn_q_norm" => "self_attn.q_norm",
+            "attn_k_norm" => "self_attn.k_norm",
+            "ffn_gate" => "mlp.gate_proj",
+            "ffn_up" => "mlp.up_proj",
+            "ffn_down" => "mlp.down_proj",
+            "attn_norm" => "input_layernorm",
+            "post_attention_norm" => "post_attention_layernorm",
+            "ffn_norm" => "pre_feedforward_layernorm",
+            "post_ffw_norm" => "post_feedforward_layernorm",
+            _ => return None,
+        })
     };
-    Some(format!("{mapped}.{suffix}"))
+    // no `output`: the head is tied to the embeddings
+    super::gguf::map_name(gguf, &[], block)
 }
 
 /// `config.json` of a gemma3 GGUF as transformers writes it for `Gemma3ForCausalLM`, with what

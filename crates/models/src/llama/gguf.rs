@@ -7,29 +7,43 @@ use std::path::Path;
 /// The Hugging Face module path of a llama.cpp tensor name (`blk.3.attn_q.weight` →
 /// `model.layers.3.self_attn.q_proj.weight`).
 pub fn hf_name(gguf: &str) -> Option<String> {
+    let block = |part: &str| {
+        Some(match part {
+            "attn_q" => "self_attn.q_proj",
+            "attn_k" => "self_attn.k_proj",
+            "attn_v" => "self_attn.v_proj",
+            "attn_output" => "self_attn.o_proj",
+            "ffn_gate" => "mlp.gate_proj",
+            "ffn_up" => "mlp.up_proj",
+            "ffn_down" => "mlp.down_proj",
+            "attn_norm" => "input_layernorm",
+            "ffn_norm" => "post_attention_layernorm",
+            _ => return None,
+        })
+    };
+    map_name(gguf, &[("output", "lm_head")], block)
+}
+
+/// A llama.cpp tensor name under its Hugging Face name: `token_embd` and `output_norm` as every
+/// llama.cpp decoder names them, `top` for other whole-model tensors, and `blk.N.<part>` through
+/// `block` (the architecture's names for a layer's parts); `None` for names it does not know.
+pub(crate) fn map_name(
+    gguf: &str,
+    top: &[(&str, &str)],
+    block: impl Fn(&str) -> Option<&'static str>,
+) -> Option<String> {
     let (stem, suffix) = gguf.rsplit_once('.')?;
     let mapped = match stem {
         "token_embd" => "model.embed_tokens".to_string(),
         "output_norm" => "model.norm".to_string(),
-        "output" => "lm_head".to_string(),
-        _ => {
-            let rest = stem.strip_prefix("blk.")?;
-            let (n, part) = rest.split_once('.')?;
-            let n: usize = n.parse().ok()?;
-            let m = match part {
-                "attn_q" => "self_attn.q_proj",
-                "attn_k" => "self_attn.k_proj",
-                "attn_v" => "self_attn.v_proj",
-                "attn_output" => "self_attn.o_proj",
-                "ffn_gate" => "mlp.gate_proj",
-                "ffn_up" => "mlp.up_proj",
-                "ffn_down" => "mlp.down_proj",
-                "attn_norm" => "input_layernorm",
-                "ffn_norm" => "post_attention_layernorm",
-                _ => return None,
-            };
-            format!("model.layers.{n}.{m}")
-        }
+        _ => match top.iter().find(|(g, _)| *g == stem) {
+            Some((_, hf)) => hf.to_string(),
+            None => {
+                let (n, part) = stem.strip_prefix("blk.")?.split_once('.')?;
+                let n: usize = n.parse().ok()?;
+                format!("model.layers.{n}.{}", block(part)?)
+            }
+        },
     };
     Some(format!("{mapped}.{suffix}"))
 }
