@@ -81,6 +81,36 @@ fn train_writes_a_peft_adapter_metrics_and_a_summary() {
     assert_eq!(cfg["peft_type"], "LORA");
     assert_eq!(cfg["r"], 8);
     assert_eq!(cfg["base_model_name_or_path"], "examples/tiny-llama");
+    // the model card: Hub front matter, the data file's sha256, the figures at saving time
+    let card = std::fs::read_to_string(out.join("adapter/README.md")).unwrap();
+    let front = card
+        .strip_prefix("---\n")
+        .unwrap()
+        .split("\n---\n")
+        .next()
+        .unwrap();
+    assert!(
+        front.contains("base_model: examples/tiny-llama") && front.contains("library_name: peft"),
+        "{card}"
+    );
+    let recipe = std::fs::read_to_string(root().join("recipes/tiny-completion.yaml")).unwrap();
+    let train_file = recipe
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("train: ")
+                .filter(|f| f.ends_with(".jsonl"))
+        })
+        .map(|f| root().join(f.trim()))
+        .unwrap();
+    let sha = lorakit_train::card::sha256_file(&train_file).unwrap();
+    assert!(
+        card.contains(&sha) && card.contains("Best evaluation so far"),
+        "{card}"
+    );
+    assert!(std::fs::read_to_string(out.join("last/README.md"))
+        .unwrap()
+        .contains("After all 30 steps"));
     // the adapter applies to the base: inspect-able and mergeable
     let merged = tmp.path().join("merged");
     let o = lorakit(&[

@@ -1,7 +1,6 @@
 //! `lorakit eval --model MODEL [--adapter DIR] --data FILE.jsonl`: loss, perplexity, tokens —
 //! or, with `--labels a,b,...`, classification accuracy (the most likely label after the prompt).
 use anyhow::{bail, Context, Result};
-use lorakit_adapter::{Adapters, PeftAdapter};
 use lorakit_models::{BaseModel, CausalLm, Task};
 use lorakit_train::eval::evaluate;
 use lorakit_train::task_model::TaskModel;
@@ -44,9 +43,10 @@ pub struct Args {
     /// Base model: a Hugging Face model directory, a .gguf file, or a hub id (org/name[@revision]).
     #[arg(long)]
     pub model: PathBuf,
-    /// PEFT adapter directory to apply (unmerged).
+    /// Adapter to apply (unmerged): a PEFT directory or a llama.cpp .gguf adapter. Repeat for
+    /// several, each optionally weighted (`--adapter A --adapter B:0.5`): their updates add.
     #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    pub adapter: Vec<String>,
     /// JSON Lines data set.
     #[arg(long)]
     pub data: PathBuf,
@@ -83,23 +83,10 @@ pub struct Args {
     pub json: bool,
 }
 
-fn adapters_of(adapter: Option<&Path>) -> Result<Adapters> {
-    Ok(match adapter {
-        Some(d) => {
-            let a = PeftAdapter::load(d)?;
-            for w in &a.warnings {
-                crate::warn(w);
-            }
-            Adapters::Loaded(a)
-        }
-        None => Adapters::None,
-    })
-}
-
 /// A causal LM (a local directory or GGUF: resolve hub ids first) with an optional adapter.
 pub fn load_model(
     path: &Path,
-    adapter: Option<&Path>,
+    adapter: &[String],
     device: &candle_core::Device,
 ) -> Result<(Box<dyn CausalLm>, TextTokenizer)> {
     // the model's header first: a config that cannot be right is reported before anything else
@@ -110,12 +97,12 @@ pub fn load_model(
 fn load_opened(
     base: BaseModel,
     path: &Path,
-    adapter: Option<&Path>,
+    adapter: &[String],
     device: &candle_core::Device,
 ) -> Result<(Box<dyn CausalLm>, TextTokenizer)> {
     base.check_task(Task::CausalLm)?;
     let tok = TextTokenizer::open(path)?;
-    let adapters = adapters_of(adapter)?;
+    let adapters = crate::adapters::adapters(adapter, path)?;
     let dtype = runtime::dtype("auto", device);
     let (m, _) = base.load_causal_lm(adapters, dtype, device)?;
     Ok((m, tok))
@@ -124,14 +111,14 @@ fn load_opened(
 /// A sequence classifier: loss and accuracy on `{"text", "label"}` data.
 fn run_classifier(args: &Args, path: &Path, base: BaseModel) -> Result<ExitCode> {
     let device = runtime::device(&args.device)?;
-    let labels = match (&args.labels, args.adapter.as_deref().and_then(lorakit_train::adapter_labels)) {
+    let labels = match (&args.labels, args.adapter.first().map(|a| crate::adapters::AdapterArg::parse(a)).transpose()?.and_then(|a| lorakit_train::adapter_labels(&a.path))) {
         (Some(l), _) => l.iter().map(|l| l.trim().to_string()).collect(),
         (None, Some(l)) => l,
         (None, None) => anyhow::bail!("{}: a {} classifier needs its label names: pass --labels a,b,... (adapters trained by lorakit carry them)", path.display(), base.config.model_type()),
     };
     let tok = TextTokenizer::open(path)?;
     let ds = data::load_labelled(&args.data, &tok, args.max_seq_len, &labels)?;
-    let adapters = adapters_of(args.adapter.as_deref())?;
+    let adapters = crate::adapters::adapters(&args.adapter, path)?;
     let (m, _) = base.load_classifier(
         adapters,
         labels.len(),
@@ -182,7 +169,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         return run_classifier(&args, &path, base);
     }
     let device = runtime::device(&args.device)?;
-    let (model, tok) = load_opened(base, &path, args.adapter.as_deref(), &device)?;
+    let (model, tok) = load_opened(base, &path, &args.adapter, &device)?;
     if format == DataFormat::Preference {
         return run_preference(&args, &*model, &tok, &device);
     }

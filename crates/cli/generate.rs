@@ -13,9 +13,10 @@ pub struct Args {
     /// Base model: a Hugging Face model directory, a .gguf file, or a hub id (org/name[@revision]).
     #[arg(long)]
     pub model: PathBuf,
-    /// PEFT adapter directory to apply (unmerged).
+    /// Adapter to apply (unmerged): a PEFT directory or a llama.cpp .gguf adapter. Repeat for
+    /// several, each optionally weighted (`--adapter A --adapter B:0.5`): their updates add.
     #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    pub adapter: Vec<String>,
     /// Raw text to continue.
     #[arg(long, conflicts_with = "chat", required_unless_present = "chat")]
     pub prompt: Option<String>,
@@ -38,6 +39,11 @@ pub struct Args {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Also write a JSON file with the prompt's token ids, the logits at every prompt
+    /// position (f32, one full forward pass) and the generated ids: for comparing lorakit with
+    /// another runtime (llama.cpp, transformers) on the same model and adapter.
+    #[arg(long)]
+    pub logits_out: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
@@ -52,7 +58,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
     let device = runtime::device(&args.device)?;
     let path = lorakit_models::hub::resolve(&args.model)?;
-    let (model, tok) = crate::eval::load_model(&path, args.adapter.as_deref(), &device)?;
+    let (model, tok) = crate::eval::load_model(&path, &args.adapter, &device)?;
     let ids = match (&args.prompt, &args.chat) {
         (Some(p), _) => tok.encode(p, true)?,
         (None, Some(user)) => {
@@ -106,5 +112,19 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Ok(true)
     })?;
     say!("");
+    if let Some(file) = &args.logits_out {
+        let input = candle_core::Tensor::new(ids.as_slice(), &device)?.unsqueeze(0)?;
+        let logits = model
+            .forward(&input, None, false)?
+            .squeeze(0)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec2::<f32>()?;
+        let json = serde_json::json!({
+            "prompt_ids": ids,
+            "logits": logits,
+            "generated_ids": text_ids,
+        });
+        lorakit_adapter::fsutil::atomic_write(file, json.to_string().as_bytes())?;
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -20,8 +20,11 @@ pub(crate) fn warn(text: &str) {
     note(&format!("warning: {text}"));
 }
 
+mod adapters;
+mod combine;
 mod convert;
 mod eval;
+mod export;
 mod generate;
 mod inspect;
 mod merge;
@@ -53,6 +56,10 @@ enum Command {
     Generate(generate::Args),
     /// Show a model's architecture, size and linear modules, and which ones LoRA targets would wrap.
     Inspect(inspect::Args),
+    /// Write an adapter as a llama.cpp GGUF LoRA adapter, or a GGUF adapter as a PEFT directory.
+    Export(export::Args),
+    /// Combine several LoRA adapters into one (PEFT's add_weighted_adapter: cat, linear, svd).
+    Combine(combine::Args),
     /// Fold a PEFT LoRA adapter into its base model and write an ordinary Hugging Face model directory.
     Merge(merge::Args),
 }
@@ -67,6 +74,8 @@ fn main() -> ExitCode {
         Command::Generate(a) => generate::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Merge(a) => merge::run(a),
+        Command::Export(a) => export::run(a),
+        Command::Combine(a) => combine::run(a),
     };
     match result {
         Ok(code) => code,

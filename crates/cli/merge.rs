@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use lorakit_adapter::output_guard::{check_replaceable, occupied, Input};
-use lorakit_adapter::{Adapters, PeftAdapter};
+use lorakit_adapter::Adapters;
 use lorakit_merge::{merge_pending, MergeOptions, OutDType};
 use lorakit_models::BaseModel;
 use std::path::{Path, PathBuf};
@@ -18,18 +18,42 @@ pub enum DTypeArg {
     F16,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum QuantizeArg {
+    F32,
+    F16,
+    Bf16,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
+    #[value(name = "q4_k")]
+    Q4K,
+    #[value(name = "q5_k")]
+    Q5K,
+    #[value(name = "q6_k")]
+    Q6K,
+}
+
 #[derive(clap::Args)]
 pub struct Args {
     /// Base model: a Hugging Face model directory, or a llama .gguf file (converted first, as
     /// `lorakit convert` does, so the output is an ordinary Hugging Face directory).
     #[arg(long)]
     pub base: PathBuf,
-    /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
-    #[arg(long)]
-    pub adapter: PathBuf,
-    /// Output directory for the merged model.
+    /// The adapter: a PEFT directory or a llama.cpp .gguf adapter. Repeat, optionally weighted
+    /// (`--adapter A --adapter B:0.5`), to merge the weighted sum of several.
+    #[arg(long, required = true)]
+    pub adapter: Vec<String>,
+    /// Output: a directory (Hugging Face safetensors model), or a .gguf file (a llama.cpp model:
+    /// metadata and tokenizer carried over from a .gguf base, or written from a Hugging Face
+    /// directory's config.json and tokenizer.json for llama, mistral, qwen2 and qwen3).
     #[arg(long)]
     pub out: PathBuf,
+    /// Type of a merged GGUF's 2-D weights (default: a GGUF base's own types, f16 from a
+    /// directory; 1-D tensors stay f32).
+    #[arg(long, value_enum)]
+    pub quantize: Option<QuantizeArg>,
     /// dtype of the merged weights; `auto` keeps the base's.
     #[arg(long, value_enum, default_value = "auto")]
     pub dtype: DTypeArg,
@@ -45,19 +69,27 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<ExitCode> {
     let start = Instant::now();
+    let adapter_paths: Vec<PathBuf> = args
+        .adapter
+        .iter()
+        .map(|a| crate::adapters::AdapterArg::parse(a).map(|a| a.path))
+        .collect::<Result<_>>()?;
+    let to_gguf = args
+        .out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    if to_gguf {
+        return merge_gguf(&args, &adapter_paths, start);
+    }
+    if args.quantize.is_some() {
+        bail!("--quantize applies to a merged GGUF (--out FILE.gguf); a directory takes --dtype");
+    }
     if args.force && occupied(&args.out) {
-        check_replaceable(
-            &args.out,
-            &[
-                Input::new("the base model", &args.base),
-                Input::new("the adapter", &args.adapter),
-            ],
-        )?;
+        let mut protect = vec![Input::new("the base model", &args.base)];
+        protect.extend(adapter_paths.iter().map(|p| Input::new("the adapter", p)));
+        check_replaceable(&args.out, &protect)?;
     }
-    let adapter = PeftAdapter::load(&args.adapter)?;
-    for w in &adapter.warnings {
-        crate::warn(w);
-    }
+    let adapter = crate::adapters::load(&args.adapter, &args.base)?.expect("--adapter is required");
     let dtype = match args.dtype {
         DTypeArg::Auto => OutDType::Auto,
         DTypeArg::F32 => OutDType::Fixed(DType::F32),
@@ -134,11 +166,60 @@ pub fn run(args: Args) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `merge --out FILE.gguf`: the adapter folded into a GGUF base, written as a GGUF model.
+fn merge_gguf(args: &Args, adapter_paths: &[PathBuf], start: Instant) -> Result<ExitCode> {
+    use lorakit_export::merged_gguf::{merge_to_gguf, Quantize};
+    if args.verify || !matches!(args.dtype, DTypeArg::Auto) {
+        bail!(
+            "--out {}: a merged GGUF takes --quantize (not --dtype or --verify)",
+            args.out.display()
+        );
+    }
+    let mut inputs: Vec<&Path> = adapter_paths.iter().map(PathBuf::as_path).collect();
+    inputs.push(&args.base);
+    crate::adapters::check_file_output(&args.out, args.force, &inputs)?;
+    let adapter = crate::adapters::load(&args.adapter, &args.base)?.expect("--adapter is required");
+    let base = lorakit_export::adapter_gguf::Base::open(&args.base)?;
+    let quantize = args.quantize.map(|q| match q {
+        QuantizeArg::F32 => Quantize::F32,
+        QuantizeArg::F16 => Quantize::F16,
+        QuantizeArg::Bf16 => Quantize::BF16,
+        QuantizeArg::Q8_0 => Quantize::Q8_0,
+        QuantizeArg::Q4_0 => Quantize::Q4_0,
+        QuantizeArg::Q4K => Quantize::Q4K,
+        QuantizeArg::Q5K => Quantize::Q5K,
+        QuantizeArg::Q6K => Quantize::Q6K,
+    });
+    let r = if lorakit_models::is_gguf(&args.base) {
+        merge_to_gguf(&adapter, &base, &args.out, quantize)?
+    } else {
+        let vocab = base.model.config.dimensions().vocab;
+        let tokenizer = lorakit_train::gguf_vocab::gguf_metadata(&args.base, vocab)
+            .map_err(|(file, m)| anyhow::anyhow!("{file}: {m}"))?;
+        lorakit_export::hf_to_gguf::merge_hf_to_gguf(
+            &adapter, &base, &args.out, quantize, tokenizer,
+        )?
+    };
+    say!(
+        "merged {} LoRA module{} into {} tensors; wrote {} ({:.1} MB, GGUF) in {:.2} s",
+        r.merged,
+        if r.merged == 1 { "" } else { "s" },
+        r.tensors,
+        args.out.display(),
+        r.bytes as f64 / 1e6,
+        start.elapsed().as_secs_f64()
+    );
+    if r.fell_back > 0 {
+        say!("note: {} tensor(s) stored as q8_0 or f16: their rows are not whole blocks of the requested type", r.fell_back);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Largest absolute logit difference on a fixed input, and the number of positions compared.
-fn verify(base: &Path, adapter: &Path, merged: &Path) -> Result<(f32, usize)> {
+fn verify(base: &Path, adapter: &[String], merged: &Path) -> Result<(f32, usize)> {
     let dev = Device::Cpu;
     let (with_adapter, _) = BaseModel::open(base)?.load_causal_lm(
-        Adapters::Loaded(PeftAdapter::load(adapter)?),
+        crate::adapters::adapters(adapter, base)?,
         DType::F32,
         &dev,
     )?;

@@ -3,7 +3,9 @@
 //! never architectures. The compute (LoRA matmuls, dropout, frozen products) is lorakit-ops'.
 pub use lorakit_ops::compare;
 pub mod builder;
+pub mod card;
 pub mod checkpoint;
+pub mod combine;
 pub mod config;
 pub mod dora;
 pub mod error;

@@ -243,6 +243,84 @@ impl PeftAdapter {
         })
     }
 
+    /// An adapter built in memory (combined, or read from another format): plain LoRA pairs
+    /// `module → (A [r, in], B [out, r])`, each rank checked against `config` as [`PeftAdapter::load`]
+    /// checks a file's. `dir` names the adapter in messages.
+    pub fn from_pairs(
+        dir: &Path,
+        config: LoraConfig,
+        pairs: BTreeMap<String, (Tensor, Tensor)>,
+    ) -> Result<Self> {
+        let file = dir.display().to_string();
+        for (module, (a, b)) in &pairs {
+            let r = config.for_module(module).r;
+            for (t, which, ok) in [
+                (a, "A", a.dims().len() == 2 && a.dim(0)? == r),
+                (b, "B", b.dims().len() == 2 && b.dim(1)? == r),
+            ] {
+                if !ok {
+                    return Err(AdapterError::ShapeMismatch {
+                        file: file.clone(),
+                        name: lora_key(module, which),
+                        expected: if which == "A" {
+                            vec![r, t.dims().last().copied().unwrap_or(0)]
+                        } else {
+                            vec![t.dims().first().copied().unwrap_or(0), r]
+                        },
+                        got: t.dims().to_vec(),
+                        why: "rank from `r` / `rank_pattern`".into(),
+                    });
+                }
+            }
+        }
+        let pairs = pairs
+            .into_iter()
+            .map(|(m, (a, b))| Ok((m, (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?))))
+            .collect::<Result<_>>()?;
+        Ok(PeftAdapter {
+            config,
+            warnings: Vec::new(),
+            dir: dir.to_path_buf(),
+            stored_dtype: DType::F32,
+            lora: pairs,
+            extra: BTreeMap::new(),
+            replacements: BTreeMap::new(),
+        })
+    }
+
+    /// The LoRA pairs, module path → (A `[r, in]`, B `[out, r]`), f32 on the CPU.
+    pub fn pairs(&self) -> &BTreeMap<String, (Tensor, Tensor)> {
+        &self.lora
+    }
+
+    /// `scaling · B · A` of `module` (`[out, in]`, the update the module adds to its weight in
+    /// the `y = W x` orientation), if the adapter holds it.
+    pub fn delta(&self, module: &str) -> Result<Option<Tensor>> {
+        let Some((a, b)) = self.lora.get(module) else {
+            return Ok(None);
+        };
+        Ok(Some(
+            (b.matmul(a)? * self.config.for_module(module).scaling)?,
+        ))
+    }
+
+    /// The module's layer-replacing tensors and variant tensors must be absent: what a consumer
+    /// of plain low-rank pairs needs (combining, llama.cpp), refused naming `what`.
+    pub fn check_pairs_only(&self, what: &str) -> Result<()> {
+        self.check_plain_lora(what)?;
+        if let Some(name) = self.replacements.keys().next() {
+            return Err(AdapterError::InvalidConfig {
+                file: self.dir.join(CONFIG_FILE).display().to_string(),
+                key: "modules_to_save".into(),
+                message: format!(
+                    "the adapter replaces `{name}` whole ({} tensor(s) trained in full: a classifier head, embeddings or output layer); {what} takes low-rank LoRA pairs only",
+                    self.replacements.len()
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// Refuses, naming the variant's tensor and "merge first", an adapter that is not plain
     /// LoRA on disk (DoRA's magnitudes), for an exporter to a format `target` that reads plain
     /// LoRA only.

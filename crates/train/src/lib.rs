@@ -1,11 +1,13 @@
 //! lorakit-train: YAML recipes, JSONL data sets and templates, the causal-LM loss, AdamW with LR
 //! schedules, the training loop with eval, checkpoints and exact resume, and metrics.
+pub mod card;
 pub mod checkpoint;
 pub mod choices;
 pub mod data;
 pub mod error;
 pub mod eval;
 pub mod gguf_tokenizer;
+pub mod gguf_vocab;
 pub mod loss;
 pub mod metrics;
 pub mod optim;

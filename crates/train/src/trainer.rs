@@ -757,7 +757,9 @@ pub fn train(
         fan_in_fan_out: model.stores_transposed(report.wrapped().map(|l| l.path.as_str())),
         ..recipe.lora.clone()
     };
-    let save_to = |dir: &Path| -> Result<()> {
+    let card = crate::card::recipe_card(recipe, &model_path);
+    // `figures`: the results at the moment of saving, for the card
+    let save_to = |dir: &Path, figures: String| -> Result<()> {
         let mut modules = report.trained_modules(&varmap)?;
         if recipe.output.residual_form {
             // without A₀, B₀ the adapter is saved as trained, for the residual base
@@ -769,6 +771,9 @@ pub fn train(
         let whole = report.trained_whole(&varmap)?;
         let tmp = AtomicDir::create(dir, true)?;
         save_adapter_with(tmp.path(), &lora, &modules, &whole, &metadata)?;
+        let mut card = card.clone();
+        card.sections.push(("Results".into(), figures));
+        card.write(tmp.path(), &lora)?;
         tmp.commit()?;
         Ok(())
     };
@@ -788,71 +793,79 @@ pub fn train(
     };
     // Eval: keeps the best adapter, counts evals without improvement for early stopping.
     let eval_reference: std::cell::OnceCell<Vec<(f32, f32)>> = Default::default();
-    let run_eval =
-        |state: &mut TrainState, reporter: &mut dyn Reporter| -> Result<Option<EvalResult>> {
-            let r = match &run_data {
-                RunData::Tokens { eval: Some(ds), .. } => {
-                    evaluate(&model, ds, tok.pad_id, t.batch_size, eval_packing, &device)?
-                }
-                RunData::Pairs {
-                    eval: Some(set), ..
-                } => {
-                    let lm = model.causal_lm().ok_or_else(|| {
-                        candle_core::Error::Msg("preference tuning needs a causal LM".into())
-                    })?;
-                    // the eval pairs' reference never changes: computed at the first eval
-                    let table = match objectives.preference.objective {
-                        Objective::Dpo => Some(match eval_reference.get() {
-                            Some(table) => table,
-                            None => {
-                                let table = preference::reference_table(
-                                    lm,
-                                    &set.pairs,
-                                    tok.pad_id,
-                                    t.batch_size,
-                                    &device,
-                                )?;
-                                eval_reference.get_or_init(|| table)
-                            }
-                        }),
-                        _ => None,
-                    };
-                    let m = preference::evaluate(
-                        lm,
-                        set,
-                        objectives.preference,
-                        tok.pad_id,
-                        t.batch_size,
-                        table.map(Vec::as_slice),
-                        &device,
-                    )?;
-                    EvalResult {
-                        loss: m.loss,
-                        perplexity: m.loss.exp(),
-                        tokens: set.pairs.len(),
-                        accuracy: None,
-                        preference: Some(m),
-                    }
-                }
-                _ => return Ok(None),
-            };
-            let best = state.best_eval_loss.is_none_or(|b| r.loss < b);
-            if best {
-                state.best_eval_loss = Some(r.loss);
-                state.best_step = Some(state.step);
-                state.evals_since_best = 0;
-                save_to(&out.join("adapter"))?;
-            } else {
-                state.evals_since_best += 1;
+    let run_eval = |state: &mut TrainState,
+                    reporter: &mut dyn Reporter|
+     -> Result<Option<EvalResult>> {
+        let r = match &run_data {
+            RunData::Tokens { eval: Some(ds), .. } => {
+                evaluate(&model, ds, tok.pad_id, t.batch_size, eval_packing, &device)?
             }
-            reporter.eval(state.step, &r, best);
-            if let Some(p) = t.early_stopping_patience {
-                if state.evals_since_best >= p {
-                    state.stopped_early = true;
+            RunData::Pairs {
+                eval: Some(set), ..
+            } => {
+                let lm = model.causal_lm().ok_or_else(|| {
+                    candle_core::Error::Msg("preference tuning needs a causal LM".into())
+                })?;
+                // the eval pairs' reference never changes: computed at the first eval
+                let table = match objectives.preference.objective {
+                    Objective::Dpo => Some(match eval_reference.get() {
+                        Some(table) => table,
+                        None => {
+                            let table = preference::reference_table(
+                                lm,
+                                &set.pairs,
+                                tok.pad_id,
+                                t.batch_size,
+                                &device,
+                            )?;
+                            eval_reference.get_or_init(|| table)
+                        }
+                    }),
+                    _ => None,
+                };
+                let m = preference::evaluate(
+                    lm,
+                    set,
+                    objectives.preference,
+                    tok.pad_id,
+                    t.batch_size,
+                    table.map(Vec::as_slice),
+                    &device,
+                )?;
+                EvalResult {
+                    loss: m.loss,
+                    perplexity: m.loss.exp(),
+                    tokens: set.pairs.len(),
+                    accuracy: None,
+                    preference: Some(m),
                 }
             }
-            Ok(Some(r))
+            _ => return Ok(None),
         };
+        let best = state.best_eval_loss.is_none_or(|b| r.loss < b);
+        if best {
+            state.best_eval_loss = Some(r.loss);
+            state.best_step = Some(state.step);
+            state.evals_since_best = 0;
+            let mut figures = format!(
+                    "Best evaluation so far, at step {} of {total}: eval loss {:.4}, perplexity {:.3} ({} tokens).",
+                    state.step, r.loss, r.perplexity, r.tokens
+                );
+            if let Some(a) = r.accuracy {
+                figures += &format!(" Accuracy {:.1}%.", a * 100.0);
+            }
+            save_to(&out.join("adapter"), figures)?;
+        } else {
+            state.evals_since_best += 1;
+        }
+        reporter.eval(state.step, &r, best);
+        if let Some(p) = t.early_stopping_patience {
+            if state.evals_since_best >= p {
+                state.stopped_early = true;
+            }
+        }
+        Ok(Some(r))
+    };
 
     if state.step == 0 && plan.latest.is_none() {
         // the base model's eval loss, the yardstick for everything after
@@ -975,9 +988,17 @@ pub fn train(
     // Finish: last checkpoint and adapters, the loss plot, the summary.
     if !interrupted {
         save_checkpoint(&state, &opt)?;
-        save_to(&out.join("last"))?;
+        let mut figures = format!("After all {} steps", state.step);
+        if let Some(l) = last_loss {
+            figures += &format!(": training loss {l:.4} (last step)");
+        }
+        if let (Some(s), Some(l)) = (state.best_step, state.best_eval_loss) {
+            figures += &format!("; best eval loss {l:.4} at step {s} (the `adapter` directory)");
+        }
+        figures += ".";
+        save_to(&out.join("last"), figures.clone())?;
         if !run_data.has_eval() {
-            save_to(&out.join("adapter"))?;
+            save_to(&out.join("adapter"), figures)?;
         }
     }
     let rows = metrics::read(&metrics_path);
