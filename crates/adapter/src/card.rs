@@ -37,7 +37,8 @@ fn yaml_str(s: &str) -> String {
 }
 
 impl Card {
-    /// The card's Markdown for an adapter with `config` in directory `dir_name`.
+    /// The card's Markdown for an adapter with `config` in directory `dir_name` (its path, as
+    /// the user will load it).
     pub fn render(&self, config: &LoraConfig, dir_name: &str) -> String {
         let mut out = String::from("---\n");
         out += &format!("base_model: {}\n", yaml_str(&self.base_model));
@@ -78,26 +79,35 @@ impl Card {
         for (heading, body) in &self.sections {
             out += &format!("## {heading}\n\n{}\n\n", body.trim_end());
         }
+        let base = &self.base_model;
+        // transformers reads a GGUF through `gguf_file=` next to its directory
+        let load = match base.rsplit_once('/') {
+            Some((d, f)) if base.ends_with(".gguf") => format!("\"{d}\", gguf_file=\"{f}\""),
+            None if base.ends_with(".gguf") => format!("\".\", gguf_file=\"{base}\""),
+            _ => format!("\"{base}\""),
+        };
+        let gguf_base = if base.ends_with(".gguf") {
+            base.as_str()
+        } else {
+            "BASE.gguf"
+        };
         out += &format!(
             "## How to use\n\n\
              PEFT:\n\n```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n\
-             base = AutoModelForCausalLM.from_pretrained(\"{base}\")\nmodel = PeftModel.from_pretrained(base, \"{dir_name}\")\n```\n\n\
-             llama.cpp (GGUF adapter, from the base model's GGUF):\n\n```sh\n\
-             lorakit export --base BASE.gguf --adapter {dir_name} --out {dir_name}.gguf\n\
-             llama-cli -m BASE.gguf --lora {dir_name}.gguf\n```\n\n\
+             base = AutoModelForCausalLM.from_pretrained({load})\nmodel = PeftModel.from_pretrained(base, \"{dir_name}\")\n```\n\n\
+             llama.cpp (as a GGUF LoRA adapter beside the base model's GGUF):\n\n```sh\n\
+             lorakit export --base {gguf_base} --adapter {dir_name} --out adapter.gguf\n\
+             llama-cli -m {gguf_base} --lora adapter.gguf\n```\n\n\
              lorakit:\n\n```sh\nlorakit generate --model {base} --adapter {dir_name} --prompt \"...\"\n\
-             lorakit merge --base {base} --adapter {dir_name} --out merged\n```\n",
-            base = self.base_model
+             lorakit merge --base {base} --adapter {dir_name} --out merged\n```\n"
         );
         out
     }
 
-    /// Writes `dir/README.md` (atomically) for an adapter with `config`.
-    pub fn write(&self, dir: &Path, config: &LoraConfig) -> Result<()> {
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "adapter".into());
+    /// Writes `dir/README.md` (atomically) for an adapter with `config` that will live at
+    /// `dest` (`dir` may be the temporary directory it is built in).
+    pub fn write(&self, dir: &Path, dest: &Path, config: &LoraConfig) -> Result<()> {
+        let name = dest.display().to_string();
         atomic_write(&dir.join(CARD_FILE), self.render(config, &name).as_bytes())
     }
 }

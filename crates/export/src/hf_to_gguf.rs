@@ -8,7 +8,7 @@
 use crate::adapter_gguf::Base;
 use crate::error::{ExportError, Result};
 use crate::gguf_writer::{self, TensorSpec};
-use crate::merged_gguf::{MergedGguf, Quantize};
+use crate::merged_gguf::{add_finite, fitting, MergedGguf, Quantize};
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
@@ -170,10 +170,7 @@ pub fn merge_hf_to_gguf(
             GgmlDType::F32
         } else {
             let want = quantize.ggml();
-            let got = [want, GgmlDType::Q8_0, GgmlDType::F16]
-                .into_iter()
-                .find(|t| gguf_writer::fits(*t, dims[dims.len() - 1]))
-                .unwrap_or(GgmlDType::F32);
+            let got = fitting(want, dims[dims.len() - 1]);
             if got != want {
                 fell_back += 1;
             }
@@ -191,13 +188,7 @@ pub fn merge_hf_to_gguf(
         let mut w = ckpt.load(hf, &Device::Cpu)?.to_dtype(DType::F32)?;
         if let Some(m) = adapted.get(hf) {
             let delta = adapter.delta(m)?.expect("module from the adapter");
-            w = (w + delta)?;
-            let finite = w.abs()?.max_all()?.to_scalar::<f32>()?.is_finite();
-            if !finite {
-                return Err(ExportError::Unsupported(format!(
-                    "merged tensor `{hf}` would hold NaN or infinite values; refusing to write it"
-                )));
-            }
+            w = add_finite(&w, &delta, hf)?;
             merged += 1;
         }
         if base.layout.permutes_qk() {

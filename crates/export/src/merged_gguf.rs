@@ -70,7 +70,7 @@ pub struct MergedGguf {
 
 /// The type a 2-D tensor of `cols` columns takes when `want` is asked for: `want` if its rows
 /// are whole blocks, else the nearest that fits (Q8_0, then F16), as llama.cpp's quantizer does.
-fn fitting(want: GgmlDType, cols: usize) -> GgmlDType {
+pub(crate) fn fitting(want: GgmlDType, cols: usize) -> GgmlDType {
     [want, GgmlDType::Q8_0, GgmlDType::F16]
         .into_iter()
         .find(|t| gguf_writer::fits(*t, cols))
@@ -94,6 +94,17 @@ fn from_id(id: u32) -> Option<GgmlDType> {
         30 => GgmlDType::BF16,
         _ => return None,
     })
+}
+
+/// `w + delta`, refused (naming `name`) when the sum holds NaN or infinite values.
+pub(crate) fn add_finite(w: &Tensor, delta: &Tensor, name: &str) -> Result<Tensor> {
+    let sum = (w + delta)?;
+    if !sum.abs()?.max_all()?.to_scalar::<f32>()?.is_finite() {
+        return Err(ExportError::Unsupported(format!(
+            "merged tensor `{name}` would hold NaN or infinite values; refusing to write it"
+        )));
+    }
+    Ok(sum)
 }
 
 /// Writes `base` (a GGUF file) with `adapter` folded in to `out`, its 2-D weights as `quantize`
@@ -207,16 +218,8 @@ pub fn merge_to_gguf(
                         w.dims()
                     )));
                 }
-                let sum: Tensor = (w + delta)?;
-                let finite = sum.abs()?.max_all()?.to_scalar::<f32>()?.is_finite();
-                if !finite {
-                    return Err(ExportError::Unsupported(format!(
-                        "merged tensor `{}` would hold NaN or infinite values; refusing to write it",
-                        info.name
-                    )));
-                }
                 merged += 1;
-                sum
+                add_finite(&w, &delta, &info.name)?
             }
             None => w,
         };

@@ -366,3 +366,127 @@ fn a_merged_gguf_reads_back_as_peft_s_merged_model() {
         }
     }
 }
+
+#[test]
+fn every_family_round_trips_under_its_llama_cpp_architecture() {
+    let trained = case().join("../../trained");
+    let t = tempfile::tempdir().unwrap();
+    for (fam, arch) in [
+        ("gemma3", "gemma3"),
+        ("gpt2", "gpt2"),
+        ("qwen3", "qwen3"),
+        ("phi3", "phi3"),
+    ] {
+        let base = Base::open(&trained.join(format!("{fam}_base"))).unwrap();
+        assert_eq!(base.layout.arch, arch);
+        let adapter = PeftAdapter::load(&trained.join(format!("lorakit_{fam}_adapter"))).unwrap();
+        let file = t.path().join(format!("{fam}.gguf"));
+        export(&adapter, &base, &file, AdapterDType::F32).unwrap();
+        let mut f = std::fs::File::open(&file).unwrap();
+        let c = Content::read(&mut f).unwrap();
+        assert!(matches!(&c.metadata["general.architecture"], Value::String(a) if a == arch));
+        // llama.cpp's names for this architecture (GPT-2's fused c_attn is attn_qkv, Phi-3's
+        // gate_up_proj is ffn_up)
+        let names: Vec<&String> = c.tensor_infos.keys().collect();
+        let want = match fam {
+            "gpt2" => "blk.0.attn_qkv.weight.lora_a",
+            "phi3" => "blk.0.ffn_up.weight.lora_b",
+            _ => "blk.0.attn_q.weight.lora_a",
+        };
+        assert!(c.tensor_infos.contains_key(want), "{fam}: {names:?}");
+        let back = import(&file, &base).unwrap();
+        assert_eq!(
+            back.config.fan_in_fan_out, adapter.config.fan_in_fan_out,
+            "{fam}"
+        );
+        for m in adapter.modules() {
+            let d = max_abs_diff(
+                &back.delta(m).unwrap().unwrap(),
+                &adapter.delta(m).unwrap().unwrap(),
+            )
+            .unwrap();
+            assert!(d <= 1e-6, "{fam} {m}: {d:e}");
+        }
+    }
+}
+
+#[test]
+fn broken_gguf_adapters_are_named_errors() {
+    let base = Base::open(&case().join("base")).unwrap();
+    let t = tempfile::tempdir().unwrap();
+    let a = Tensor::ones((4, 32), DType::F32, &Device::Cpu).unwrap();
+    let b = Tensor::ones((32, 4), DType::F32, &Device::Cpu).unwrap();
+    let spec = |name: &str, t: &Tensor| TensorSpec {
+        name: name.into(),
+        dims: t.dims().to_vec(),
+        dtype: candle_core::quantized::GgmlDType::F32,
+    };
+    let meta = |alpha: Value| {
+        vec![
+            (
+                "general.architecture".to_string(),
+                Value::String("llama".into()),
+            ),
+            ("general.type".to_string(), Value::String("adapter".into())),
+            ("adapter.type".to_string(), Value::String("lora".into())),
+            ("adapter.lora.alpha".to_string(), alpha),
+        ]
+    };
+    let write = |name: &str, meta: Vec<(String, Value)>, tensors: Vec<(&str, &Tensor)>| {
+        let path = t.path().join(name);
+        let specs: Vec<TensorSpec> = tensors.iter().map(|(n, t)| spec(n, t)).collect();
+        gguf_writer::write(&path, &meta, &specs, |i| {
+            gguf_writer::encode(tensors[i].1, specs[i].dtype)
+        })
+        .unwrap();
+        path
+    };
+    let err = |path: &Path| import(path, &base).expect_err("refused").to_string();
+    // one half of a pair
+    let p = write(
+        "half.gguf",
+        meta(Value::F32(8.0)),
+        vec![("blk.0.attn_v.weight.lora_a", &a)],
+    );
+    let e = err(&p);
+    assert!(
+        e.contains("blk.0.attn_v.weight.lora_b") && e.contains("both halves"),
+        "{e}"
+    );
+    // a shape that is not the base's (attn_v is [16, 32]: 2 kv heads of 8)
+    let p = write(
+        "shape.gguf",
+        meta(Value::F32(8.0)),
+        vec![
+            ("blk.0.attn_v.weight.lora_a", &a),
+            ("blk.0.attn_v.weight.lora_b", &b),
+        ],
+    );
+    let e = err(&p);
+    assert!(
+        e.contains("blk.0.attn_v.weight") && e.contains("another base model"),
+        "{e}"
+    );
+    // a tensor that is not LoRA, alpha of the wrong type, a model instead of an adapter
+    let p = write(
+        "other.gguf",
+        meta(Value::F32(8.0)),
+        vec![("blk.0.attn_v.weight", &a)],
+    );
+    assert!(err(&p).contains(".lora_a or .lora_b"));
+    let p = write("alpha.gguf", meta(Value::String("8".into())), vec![]);
+    assert!(err(&p).contains("adapter.lora.alpha"));
+    let mut m = meta(Value::F32(8.0));
+    m[1].1 = Value::String("model".into());
+    let p = write("model.gguf", m, vec![]);
+    assert!(err(&p).contains("general.type"));
+    // truncated: the header reader says so before anything is allocated
+    let good = t.path().join("good.gguf");
+    let adapter = PeftAdapter::load(&case().join("adapters/all_f32")).unwrap();
+    export(&adapter, &base, &good, AdapterDType::F32).unwrap();
+    let bytes = std::fs::read(&good).unwrap();
+    let cut = t.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let e = err(&cut);
+    assert!(e.contains("cut.gguf") && e.contains("truncated"), "{e}");
+}

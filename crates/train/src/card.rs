@@ -61,7 +61,10 @@ pub fn recipe_card(recipe: &Recipe, model_path: &Path) -> Card {
         recipe.data.max_seq_len,
         recipe.data.packing,
         t.objective,
-        t.epochs,
+        match t.max_steps {
+            Some(n) => format!("{} (max_steps {n})", t.epochs),
+            None => t.epochs.to_string(),
+        },
         t.batch_size,
         t.grad_accum_steps,
         t.learning_rate,

@@ -773,7 +773,7 @@ pub fn train(
         save_adapter_with(tmp.path(), &lora, &modules, &whole, &metadata)?;
         let mut card = card.clone();
         card.sections.push(("Results".into(), figures));
-        card.write(tmp.path(), &lora)?;
+        card.write(tmp.path(), dir, &lora)?;
         tmp.commit()?;
         Ok(())
     };
