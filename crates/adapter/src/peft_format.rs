@@ -273,6 +273,23 @@ impl PeftAdapter {
                 }
             }
         }
+        for (module, (a, b)) in &pairs {
+            for (t, which) in [(a, "A"), (b, "B")] {
+                let finite = t.elem_count() == 0
+                    || t.to_dtype(DType::F32)?
+                        .abs()?
+                        .max_all()?
+                        .to_scalar::<f32>()?
+                        .is_finite();
+                if !finite {
+                    return Err(AdapterError::BadTensor {
+                        file: file.clone(),
+                        name: lora_key(module, which),
+                        message: "holds NaN or infinite values".into(),
+                    });
+                }
+            }
+        }
         let pairs = pairs
             .into_iter()
             .map(|(m, (a, b))| Ok((m, (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?))))

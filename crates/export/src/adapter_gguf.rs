@@ -242,7 +242,14 @@ pub fn is_gguf_adapter(path: &Path) -> bool {
 /// A llama.cpp GGUF LoRA adapter for the base model `base`, in PEFT's layout and scales (the
 /// inverse of [`export`]: rows back in Hugging Face order, one alpha over per-module ranks).
 pub fn import(path: &Path, base: &Base) -> Result<PeftAdapter> {
-    let header = GgufHeader::from_file(path)?;
+    let bytes = std::fs::read(path).map_err(|e| ExportError::io(path, e))?;
+    import_bytes(&bytes, path, base)
+}
+
+/// [`import`] of a file's bytes (`path` names it in messages).
+pub fn import_bytes(bytes: &[u8], path: &Path, base: &Base) -> Result<PeftAdapter> {
+    let header =
+        GgufHeader::parse(bytes).map_err(|m| ExportError::invalid(path, "GGUF header", m))?;
     let key = |k: &str| header.metadata.get(k).and_then(Read::as_str);
     let expect = |k: &str, want: &str| -> Result<()> {
         match key(k) {
@@ -294,7 +301,8 @@ pub fn import(path: &Path, base: &Base) -> Result<PeftAdapter> {
         };
         names.entry(w.to_string()).or_default()[which] = true;
     }
-    let mut file = std::fs::File::open(path).map_err(|e| ExportError::io(path, e))?;
+    // the header above bounded every count and byte range; candle's reader does the rest
+    let mut file = std::io::Cursor::new(bytes);
     let content = candle_core::quantized::gguf_file::Content::read(&mut file)
         .map_err(|e| ExportError::invalid(path, "GGUF header", e.to_string()))?;
     let mut load = |name: &str| -> Result<Tensor> {

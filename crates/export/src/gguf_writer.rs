@@ -145,42 +145,49 @@ pub fn write(
     tensors: &[TensorSpec],
     mut data: impl FnMut(usize) -> Result<Vec<u8>>,
 ) -> Result<u64> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".lorakit-gguf-")
-        .tempfile_in(dir)
-        .map_err(|e| ExportError::io(dir, e))?;
+    // a sibling temporary file, created as any new file is (the user's umask: a file to share,
+    // not 0600), removed if anything fails before the rename
+    let tmp = lorakit_adapter::fsutil::sibling_temp(path, "partial");
+    struct Cleanup<'a>(&'a Path, bool);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            if !self.1 {
+                let _ = std::fs::remove_file(self.0);
+            }
+        }
+    }
+    let mut cleanup = Cleanup(&tmp, false);
     let io = |e: std::io::Error| ExportError::io(path, e);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| ExportError::io(&tmp, e))?;
     let head = header(metadata, tensors);
     let mut written = head.len() as u64;
-    {
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
-        w.write_all(&head).map_err(io)?;
-        for (i, t) in tensors.iter().enumerate() {
-            let bytes = data(i)?;
-            if bytes.len() as u64 != t.bytes() {
-                return Err(ExportError::Unsupported(format!(
-                    "internal: tensor `{}` produced {} bytes, its shape {:?} as {:?} takes {}",
-                    t.name,
-                    bytes.len(),
-                    t.dims,
-                    t.dtype,
-                    t.bytes()
-                )));
-            }
-            w.write_all(&bytes).map_err(io)?;
-            let pad = t.bytes().div_ceil(ALIGN) * ALIGN - t.bytes();
-            w.write_all(&vec![0u8; pad as usize]).map_err(io)?;
-            written += t.bytes() + pad;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+    w.write_all(&head).map_err(io)?;
+    for (i, t) in tensors.iter().enumerate() {
+        let bytes = data(i)?;
+        if bytes.len() as u64 != t.bytes() {
+            return Err(ExportError::Unsupported(format!(
+                "internal: tensor `{}` produced {} bytes, its shape {:?} as {:?} takes {}",
+                t.name,
+                bytes.len(),
+                t.dims,
+                t.dtype,
+                t.bytes()
+            )));
         }
-        w.flush().map_err(io)?;
+        w.write_all(&bytes).map_err(io)?;
+        let pad = t.bytes().div_ceil(ALIGN) * ALIGN - t.bytes();
+        w.write_all(&vec![0u8; pad as usize]).map_err(io)?;
+        written += t.bytes() + pad;
     }
-    tmp.as_file().sync_all().map_err(io)?;
-    tmp.persist(path)
-        .map_err(|e| ExportError::io(path, e.error))?;
+    let file = w.into_inner().map_err(|e| io(e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)?;
+    cleanup.1 = true;
     lorakit_adapter::fsutil::sync_dir(path.parent());
     Ok(written)
 }
@@ -247,7 +254,27 @@ mod tests {
             .dequantize(&Device::Cpu)
             .unwrap();
         assert_eq!(back.to_vec1::<f32>().unwrap(), [1.5, -2.0, 3.25]);
-        // no temporary file left behind
+        // no temporary file left behind, and the file is as readable as any new file
         assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 1);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            let created = {
+                let probe = t.path().join("probe");
+                std::fs::write(&probe, b"").unwrap();
+                let m = std::fs::metadata(&probe).unwrap().permissions().mode() & 0o777;
+                std::fs::remove_file(probe).unwrap();
+                m
+            };
+            assert_eq!(mode, created);
+        }
+        // a failing tensor leaves nothing behind and the destination as it was
+        let err = write(&path, &meta, &specs, |_| {
+            Err(ExportError::Unsupported("boom".into()))
+        });
+        assert!(err.is_err());
+        assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 1);
+        assert!(GgufHeader::from_file(&path).is_ok());
     }
 }

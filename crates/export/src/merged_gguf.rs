@@ -177,7 +177,8 @@ pub fn merge_to_gguf(
     let mut metadata: Vec<(String, Value)> = content
         .metadata
         .iter()
-        .filter(|(k, _)| k.as_str() != "general.file_type")
+        // the file type is the new one's; the alignment is the writer's (32)
+        .filter(|(k, _)| !["general.file_type", "general.alignment"].contains(&k.as_str()))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     if let Some(q) = quantize {

@@ -323,6 +323,11 @@ impl GgufHeader {
                 .iter()
                 .try_fold(1u64, |a, d| a.checked_mul(*d))
                 .ok_or_else(|| format!("tensor `{name}`: element count overflows"))?;
+            if elems == 0 {
+                // no model or adapter has an empty tensor; candle's reader would build a slice
+                // from a dangling pointer for one
+                return Err(format!("tensor `{name}`: a dimension is 0 (dims {dims:?})"));
+            }
             if elems % bs != 0 {
                 return Err(format!("tensor `{name}`: {elems} elements is not a multiple of the type's block of {bs}"));
             }
@@ -564,5 +569,20 @@ pub(crate) mod tests {
             .architecture()
             .unwrap_err()
             .contains("gpt2"));
+    }
+
+    /// Found by the `gguf_adapter` fuzz target: candle reads an empty tensor through a dangling
+    /// pointer; the header refuses it first.
+    #[test]
+    fn an_empty_tensor_is_refused() {
+        let mut b = tiny_gguf("llama");
+        let name = b"blk.0.attn_q.weight";
+        let at = b.windows(name.len()).position(|w| w == name).unwrap() + name.len() + 4;
+        b[at..at + 8].copy_from_slice(&0u64.to_le_bytes()); // dims [0, 2]
+        let e = GgufHeader::parse(&b).unwrap_err();
+        assert!(
+            e.contains("blk.0.attn_q.weight") && e.contains("dimension is 0"),
+            "{e}"
+        );
     }
 }

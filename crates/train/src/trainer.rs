@@ -848,8 +848,12 @@ pub fn train(
             state.best_step = Some(state.step);
             state.evals_since_best = 0;
             let mut figures = format!(
-                    "Best evaluation so far, at step {} of {total}: eval loss {:.4}, perplexity {:.3} ({} tokens).",
-                    state.step, r.loss, r.perplexity, r.tokens
+                    "Best evaluation so far, at step {} of {total}: eval loss {:.4}, perplexity {:.3} ({} {}).",
+                    state.step,
+                    r.loss,
+                    r.perplexity,
+                    r.tokens,
+                    if r.preference.is_some() { "pairs" } else { "tokens" }
                 );
             if let Some(a) = r.accuracy {
                 figures += &format!(" Accuracy {:.1}%.", a * 100.0);
