@@ -88,6 +88,11 @@ pub fn load(specs: &[String], base: &Path) -> Result<Option<PeftAdapter>> {
     }
 }
 
+/// [`load`] for commands that need an adapter (clap already requires one `--adapter`).
+pub fn load_required(specs: &[String], base: &Path) -> Result<PeftAdapter> {
+    load(specs, base)?.ok_or_else(|| anyhow::anyhow!("pass --adapter ADAPTER"))
+}
+
 /// [`load`] as the model builder takes it.
 pub fn adapters(specs: &[String], base: &Path) -> Result<Adapters> {
     Ok(match load(specs, base)? {

@@ -51,7 +51,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<ExitCode> {
     let start = std::time::Instant::now();
     let base_path = lorakit_models::hub::resolve(&args.base)?;
-    let adapter = crate::adapters::load(&args.adapter, &base_path)?.expect("--adapter is required");
+    let adapter = crate::adapters::load_required(&args.adapter, &base_path)?;
     let inputs: Vec<PathBuf> = args
         .adapter
         .iter()

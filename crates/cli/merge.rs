@@ -89,7 +89,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         protect.extend(adapter_paths.iter().map(|p| Input::new("the adapter", p)));
         check_replaceable(&args.out, &protect)?;
     }
-    let adapter = crate::adapters::load(&args.adapter, &args.base)?.expect("--adapter is required");
+    let adapter = crate::adapters::load_required(&args.adapter, &args.base)?;
     let dtype = match args.dtype {
         DTypeArg::Auto => OutDType::Auto,
         DTypeArg::F32 => OutDType::Fixed(DType::F32),
@@ -178,7 +178,7 @@ fn merge_gguf(args: &Args, adapter_paths: &[PathBuf], start: Instant) -> Result<
     let mut inputs: Vec<&Path> = adapter_paths.iter().map(PathBuf::as_path).collect();
     inputs.push(&args.base);
     crate::adapters::check_file_output(&args.out, args.force, &inputs)?;
-    let adapter = crate::adapters::load(&args.adapter, &args.base)?.expect("--adapter is required");
+    let adapter = crate::adapters::load_required(&args.adapter, &args.base)?;
     let base = lorakit_export::adapter_gguf::Base::open(&args.base)?;
     let quantize = args.quantize.map(|q| match q {
         QuantizeArg::F32 => Quantize::F32,

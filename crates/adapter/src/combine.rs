@@ -197,8 +197,7 @@ pub fn combine(
             config.layers_to_transform = None;
             config.layers_pattern = None;
             config.exclude_modules = None;
-            let alternatives: Vec<String> = pairs.keys().map(|m| regex::escape(m)).collect();
-            ModuleSpec::Regex(alternatives.join("|"))
+            crate::target::exact_regex(pairs.keys().map(String::as_str))
         }
     });
     PeftAdapter::from_pairs(dir, config, pairs)

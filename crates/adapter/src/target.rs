@@ -191,6 +191,13 @@ impl TargetSelector {
     }
 }
 
+/// `target_modules` as one regex selecting exactly these module paths (PEFT full-matches a string
+/// target), for adapters whose modules follow no list-and-layers pattern.
+pub fn exact_regex<'a>(modules: impl IntoIterator<Item = &'a str>) -> ModuleSpec {
+    let alternatives: Vec<String> = modules.into_iter().map(regex::escape).collect();
+    ModuleSpec::Regex(alternatives.join("|"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -420,7 +420,6 @@ pub fn exact_targets<'a>(modules: impl Iterator<Item = &'a str>, layers: usize) 
     if complete {
         ModuleSpec::List(by_leaf.keys().map(|s| s.to_string()).collect())
     } else {
-        let alternatives: Vec<String> = modules.iter().map(|m| regex::escape(m)).collect();
-        ModuleSpec::Regex(alternatives.join("|"))
+        lorakit_adapter::target::exact_regex(modules)
     }
 }

@@ -187,7 +187,9 @@ pub fn merge_hf_to_gguf(
         let (hf, _) = &names[i];
         let mut w = ckpt.load(hf, &Device::Cpu)?.to_dtype(DType::F32)?;
         if let Some(m) = adapted.get(hf) {
-            let delta = adapter.delta(m)?.expect("module from the adapter");
+            let delta = adapter.delta(m)?.ok_or_else(|| {
+                ExportError::Unsupported(format!("internal: module `{m}` has no LoRA pair"))
+            })?;
             w = add_finite(&w, &delta, hf)?;
             merged += 1;
         }

@@ -77,23 +77,14 @@ pub(crate) fn fitting(want: GgmlDType, cols: usize) -> GgmlDType {
         .unwrap_or(GgmlDType::F32)
 }
 
+/// The type a GGUF file's type id names, among those candle encodes.
 fn from_id(id: u32) -> Option<GgmlDType> {
-    Some(match id {
-        0 => GgmlDType::F32,
-        1 => GgmlDType::F16,
-        2 => GgmlDType::Q4_0,
-        3 => GgmlDType::Q4_1,
-        6 => GgmlDType::Q5_0,
-        7 => GgmlDType::Q5_1,
-        8 => GgmlDType::Q8_0,
-        10 => GgmlDType::Q2K,
-        11 => GgmlDType::Q3K,
-        12 => GgmlDType::Q4K,
-        13 => GgmlDType::Q5K,
-        14 => GgmlDType::Q6K,
-        30 => GgmlDType::BF16,
-        _ => return None,
-    })
+    use GgmlDType::*;
+    [
+        F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2K, Q3K, Q4K, Q5K, Q6K,
+    ]
+    .into_iter()
+    .find(|t| gguf_writer::ggml_type_id(*t) == id)
 }
 
 /// `w + delta`, refused (naming `name`) when the sum holds NaN or infinite values.
@@ -208,7 +199,9 @@ pub fn merge_to_gguf(
             .dequantize(&Device::Cpu)?;
         let w = match module {
             Some(m) => {
-                let delta = adapter.delta(m)?.expect("module from the adapter");
+                let delta = adapter.delta(m)?.ok_or_else(|| {
+                    ExportError::Unsupported(format!("internal: module `{m}` has no LoRA pair"))
+                })?;
                 let delta = base.layout.rows_to_gguf(m, &delta)?;
                 if delta.dims() != w.dims() {
                     return Err(ExportError::Unsupported(format!(
