@@ -115,6 +115,7 @@ fn main() -> anyhow::Result<()> {
 
     // LoRA layers (A, B in f32 as in training)
     let (a, bm) = (var(&[r, h], DType::F32)?, var(&[inter, r], DType::F32)?);
+    let wg = lorakit_ops::quantized::Frozen::Dense(wg.clone());
     let us = time(&device, reps, || {
         lora_op(x.as_tensor(), &wg, a.as_tensor(), bm.as_tensor(), 2.0, None).map(|_| ())
     })?;

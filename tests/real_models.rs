@@ -147,7 +147,7 @@ fn converts_and_merges(gguf: &std::path::Path) {
     )
     .unwrap();
     let data = d.join("data.jsonl");
-    let eval = |model: &str, adapter: Option<&str>| -> f64 {
+    let eval_as = |model: &str, adapter: Option<&str>, quantized: &str| -> f64 {
         let mut args = vec![
             "eval",
             "--model",
@@ -157,6 +157,8 @@ fn converts_and_merges(gguf: &std::path::Path) {
             "--json",
             "--device",
             "cpu",
+            "--quantized",
+            quantized,
         ];
         if let Some(a) = adapter {
             args.extend(["--adapter", a]);
@@ -164,6 +166,7 @@ fn converts_and_merges(gguf: &std::path::Path) {
         let v: serde_json::Value = serde_json::from_str(&lorakit(&args)).unwrap();
         v["loss"].as_f64().unwrap()
     };
+    let eval = |model: &str, adapter: Option<&str>| eval_as(model, adapter, "dequantize");
     // convert: the directory computes exactly what the GGUF computes, tokenizer included
     let hf = d.join("hf");
     lorakit(&["convert", g, "--out", hf.to_str().unwrap()]);
@@ -175,7 +178,15 @@ fn converts_and_merges(gguf: &std::path::Path) {
     ] {
         assert!(hf.join(f).is_file(), "{f}");
     }
-    assert_eq!(eval(hf.to_str().unwrap(), None), eval(g, None));
+    let converted = eval(hf.to_str().unwrap(), None);
+    assert_eq!(converted, eval(g, None));
+    // the GGUF with its weights kept in blocks (the default): the same values, summed in
+    // another order (the head's softmax across vocabulary chunks)
+    let kept = eval_as(g, None, "keep");
+    assert!(
+        (kept - converted).abs() <= 1e-5 * converted,
+        "{kept} vs {converted}"
+    );
     // a one-step adapter on the GGUF, merged with the GGUF as base
     std::fs::write(
         d.join("r.yaml"),
@@ -205,6 +216,12 @@ fn converts_and_merges(gguf: &std::path::Path) {
         (m - with_adapter).abs() < 1e-4,
         "merged {m} vs unmerged {with_adapter}"
     );
+    // the adapter over the base kept in blocks: the merged model too
+    let kept_adapter = eval_as(g, Some(adapter.to_str().unwrap()), "keep");
+    assert!(
+        (m - kept_adapter).abs() < 1e-4,
+        "merged {m} vs unmerged on the kept base {kept_adapter}"
+    );
     assert!(
         (with_adapter - base).abs() > 1e-3,
         "the adapter changes the model"
@@ -220,4 +237,64 @@ fn converts_and_merges(gguf: &std::path::Path) {
             .any(|n| n.to_string_lossy().starts_with(".lorakit")),
         "{left:?}"
     );
+}
+
+/// The real quantized GGUFs (SmolLM2 Q4_1; Gemma 3 Q4_K_M, which mixes Q5_0, Q8_0, Q4_K and
+/// Q6_K) evaluate the same with their weights kept in GGML blocks (the default) as dequantized
+/// at load: the same dequantized values, so equal to f32 summation order.
+#[test]
+fn real_quantized_bases_evaluate_kept_as_dequantized() {
+    let Some(c) = cache() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    for (gguf, data, format) in [
+        (
+            "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            "test.chat.jsonl",
+            "chat",
+        ),
+        (
+            "gemma3/gemma-3-270m-q4_k_m.gguf",
+            "test.instruction.jsonl",
+            "instruction",
+        ),
+    ] {
+        let gguf = c.join(gguf);
+        if !gguf.is_file() {
+            skipped(&format!("no {}", gguf.display()));
+            continue;
+        }
+        let rows: Vec<String> = std::fs::read_to_string(c.join("sentiment").join(data))
+            .unwrap()
+            .lines()
+            .take(16)
+            .map(String::from)
+            .collect();
+        let file = tmp.path().join(data);
+        std::fs::write(&file, rows.join("\n")).unwrap();
+        let eval = |mode: &str| -> serde_json::Value {
+            let out = lorakit(&[
+                "eval",
+                "--model",
+                gguf.to_str().unwrap(),
+                "--data",
+                file.to_str().unwrap(),
+                "--format",
+                format,
+                "--quantized",
+                mode,
+                "--device",
+                "cpu",
+                "--json",
+            ]);
+            serde_json::from_str(&out).unwrap()
+        };
+        let (k, d) = (eval("keep"), eval("dequantize"));
+        assert_eq!(k["tokens"], d["tokens"]);
+        let (k, d) = (k["loss"].as_f64().unwrap(), d["loss"].as_f64().unwrap());
+        assert!(
+            (k - d).abs() <= 1e-5 * d,
+            "{}: keep {k} vs dequantize {d}",
+            gguf.display()
+        );
+    }
 }

@@ -77,6 +77,8 @@ pub struct Args {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    #[command(flatten)]
+    pub quant: crate::quant_args::QuantArgs,
     /// Print one JSON object: {"loss", "perplexity", "tokens"} (with --labels: {"accuracy",
     /// "correct", "total", "labels", "confusion"}).
     #[arg(long)]
@@ -88,9 +90,11 @@ pub fn load_model(
     path: &Path,
     adapter: &[String],
     device: &candle_core::Device,
+    quant: &crate::quant_args::QuantArgs,
 ) -> Result<(Box<dyn CausalLm>, TextTokenizer)> {
     // the model's header first: a config that cannot be right is reported before anything else
-    load_opened(BaseModel::open(path)?, path, adapter, device)
+    let base = BaseModel::open(path)?.with_quantization(quant.quantization()?);
+    load_opened(base, path, adapter, device)
 }
 
 /// [`load_model`] of a model whose headers are already read.
@@ -157,7 +161,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
     let format: DataFormat = args.format.into();
     let path = lorakit_models::hub::resolve(&args.model)?;
-    let base = BaseModel::open(&path)?;
+    let base = BaseModel::open(&path)?.with_quantization(args.quant.quantization()?);
     let is_classifier = matches!(
         base.config.default_task(),
         Task::SequenceClassification { .. }

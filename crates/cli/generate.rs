@@ -39,6 +39,8 @@ pub struct Args {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    #[command(flatten)]
+    pub quant: crate::quant_args::QuantArgs,
     /// Also write a JSON file with the prompt's token ids, the logits at every prompt
     /// position (f32, one full forward pass) and the generated ids: for comparing lorakit with
     /// another runtime (llama.cpp, transformers) on the same model and adapter.
@@ -58,7 +60,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
     let device = runtime::device(&args.device)?;
     let path = lorakit_models::hub::resolve(&args.model)?;
-    let (model, tok) = crate::eval::load_model(&path, &args.adapter, &device)?;
+    let (model, tok) = crate::eval::load_model(&path, &args.adapter, &device, &args.quant)?;
     let ids = match (&args.prompt, &args.chat) {
         (Some(p), _) => tok.encode(p, true)?,
         (None, Some(user)) => {

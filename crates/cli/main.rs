@@ -28,6 +28,7 @@ mod export;
 mod generate;
 mod inspect;
 mod merge;
+mod quant_args;
 mod train;
 
 use clap::{Parser, Subcommand};

@@ -202,6 +202,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
         s.adapter_bytes as f64 / 1024.0,
         out.display()
     );
+    if let Some(peak) = s.peak_rss_bytes {
+        say!(
+            "  peak memory: {:.0} MB resident",
+            peak as f64 / (1024.0 * 1024.0)
+        );
+    }
     say!(
         "  metrics: {}/metrics.jsonl, plot: {}/loss.svg",
         out.display(),

@@ -11,6 +11,7 @@ use crate::variant::{InitInput, LoraVariant};
 use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use lorakit_ops::dropout::{Dropout, StepSeed};
+use lorakit_ops::quantized::{Frozen, QuantMatrix};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -29,6 +30,29 @@ pub enum Adapters {
     },
     /// Adapters read from a PEFT directory.
     Loaded(PeftAdapter),
+}
+
+/// Frozen weights that stay in GGML blocks (QLoRA): those a GGUF base holds quantized, and/or
+/// every other linear weight quantized at load.
+#[derive(Clone, Debug, Default)]
+pub struct QuantizedBase {
+    /// Weights kept as they are stored, by the full tensor name the model asks for.
+    pub kept: std::collections::HashMap<String, QuantMatrix>,
+    /// A prefix the model's names carry and `kept`'s names do not (`language_model.`).
+    pub strip_prefix: Option<&'static str>,
+    /// Quantize every linear weight not in `kept` to this type at load (rows that are not
+    /// whole blocks stay dense).
+    pub quantize: Option<candle_core::quantized::GgmlDType>,
+}
+
+impl QuantizedBase {
+    fn kept(&self, name: &str) -> Option<&QuantMatrix> {
+        self.kept.get(name).or_else(|| {
+            self.strip_prefix
+                .and_then(|p| name.strip_prefix(p))
+                .and_then(|n| self.kept.get(n))
+        })
+    }
 }
 
 /// One linear module of a model, as built.
@@ -52,6 +76,11 @@ struct Shared {
     whole: Mutex<Vec<String>>,
     /// A₀, B₀ of modules whose init rewrote the base, by module path.
     initial: Mutex<BTreeMap<String, (Tensor, Tensor)>>,
+    quantized: QuantizedBase,
+    /// Weights handed out in GGML blocks: full name, type, bytes.
+    quantized_used: Mutex<Vec<(String, candle_core::quantized::GgmlDType, usize)>>,
+    /// Linear weights `quantize` left dense (rows that are not whole blocks).
+    left_dense: Mutex<Vec<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -79,6 +108,10 @@ pub struct BuildReport {
     pub variant: Option<Arc<dyn LoraVariant>>,
     /// A₀, B₀ of modules whose init rewrote the base (PiSSA, OLoRA), by module path.
     pub initial: BTreeMap<String, (Tensor, Tensor)>,
+    /// Frozen weights held in GGML blocks: full name, type, bytes.
+    pub quantized: Vec<(String, candle_core::quantized::GgmlDType, usize)>,
+    /// Linear weights the load-time quantization left dense (rows that are not whole blocks).
+    pub left_dense: Vec<String>,
 }
 
 impl BuildReport {
@@ -145,6 +178,15 @@ impl BuildReport {
 
 impl<'a> LayerBuilder<'a> {
     pub fn new(vb: VarBuilder<'a>, adapters: Adapters) -> Result<Self> {
+        Self::with_quantized(vb, adapters, QuantizedBase::default())
+    }
+
+    /// [`LayerBuilder::new`] with frozen weights kept in (or quantized to) GGML blocks.
+    pub fn with_quantized(
+        vb: VarBuilder<'a>,
+        adapters: Adapters,
+        quantized: QuantizedBase,
+    ) -> Result<Self> {
         let selector = match &adapters {
             Adapters::None => None,
             Adapters::Train { config, .. } => Some(TargetSelector::new(config)?),
@@ -160,6 +202,9 @@ impl<'a> LayerBuilder<'a> {
                 base_tensors: Mutex::new(Vec::new()),
                 whole: Mutex::new(Vec::new()),
                 initial: Mutex::new(BTreeMap::new()),
+                quantized,
+                quantized_used: Mutex::new(Vec::new()),
+                left_dense: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -227,14 +272,74 @@ impl<'a> LayerBuilder<'a> {
                 }
                 t.to_device(self.device())?.to_dtype(self.dtype())?
             }
-            _ => self.vb.get(shape, name)?,
+            _ => match self.shared.quantized.kept(&full) {
+                // asked for dense (a module trained whole, a base weight a variant rewrites)
+                Some(q) => {
+                    if q.dims() != shape.dims2()? {
+                        return Err(self.kept_shape_error(&full, shape.dims(), q));
+                    }
+                    q.dequantize(self.dtype())?.to_device(self.device())?
+                }
+                None => self.vb.get(shape, name)?,
+            },
         };
         lock(&self.shared.base_tensors).push((full, t.clone()));
         Ok(t)
     }
 
-    /// An embedding table `[vocab, hidden]`. Adapters on embeddings are refused.
-    pub fn embedding(&self, vocab: usize, hidden: usize) -> Result<Tensor> {
+    fn kept_shape_error(&self, full: &str, expected: &[usize], q: &QuantMatrix) -> AdapterError {
+        let (o, i) = q.dims();
+        AdapterError::ShapeMismatch {
+            file: "base model".into(),
+            name: full.to_string(),
+            expected: expected.to_vec(),
+            got: vec![o, i],
+            why: "the model's config implies this shape".into(),
+        }
+    }
+
+    /// A frozen matrix `[out, in]` at `name`: kept in GGML blocks when the base stores it so,
+    /// quantized at load when asked (`quantize`), else dense.
+    fn frozen_matrix(&self, out: usize, inp: usize, name: &str, quantize: bool) -> Result<Frozen> {
+        let full = self.full_name(name);
+        let replaced = matches!(&self.shared.adapters,
+            Adapters::Loaded(a) if a.replacements().contains_key(&full));
+        if !replaced {
+            if let Some(q) = self.shared.quantized.kept(&full) {
+                if q.dims() != (out, inp) {
+                    return Err(self.kept_shape_error(&full, &[out, inp], q));
+                }
+                let q = q.to_device(self.device())?;
+                return Ok(self.record_quantized(full, q));
+            }
+        }
+        let dense = self.tensor((out, inp), name)?;
+        self.maybe_quantize(full, dense, quantize && !replaced)
+    }
+
+    /// `dense` quantized to the load-time type when one is set and its rows are whole blocks.
+    fn maybe_quantize(&self, full: String, dense: Tensor, quantize: bool) -> Result<Frozen> {
+        match self.shared.quantized.quantize {
+            Some(ty) if quantize && dense.dim(1)?.is_multiple_of(ty.block_size()) => {
+                let q = QuantMatrix::quantize(&dense, ty)?;
+                Ok(self.record_quantized(full, q))
+            }
+            Some(_) if quantize => {
+                lock(&self.shared.left_dense).push(full);
+                Ok(Frozen::Dense(dense))
+            }
+            _ => Ok(Frozen::Dense(dense)),
+        }
+    }
+
+    fn record_quantized(&self, full: String, q: QuantMatrix) -> Frozen {
+        lock(&self.shared.quantized_used).push((full, q.ggml_dtype(), q.size_in_bytes()));
+        Frozen::Quant(q)
+    }
+
+    /// An embedding table `[vocab, hidden]` (kept in GGML blocks when the base stores it so;
+    /// never quantized at load). Adapters on embeddings are refused.
+    pub fn embedding(&self, vocab: usize, hidden: usize) -> Result<Frozen> {
         if let Some(sel) = &self.shared.selector {
             // "all-linear" means linear layers only; an explicit entry naming an embedding is refused.
             if let Some(entry) = sel
@@ -249,12 +354,12 @@ impl<'a> LayerBuilder<'a> {
                 });
             }
         }
-        self.tensor((vocab, hidden), "weight")
+        self.frozen_matrix(vocab, hidden, "weight", false)
     }
 
     /// The linear layer at this path (`weight: [out, in]`, optional `bias: [out]`).
     pub fn linear(&self, in_dim: usize, out_dim: usize, bias: bool) -> Result<LoraLinear> {
-        let weight = self.tensor((out_dim, in_dim), "weight")?;
+        let weight = self.frozen_matrix(out_dim, in_dim, "weight", true)?;
         let bias = if bias {
             Some(self.tensor(out_dim, "bias")?)
         } else {
@@ -272,17 +377,23 @@ impl<'a> LayerBuilder<'a> {
             .tensor((in_dim, out_dim), "weight")?
             .t()?
             .contiguous()?;
+        let weight = self.maybe_quantize(self.full_name("weight"), weight, true)?;
         let bias = self.tensor(out_dim, "bias")?;
         self.linear_from(weight, Some(bias))
     }
 
     /// A linear layer at this path over an existing weight (e.g. a tied output head).
-    pub fn linear_from(&self, weight: Tensor, bias: Option<Tensor>) -> Result<LoraLinear> {
+    pub fn linear_from(
+        &self,
+        weight: impl Into<Frozen>,
+        bias: Option<Tensor>,
+    ) -> Result<LoraLinear> {
+        let weight: Frozen = weight.into();
         // PEFT stores the base weight of an adapted output head (`lm_head.base_layer.weight`),
         // also when the head is tied to the embeddings; use it like any replacement.
         let weight = match &self.shared.adapters {
             Adapters::Loaded(a) if a.replacements().contains_key(&self.full_name("weight")) => {
-                self.tensor(weight.shape().clone(), "weight")?
+                Frozen::Dense(self.tensor(weight.dims2()?, "weight")?)
             }
             _ => weight,
         };
@@ -293,14 +404,30 @@ impl<'a> LayerBuilder<'a> {
             .as_ref()
             .is_some_and(|s| s.matches(&self.path));
         let (lora, info, weight) = if wrapped {
-            let (l, info) = self.low_rank(&weight, in_dim, out_dim)?;
+            // a quantized weight is dequantized for the init alone
+            let dense = match &weight {
+                Frozen::Dense(w) => w.clone(),
+                Frozen::Quant(q) => q.dequantize(self.dtype())?,
+            };
+            let (l, info) = self.low_rank(&dense, in_dim, out_dim)?;
+            drop(dense);
             // an init that rewrote the base: the layer runs on the residual
-            let weight = match &l.initial {
-                Some((a0, b0)) => {
-                    lock(&self.shared.initial).insert(self.path.clone(), (a0.clone(), b0.clone()));
-                    crate::residual::residual_weight(&weight, a0, b0, l.scaling)?
+            let weight = match (&l.initial, weight) {
+                (Some(_), Frozen::Quant(q)) => {
+                    return Err(AdapterError::Unsupported {
+                        file: "LoRA config".into(),
+                        key: "init_lora_weights".into(),
+                        value: format!("{} on `{}` ({:?})", l.variant.name(), self.path, q.ggml_dtype()),
+                        feature: "an initialisation that rewrites the base weight on a base kept quantized (set model.quantized: dequantize)".into(),
+                    })
                 }
-                None => weight,
+                (Some((a0, b0)), Frozen::Dense(weight)) => {
+                    lock(&self.shared.initial).insert(self.path.clone(), (a0.clone(), b0.clone()));
+                    Frozen::Dense(crate::residual::residual_weight(
+                        &weight, a0, b0, l.scaling,
+                    )?)
+                }
+                (None, weight) => weight,
             };
             (Some(l), Some(info), weight)
         } else {
@@ -580,6 +707,8 @@ impl<'a> LayerBuilder<'a> {
                 Adapters::None => None,
             },
             initial: lock(&self.shared.initial).clone(),
+            quantized: lock(&self.shared.quantized_used).clone(),
+            left_dense: lock(&self.shared.left_dense).clone(),
         })
     }
 }

@@ -15,8 +15,8 @@ use crate::variant::{InitInput, Initial, Lora, LoraVariant};
 use candle_core::{DType, Result, Tensor, D};
 use lorakit_ops::column_scale::scale_columns;
 use lorakit_ops::dropout::DropoutMask;
-use lorakit_ops::frozen::frozen_matmul;
 use lorakit_ops::lora::lora_forward;
+use lorakit_ops::quantized::Frozen;
 
 /// PEFT's key suffix of the magnitude (`base_model.model.<module>.lora_magnitude_vector`).
 pub const MAGNITUDE: &str = "lora_magnitude_vector";
@@ -25,9 +25,9 @@ pub const MAGNITUDE: &str = "lora_magnitude_vector";
 pub struct Dora;
 
 /// Row norms of `W + s·B·A` as a detached `[out]` in the adapter's dtype (f32), by the
-/// expansion in the module docs.
+/// expansion in the module docs. A quantized W is dequantized once, for `‖W_i‖²`.
 fn weight_norm(
-    weight: &Tensor,
+    weight: &Frozen,
     weight_t: Option<&Tensor>,
     low: &LowRank,
     train: bool,
@@ -35,16 +35,21 @@ fn weight_norm(
     let dt = low.a.dtype();
     low.remembered("weight_norm", !train, || {
         let base_sq = low.remembered("base_row_sq", true, || {
-            weight.to_dtype(dt)?.sqr()?.sum(D::Minus1)
+            weight.dense(dt)?.sqr()?.sum(D::Minus1)
         })?;
         let a = low.a.detach();
         let b = low.b.detach();
         // W·Aᵀ `[out, r]`, from the transposed copy when there is one (no repacking)
         let wa = match weight_t {
             Some(wt) if wt.dtype() == dt => a.matmul(wt)?.t()?,
-            _ => weight
-                .matmul(&a.to_dtype(weight.dtype())?.t()?)?
-                .to_dtype(dt)?,
+            _ => {
+                let a = match weight {
+                    Frozen::Dense(w) => a.to_dtype(w.dtype())?,
+                    Frozen::Quant(_) => a.clone(),
+                };
+                // (A·Wᵀ)ᵀ
+                weight.matmul_t(&a, None)?.t()?.to_dtype(dt)?
+            }
         };
         let cross = (&b * &wa)?.sum(D::Minus1)?;
         let quad = (b.matmul(&a.matmul(&a.t()?)?)? * &b)?.sum(D::Minus1)?;
@@ -83,7 +88,7 @@ impl LoraVariant for Dora {
     fn forward(
         &self,
         x: &Tensor,
-        weight: &Tensor,
+        weight: &Frozen,
         weight_t: Option<&Tensor>,
         low: &LowRank,
         dropout: Option<DropoutMask>,
@@ -96,9 +101,9 @@ impl LoraVariant for Dora {
             let y = lora_forward(x, weight, weight_t, &low.a, &low.b, low.scaling, None)?;
             return scale_columns(&y, &scale);
         };
-        let base = frozen_matmul(x, weight, weight_t)?;
+        let base = weight.matmul_t(x, weight_t)?;
         let dropped = mask.apply(x, true)?;
-        let base_dropped = frozen_matmul(&dropped, weight, weight_t)?;
+        let base_dropped = weight.matmul_t(&dropped, weight_t)?;
         let low_dtype = low.a.dtype();
         let update = (dropped
             .to_dtype(low_dtype)?

@@ -21,12 +21,13 @@ pub mod safetensors_writer;
 pub mod target;
 pub mod variant;
 
-pub use builder::{Adapters, BuildReport, LayerBuilder, LinearInfo};
+pub use builder::{Adapters, BuildReport, LayerBuilder, LinearInfo, QuantizedBase};
 pub use checkpoint::{Checkpoint, ShapeOnly};
 pub use config::{LoraConfig, ModuleLora, ModuleSpec};
 pub use error::{AdapterError, Result};
 pub use lora_linear::{without_adapters, LoraLinear, LowRank};
 pub use lorakit_ops::dropout::StepSeed;
+pub use lorakit_ops::quantized::{Frozen, QuantMatrix};
 pub use merged_backend::MergedBackend;
 pub use peft_format::{save_adapter, save_adapter_with, PeftAdapter};
 pub use target::TargetSelector;

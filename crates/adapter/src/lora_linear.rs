@@ -4,8 +4,9 @@
 use crate::variant::LoraVariant;
 use candle_core::{Module, Result, Tensor};
 use lorakit_ops::dropout::Dropout;
-use lorakit_ops::frozen::{frozen_add, frozen_matmul};
+use lorakit_ops::frozen::frozen_add;
 use lorakit_ops::lora_cpu;
+use lorakit_ops::quantized::Frozen;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
@@ -127,10 +128,11 @@ fn adapters_off() -> bool {
     ADAPTERS_OFF.with(|c| c.get())
 }
 
-/// A linear layer whose base weight and bias are frozen, with an optional LoRA update.
+/// A linear layer whose base weight and bias are frozen, with an optional LoRA update. The
+/// weight is dense or kept in GGML blocks ([`Frozen`]).
 #[derive(Clone, Debug)]
 pub struct LoraLinear {
-    weight: Tensor,
+    weight: Frozen,
     bias: Option<Tensor>,
     lora: Option<LowRank>,
     /// Weight and bias receive gradients (a module trained whole); otherwise they are frozen.
@@ -143,9 +145,9 @@ pub struct LoraLinear {
 }
 
 impl LoraLinear {
-    pub fn new(weight: Tensor, bias: Option<Tensor>, lora: Option<LowRank>) -> Self {
+    pub fn new(weight: impl Into<Frozen>, bias: Option<Tensor>, lora: Option<LowRank>) -> Self {
         LoraLinear {
-            weight,
+            weight: weight.into(),
             bias,
             lora,
             trainable: false,
@@ -156,7 +158,7 @@ impl LoraLinear {
     /// A plain linear layer whose weight and bias are trained (PEFT `modules_to_save`).
     pub fn trainable(weight: Tensor, bias: Option<Tensor>) -> Self {
         LoraLinear {
-            weight,
+            weight: Frozen::Dense(weight),
             bias,
             lora: None,
             trainable: true,
@@ -164,7 +166,7 @@ impl LoraLinear {
         }
     }
 
-    pub fn weight(&self) -> &Tensor {
+    pub fn weight(&self) -> &Frozen {
         &self.weight
     }
 
@@ -188,17 +190,23 @@ impl LoraLinear {
         if let Some(wt) = self.weight_t.get() {
             return Ok(Some(wt));
         }
-        if !make || !lora_cpu::fits(&[&self.weight]) {
+        let Frozen::Dense(weight) = &self.weight else {
+            return Ok(None);
+        };
+        if !make || !lora_cpu::fits(&[weight]) {
             return Ok(None);
         }
-        let wt = transposed_copy(&self.weight)?;
+        let wt = transposed_copy(weight)?;
         Ok(Some(self.weight_t.get_or_init(|| wt)))
     }
 
     /// Forward pass; `train` switches LoRA dropout on.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if self.trainable {
-            let y = x.contiguous()?.broadcast_matmul(&self.weight.t()?)?;
+            let Frozen::Dense(weight) = &self.weight else {
+                candle_core::bail!("a module trained whole has a dense weight");
+            };
+            let y = x.contiguous()?.broadcast_matmul(&weight.t()?)?;
             return match &self.bias {
                 Some(b) => y.broadcast_add(b),
                 None => Ok(y),
@@ -224,10 +232,10 @@ impl LoraLinear {
                         false,
                     )?);
                 }
-                None => return add_bias(frozen_matmul(x, &self.weight, self.weight_t(train)?)?),
+                None => return add_bias(self.weight.matmul_t(x, self.weight_t(train)?)?),
             },
             Some(l) => l,
-            None => return add_bias(frozen_matmul(x, &self.weight, self.weight_t(train)?)?),
+            None => return add_bias(self.weight.matmul_t(x, self.weight_t(train)?)?),
         };
         let x = x.contiguous()?;
         let mask = if train {

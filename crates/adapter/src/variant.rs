@@ -8,6 +8,7 @@ use crate::lora_linear::LowRank;
 use candle_core::{DType, Device, Result, Tensor};
 use lorakit_ops::dropout::DropoutMask;
 use lorakit_ops::lora::lora_forward;
+use lorakit_ops::quantized::Frozen;
 use std::sync::Arc;
 
 /// What a variant needs to initialise one module's tensors for training.
@@ -75,15 +76,16 @@ pub trait LoraVariant: Send + Sync + std::fmt::Debug {
         })
     }
 
-    /// The layer's output without bias: `x·Wᵀ` plus the update. `weight_t` is W's transposed
-    /// CPU copy when one exists; `dropout` is this step's mask; `train` says whether this is a
+    /// The layer's output without bias: `x·Wᵀ` plus the update. `weight` is dense or kept
+    /// quantized (products with it go through [`Frozen::matmul_t`] or `lora_forward`, which
+    /// dequantize just in time); `weight_t` is a dense W's transposed CPU copy when one exists; `dropout` is this step's mask; `train` says whether this is a
     /// training pass (the adapter's tensors may change after it, see [`LowRank::remembered`]).
     /// LoRA's: `x·Wᵀ + s·dropout(x)·Aᵀ·Bᵀ`, on the fused CPU f32 op where it fits, else on the
     /// any-device op (`lorakit_ops::lora`).
     fn forward(
         &self,
         x: &Tensor,
-        weight: &Tensor,
+        weight: &Frozen,
         weight_t: Option<&Tensor>,
         low: &LowRank,
         dropout: Option<DropoutMask>,
@@ -140,7 +142,7 @@ mod tests {
         fn forward(
             &self,
             x: &Tensor,
-            weight: &Tensor,
+            weight: &Frozen,
             _: Option<&Tensor>,
             low: &LowRank,
             _: Option<DropoutMask>,
@@ -148,7 +150,7 @@ mod tests {
         ) -> Result<Tensor> {
             let u = x.matmul(&low.a.t()?)?.matmul(&low.b.t()?)?;
             let update = (u.broadcast_mul(&low.extra["lora_row_scale"])? * low.scaling)?;
-            x.matmul(&weight.t()?)? + update
+            weight.matmul_t(x, None)? + update
         }
         fn merged_weight(&self, weight: &Tensor, low: &LowRank) -> Result<Tensor> {
             let m = low.extra["lora_row_scale"].unsqueeze(1)?;

@@ -1,13 +1,17 @@
 //! Opening a base model of any registered architecture: a Hugging Face model directory
-//! (config.json + safetensors, single or sharded) or a llama.cpp GGUF file (dequantised, under
-//! Hugging Face names and in the Hugging Face layout).
+//! (config.json + safetensors, single or sharded) or a llama.cpp GGUF file (under Hugging Face
+//! names and in the Hugging Face layout; its quantized weights kept in their GGML blocks unless
+//! [`Quantization::keep`] is off, and any model's linear weights optionally quantized at load).
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufHeader;
 use crate::model::{CausalLm, Model, ModelConfig, SequenceClassifier, Task};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
-use lorakit_adapter::{Adapters, BuildReport, Checkpoint, LayerBuilder, LinearInfo, ShapeOnly};
+use lorakit_adapter::{
+    Adapters, BuildReport, Checkpoint, LayerBuilder, LinearInfo, QuantizedBase, ShapeOnly,
+};
 use std::path::{Path, PathBuf};
 
 /// A base model's parsed config and its (not yet read) weights.
@@ -16,7 +20,36 @@ pub struct BaseModel {
     pub path: PathBuf,
     pub config: Box<dyn ModelConfig>,
     weights: Weights,
+    quantization: Quantization,
 }
+
+/// How frozen weights are held in memory (QLoRA).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quantization {
+    /// Keep a GGUF base's block-quantized weights in their blocks (dequantized just in time
+    /// for each product); off, they are dequantized at load.
+    pub keep: bool,
+    /// Quantize the other linear weights (any base's) to this type at load.
+    pub quantize: Option<GgmlDType>,
+}
+
+impl Default for Quantization {
+    fn default() -> Self {
+        Quantization {
+            keep: true,
+            quantize: None,
+        }
+    }
+}
+
+/// The GGML types `model.quantize` offers, by their recipe names.
+pub const QUANTIZE_TYPES: &[(&str, GgmlDType)] = &[
+    ("q8_0", GgmlDType::Q8_0),
+    ("q4_0", GgmlDType::Q4_0),
+    ("q4_k", GgmlDType::Q4K),
+    ("q5_k", GgmlDType::Q5K),
+    ("q6_k", GgmlDType::Q6K),
+];
 
 enum Weights {
     Safetensors(Checkpoint),
@@ -43,6 +76,7 @@ impl BaseModel {
                 path: path.to_path_buf(),
                 config,
                 weights: Weights::Gguf,
+                quantization: Quantization::default(),
             });
         }
         if !path.is_dir() {
@@ -67,7 +101,14 @@ impl BaseModel {
             path: path.to_path_buf(),
             config,
             weights: Weights::Safetensors(checkpoint),
+            quantization: Quantization::default(),
         })
+    }
+
+    /// How `load` holds the frozen weights (default: a GGUF base's quantized weights kept).
+    pub fn with_quantization(mut self, quantization: Quantization) -> Self {
+        self.quantization = quantization;
+        self
     }
 
     /// The safetensors checkpoint, for callers that read tensors directly (merge).
@@ -102,12 +143,23 @@ impl BaseModel {
         device: &Device,
     ) -> Result<(Model, BuildReport)> {
         self.check_task(task)?;
-        let (backend, names, describe) = match self.weights {
+        let mut quantized = QuantizedBase {
+            quantize: self.quantization.quantize,
+            ..Default::default()
+        };
+        let (backend, mut names, describe) = match self.weights {
             Weights::Safetensors(checkpoint) => {
                 let names: Vec<String> = checkpoint.names().map(String::from).collect();
                 let describe = checkpoint.describe();
                 let backend: Box<dyn SimpleBackend> = Box::new(checkpoint);
                 (backend, names, describe)
+            }
+            Weights::Gguf if self.quantization.keep => {
+                let (_, tensors, kept) = crate::gguf::load_hf_kept(&self.path, device)?;
+                let names = tensors.keys().cloned().collect();
+                quantized.kept = kept.into_iter().collect();
+                let backend: Box<dyn SimpleBackend> = Box::new(tensors);
+                (backend, names, self.path.display().to_string())
             }
             Weights::Gguf => {
                 let (_, tensors) = crate::gguf::load_hf(&self.path, &Device::Cpu)?;
@@ -117,12 +169,19 @@ impl BaseModel {
             }
         };
         let prefix = self.config.optional_prefix();
-        let vb =
-            VarBuilder::from_backend(with_prefix(backend, &names, prefix), dtype, device.clone());
-        let lb = LayerBuilder::new(vb, adapters)?;
+        let strip = prefix.filter(|p| !names.iter().any(|n| n.starts_with(p)));
+        let backend = with_prefix(backend, &names, prefix);
+        quantized.strip_prefix = strip;
+        names.extend(quantized.kept.keys().cloned());
+        let vb = VarBuilder::from_backend(backend, dtype, device.clone());
+        let lb = LayerBuilder::with_quantized(vb, adapters, quantized)?;
         let model = self.config.build(&lb, task)?;
         let report = lb.finish()?;
-        let used = report.frozen.iter().map(|(n, _)| n.as_str());
+        let used = report
+            .frozen
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .chain(report.quantized.iter().map(|(n, _, _)| n.as_str()));
         check_all_used(&*self.config, &names, used, prefix, &describe)?;
         Ok((model, report))
     }

@@ -8,7 +8,7 @@ use crate::error::{ModelError, Result};
 use crate::model::{Dimensions, Model, ModelConfig, SequenceClassifier, Task};
 use crate::registry::Architecture;
 use candle_core::{DType, Tensor};
-use lorakit_adapter::{Adapters, LayerBuilder, LoraLinear};
+use lorakit_adapter::{Adapters, Frozen, LayerBuilder, LoraLinear};
 use lorakit_ops::attention;
 use lorakit_ops::layers::layer_norm;
 use serde_json::Value;
@@ -216,7 +216,7 @@ struct Layer {
 /// A BERT encoder with a sequence-classification head.
 pub struct BertClassifier {
     cfg: BertConfig,
-    word: Tensor,
+    word: Frozen,
     position: Tensor,
     token_type: Tensor,
     emb_norm: Norm,
@@ -306,7 +306,10 @@ impl SequenceClassifier for BertClassifier {
             )));
         }
         let h = self.cfg.hidden_size;
-        let x = self.word.index_select(&ids, 0)?.reshape((b, s, h))?;
+        let x = self
+            .word
+            .rows(&ids, self.position.dtype())?
+            .reshape((b, s, h))?;
         let x = x.broadcast_add(&self.position.narrow(0, 0, s)?.unsqueeze(0)?)?;
         let x = x.broadcast_add(&self.token_type.narrow(0, 0, 1)?.unsqueeze(0)?)?;
         let eps = self.cfg.layer_norm_eps;

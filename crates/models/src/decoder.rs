@@ -5,7 +5,7 @@ use crate::error::{ModelError, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use lorakit_adapter::LoraLinear;
-use lorakit_ops::chunked_loss::{chunk_rows, linear_cross_entropy};
+use lorakit_ops::chunked_loss::{chunk_rows, frozen_linear_cross_entropy};
 
 /// The segment numbers `[b][s]` of a full-sequence pass's rows ([`lorakit_ops::layers::mask_segments`]:
 /// 0 = padding, 1, 2, … = the examples packed into a row; all 1 without a mask), after
@@ -68,7 +68,7 @@ pub fn head_loss(
     let rows = hidden.reshape((b * s, d))?.index_select(positions, 0)?;
     let head = lm_head;
     let loss = if head.lora().is_none() && head.bias().is_none() && !head.is_trainable() {
-        linear_cross_entropy(
+        frozen_linear_cross_entropy(
             &rows,
             head.weight(),
             head.weight_t(train)?,

@@ -464,6 +464,38 @@ pub fn load_hf(
     serde_json::Value,
     std::collections::HashMap<String, candle_core::Tensor>,
 )> {
+    let (config, dense, _) = read_hf(path, device, false)?;
+    Ok((config, dense))
+}
+
+/// [`load_hf`] keeping block-quantized 2-D weights as they are stored (QLoRA): those whose
+/// Hugging Face layout differs from llama.cpp's at most by a row order get their blocks
+/// reordered; every other tensor is dequantized as by [`load_hf`]. Returns the config, the dense
+/// tensors and the kept ones, by Hugging Face name.
+#[allow(clippy::type_complexity)]
+pub fn load_hf_kept(
+    path: &Path,
+    device: &candle_core::Device,
+) -> Result<(
+    serde_json::Value,
+    std::collections::HashMap<String, candle_core::Tensor>,
+    std::collections::HashMap<String, lorakit_adapter::QuantMatrix>,
+)> {
+    read_hf(path, device, true)
+}
+
+#[allow(clippy::type_complexity)]
+fn read_hf(
+    path: &Path,
+    device: &candle_core::Device,
+    keep: bool,
+) -> Result<(
+    serde_json::Value,
+    std::collections::HashMap<String, candle_core::Tensor>,
+    std::collections::HashMap<String, lorakit_adapter::QuantMatrix>,
+)> {
+    use lorakit_adapter::QuantMatrix;
+    use lorakit_ops::quantized::KEPT_TYPES;
     let header = GgufHeader::from_file(path)?;
     let err = |key: &str, message: String| ModelError::Config {
         file: path.to_path_buf(),
@@ -474,7 +506,6 @@ pub fn load_hf(
     let (_, family) = header
         .family()
         .map_err(|m| err("general.architecture", m))?;
-
     // Our header check has bounded every count and range; candle's reader does the rest.
     let mut file = std::fs::File::open(path).map_err(|source| ModelError::Io {
         path: path.to_path_buf(),
@@ -482,7 +513,11 @@ pub fn load_hf(
     })?;
     let content = candle_core::quantized::gguf_file::Content::read(&mut file)
         .map_err(|e| err("GGUF header", e.to_string()))?;
-    let mut tensors = std::collections::HashMap::new();
+    let cpu = candle_core::Device::Cpu;
+    let (mut dense, mut kept) = (
+        std::collections::HashMap::new(),
+        std::collections::HashMap::new(),
+    );
     for info in &header.tensors {
         let name = family.hf_tensor_name(&info.name).ok_or_else(|| {
             err(
@@ -491,13 +526,59 @@ pub fn load_hf(
             )
         })?;
         let q = content
-            .tensor(&mut file, &info.name, &candle_core::Device::Cpu)
+            .tensor(&mut file, &info.name, &cpu)
             .map_err(|e| err(&info.name, e.to_string()))?;
-        let t = q.dequantize(&candle_core::Device::Cpu)?;
-        let t = family.gguf_tensor_to_hf(&name, t, &config)?;
-        tensors.insert(name, t.to_device(device)?);
+        let order = match q.shape().dims() {
+            [rows, _] if keep && KEPT_TYPES.contains(&q.dtype()) => {
+                row_order(family, &name, *rows, &config)?
+            }
+            _ => None,
+        };
+        match order {
+            Some(order) => {
+                let m = QuantMatrix::new(q).map_err(|e| err(&info.name, e.to_string()))?;
+                let identity = order.iter().enumerate().all(|(i, &r)| i == r);
+                let m = if identity { m } else { m.permute_rows(&order)? };
+                kept.insert(name, m.to_device(device)?);
+            }
+            None => {
+                let t = family.gguf_tensor_to_hf(&name, q.dequantize(&cpu)?, &config)?;
+                dense.insert(name, t.to_device(device)?);
+            }
+        }
     }
-    Ok((config, tensors))
+    Ok((config, dense, kept))
+}
+
+/// The row order the architecture's llama.cpp → Hugging Face conversion applies to a `rows`-row
+/// matrix, found by converting a column of row numbers; `None` when the conversion is not a row
+/// permutation (it changes values or the shape), so the tensor must be dequantized.
+fn row_order(
+    family: &dyn crate::registry::Architecture,
+    hf_name: &str,
+    rows: usize,
+    config: &serde_json::Value,
+) -> Result<Option<Vec<usize>>> {
+    if rows >= 1 << 24 {
+        return Ok(None); // row numbers beyond f32's exact integers
+    }
+    let probe = candle_core::Tensor::arange(0f32, rows as f32, &candle_core::Device::Cpu)?
+        .reshape((rows, 1))?;
+    let out = family.gguf_tensor_to_hf(hf_name, probe, config)?;
+    if out.dims() != [rows, 1] {
+        return Ok(None);
+    }
+    let values = out.flatten_all()?.to_vec1::<f32>()?;
+    let mut seen = vec![false; rows];
+    let mut order = Vec::with_capacity(rows);
+    for v in values {
+        let i = v as usize;
+        if v.fract() != 0.0 || v < 0.0 || i >= rows || std::mem::replace(&mut seen[i], true) {
+            return Ok(None);
+        }
+        order.push(i);
+    }
+    Ok(Some(order))
 }
 
 #[cfg(test)]

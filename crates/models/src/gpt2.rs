@@ -7,7 +7,7 @@ use crate::error::{ModelError, Result};
 use crate::model::{CausalLm, Dimensions, KvCache, Model, ModelConfig, Task};
 use crate::registry::Architecture;
 use candle_core::{DType, Tensor};
-use lorakit_adapter::{LayerBuilder, LoraLinear};
+use lorakit_adapter::{Frozen, LayerBuilder, LoraLinear};
 use lorakit_ops::attention;
 use lorakit_ops::layers::{layer_norm, packed_positions, segment_bias};
 use serde::Deserialize;
@@ -269,8 +269,10 @@ impl Block {
 /// The GPT-2 language model (`GPT2LMHeadModel`).
 pub struct Gpt2 {
     cfg: Gpt2Config,
-    wte: Tensor,
-    wpe: Tensor,
+    wte: Frozen,
+    wpe: Frozen,
+    /// The model's dtype (embedding rows come out in it).
+    dtype: DType,
     blocks: Vec<Block>,
     ln_f: Norm,
     lm_head: LoraLinear,
@@ -304,6 +306,7 @@ impl Gpt2 {
             cfg: cfg.clone(),
             wte,
             wpe,
+            dtype: lb.dtype(),
             blocks,
             ln_f: Norm::new(&t.pp("ln_f"), h)?,
             lm_head,
@@ -330,8 +333,8 @@ impl Gpt2 {
                 )));
             }
         }
-        let pos = Tensor::from_vec(flat, b * s, self.wte.device())?;
-        let x = (self.wte.index_select(&ids, 0)? + self.wpe.index_select(&pos, 0)?)?;
+        let pos = Tensor::from_vec(flat, b * s, &self.wte.device())?;
+        let x = (self.wte.rows(&ids, self.dtype)? + self.wpe.rows(&pos, self.dtype)?)?;
         Ok(x.reshape((b, s, self.cfg.n_embd))?)
     }
 

@@ -15,6 +15,6 @@ pub mod llama;
 pub mod model;
 pub mod registry;
 
-pub use base_model::{build, build_causal_lm, is_gguf, BaseModel};
+pub use base_model::{build, build_causal_lm, is_gguf, BaseModel, Quantization, QUANTIZE_TYPES};
 pub use error::{ModelError, Result};
 pub use model::{CausalLm, Dimensions, KvCache, Model, ModelConfig, SequenceClassifier, Task};

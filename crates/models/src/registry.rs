@@ -37,7 +37,10 @@ pub trait Architecture: Sync {
     }
 
     /// A dequantised GGUF tensor (already under its Hugging Face name) in the Hugging Face
-    /// layout; `config` is [`Architecture::gguf_config_json`]'s result.
+    /// layout; `config` is [`Architecture::gguf_config_json`]'s result. Must treat a 2-D
+    /// weight row by row (rows reordered, or the tensor changed as a whole): a base kept
+    /// quantized applies the row order this gives a column of row numbers to the stored
+    /// blocks, and dequantizes a tensor whose conversion is anything else.
     fn gguf_tensor_to_hf(&self, _hf_name: &str, t: Tensor, _config: &Value) -> Result<Tensor> {
         Ok(t)
     }

@@ -6,6 +6,7 @@
 //! backward pass never sees the head.
 use crate::frozen::frozen_matmul;
 use crate::fused::{cross_entropy, cross_entropy_grad};
+use crate::quantized::{Frozen, QuantMatrix};
 use candle_core::{DType, Result, Tensor};
 
 /// Logit elements computed at once (64 MiB in f32), whatever the vocabulary size.
@@ -45,6 +46,171 @@ pub fn linear_cross_entropy(
     // value: loss + 0 (x − x is exactly zero); gradient in `hidden`: dh per row
     let zero = (hidden - &h)?.to_dtype(DType::F32)?;
     loss + (zero * dh.to_dtype(DType::F32)?)?.sum(1)?
+}
+
+/// [`linear_cross_entropy`] for a head that is dense or quantized ([`Frozen`]). A quantized
+/// head on the CPU goes through the vocabulary a chunk of rows at a time instead (each chunk
+/// dequantized once per step, [`quantized_head`]); elsewhere it is dequantized for the call.
+pub fn frozen_linear_cross_entropy(
+    hidden: &Tensor,
+    weight: &Frozen,
+    weight_t: Option<&Tensor>,
+    labels: &Tensor,
+    chunk_rows: usize,
+    with_grad: bool,
+) -> Result<Tensor> {
+    let q = match weight {
+        Frozen::Dense(w) => {
+            return linear_cross_entropy(hidden, w, weight_t, labels, chunk_rows, with_grad)
+        }
+        Frozen::Quant(q) => q,
+    };
+    if !(q.device().is_cpu() && hidden.device().is_cpu() && hidden.dtype() == DType::F32) {
+        let w = q.dequantize(hidden.dtype())?;
+        return linear_cross_entropy(hidden, &w, None, labels, chunk_rows, with_grad);
+    }
+    let (n, d) = hidden.dims2()?;
+    if d != q.dims().1 {
+        candle_core::bail!(
+            "output head expects {} features, hidden states have {d}",
+            q.dims().1
+        );
+    }
+    let h = hidden.detach().contiguous()?;
+    let with_grad = with_grad && n > 0 && hidden.track_op();
+    let labels = labels.to_dtype(DType::U32)?;
+    let max_rows = CHUNK_ELEMENTS / n.max(1);
+    let (loss, dh) = quantized_head(&h, q, &labels, with_grad, max_rows)?;
+    let Some(dh) = dh else {
+        return Ok(loss);
+    };
+    let zero = (hidden - &h)?;
+    loss + (zero * dh)?.sum(1)?
+}
+
+/// Loss (and `dh`) of a quantized head over CPU f32 hidden states `h` `[n, d]`, one pass over
+/// the vocabulary in chunks with an online softmax: per row the running max `m`, the sum
+/// `s = Σ exp(l − m)` and, for the gradient, `acc = Σ exp(l − m)·W_v` (rescaled when `m`
+/// grows), so that `dh = acc / s − W_label`. Each chunk of the head (`max_rows` rows at most)
+/// is dequantized once; no `[n, vocab]` buffer.
+fn quantized_head(
+    h: &Tensor,
+    q: &QuantMatrix,
+    labels: &Tensor,
+    with_grad: bool,
+    max_rows: usize,
+) -> Result<(Tensor, Option<Tensor>)> {
+    use crate::cpu_gemm::{gemm_f32, Threads};
+    use crate::softmax_row;
+    use candle_core::{CpuStorage, Storage};
+    use rayon::prelude::*;
+    let (n, d) = h.dims2()?;
+    let vocab = q.dims().0;
+    let labels = labels.contiguous()?;
+    let y: Vec<u32> = labels.to_vec1()?;
+    let (hs, hl) = h.storage_and_layout();
+    let hv = match (&*hs, hl.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => &v[a..b],
+        _ => candle_core::bail!("output head: hidden states are not contiguous f32"),
+    };
+    let mut m = vec![f32::NEG_INFINITY; n];
+    let mut s = vec![0f64; n];
+    let mut picked = vec![f32::NAN; n];
+    let mut acc = vec![0f32; if with_grad { n * d } else { 0 }];
+    let mut buf = Vec::new();
+    q.for_each_chunk(max_rows, |v0, w| {
+        let vc = w.len() / d.max(1);
+        buf.resize(n * vc, 0f32);
+        // SAFETY: buf is n×vc; hv n×d; w vc×d read transposed (d×vc).
+        unsafe {
+            gemm_f32(
+                (n, vc, d),
+                buf.as_mut_ptr(),
+                vc,
+                false,
+                hv.as_ptr(),
+                (d, 1),
+                w.as_ptr(),
+                (1, d),
+                1.0,
+                Threads::All,
+            );
+        }
+        let acc_rows: Vec<&mut [f32]> = if with_grad {
+            acc.chunks_mut(d.max(1)).collect()
+        } else {
+            (0..n).map(|_| <&mut [f32]>::default()).collect()
+        };
+        buf.par_chunks_mut(vc.max(1))
+            .zip(m.par_iter_mut())
+            .zip(s.par_iter_mut())
+            .zip(picked.par_iter_mut())
+            .zip(acc_rows.into_par_iter())
+            .zip(y.par_iter())
+            .for_each(|(((((row, m), s), picked), acc), &label)| {
+                let label = label as usize;
+                if (v0..v0 + vc).contains(&label) {
+                    *picked = row[label - v0];
+                }
+                let new_m = m.max(softmax_row::max(row));
+                if new_m == f32::NEG_INFINITY {
+                    return;
+                }
+                let rescale = if *m == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    (*m - new_m).exp()
+                };
+                let sum = if with_grad {
+                    softmax_row::exp_shifted_in_place(row, new_m)
+                } else {
+                    softmax_row::sum_exp_shifted(row, new_m)
+                };
+                *s = *s * rescale as f64 + sum;
+                if with_grad && rescale != 1.0 {
+                    softmax_row::scale(acc, rescale);
+                }
+                *m = new_m;
+            });
+        if with_grad {
+            // acc += exp(logits − m) · W_chunk
+            // SAFETY: acc is n×d; buf n×vc; w vc×d.
+            unsafe {
+                gemm_f32(
+                    (n, d, vc),
+                    acc.as_mut_ptr(),
+                    d,
+                    true,
+                    buf.as_ptr(),
+                    (vc, 1),
+                    w.as_ptr(),
+                    (d, 1),
+                    1.0,
+                    Threads::All,
+                );
+            }
+        }
+        Ok(())
+    })?;
+    let loss: Vec<f32> = (0..n)
+        .map(|i| (s[i].ln() as f32) + m[i] - picked[i])
+        .collect();
+    let dev = h.device();
+    let loss = Tensor::from_vec(loss, n, dev)?;
+    if !with_grad {
+        return Ok((loss, None));
+    }
+    // dh = acc / s − W_label (an out-of-range label has a NaN loss; its row reads row 0)
+    let ids: Vec<u32> = y
+        .iter()
+        .map(|&l| if (l as usize) < vocab { l } else { 0 })
+        .collect();
+    let wl = q.rows(&Tensor::new(ids, dev)?, DType::F32)?;
+    acc.par_chunks_mut(d.max(1))
+        .zip(s.par_iter())
+        .for_each(|(row, s)| softmax_row::scale(row, (1.0 / s) as f32));
+    let dh = (Tensor::from_vec(acc, (n, d), dev)? - wl)?;
+    Ok((loss, Some(dh)))
 }
 
 /// The CPU f32 version in one kernel sequence per chunk: logits by the matmul kernel into a
@@ -225,6 +391,43 @@ mod tests {
         let logits = h.matmul(&w.t()?)?;
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         logp.gather(&y.unsqueeze(1)?, 1)?.squeeze(1)?.neg()
+    }
+
+    /// A quantized head gives the loss and hidden-state gradient of the dense head over its
+    /// dequantized values, for vocabulary chunks of one row, a ragged last chunk and one chunk
+    /// (the online softmax across chunks), through the public entry point too.
+    #[test]
+    fn quantized_head_matches_the_dequantized_head() -> Result<()> {
+        use candle_core::quantized::GgmlDType;
+        let dev = Device::Cpu;
+        let (n, d, vocab) = (9, 64, 97);
+        let h = crate::seeded::var_randn(0f32, 1., (n, d), &dev)?;
+        let w = crate::seeded::randn(0f32, 0.5, (vocab, d), &dev)?;
+        let y = Tensor::new(&[0u32, 5, 96, 17, 17, 42, 3, 50, 60], &dev)?;
+        for ty in [GgmlDType::Q8_0, GgmlDType::Q4_1] {
+            let q = QuantMatrix::quantize(&w, ty)?;
+            let dense = q.dequantize(DType::F32)?;
+            let want = composed(h.as_tensor(), &dense, &y)?;
+            let gw = want.sum_all()?.backward()?;
+            let want_dh = gw.get(h.as_tensor()).unwrap().clone();
+            for max_rows in [1, 10, 200] {
+                let hd = h.as_tensor().detach();
+                let (loss, dh) = quantized_head(&hd, &q, &y, true, max_rows)?;
+                assert!(max_abs_diff(&loss, &want)? < 1e-4, "{ty:?} {max_rows}");
+                assert!(
+                    max_abs_diff(&dh.unwrap(), &want_dh)? < 1e-5,
+                    "{ty:?} {max_rows}"
+                );
+                let (plain, none) = quantized_head(&hd, &q, &y, false, max_rows)?;
+                assert!(none.is_none() && max_abs_diff(&plain, &want)? < 1e-4);
+            }
+            let frozen = Frozen::Quant(q);
+            let got = frozen_linear_cross_entropy(h.as_tensor(), &frozen, None, &y, 4, true)?;
+            assert!(max_abs_diff(&got, &want)? < 1e-4);
+            let g = got.sum_all()?.backward()?;
+            assert!(max_abs_diff(g.get(h.as_tensor()).unwrap(), &want_dh)? < 1e-5);
+        }
+        Ok(())
     }
 
     /// Every chunking (one row, a ragged last chunk, one chunk) gives the composed loss and

@@ -27,6 +27,19 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
     Ok(max)
 }
 
+/// [`max_abs_diff`] over the largest magnitude in `reference` (0 when both are all zeros): the
+/// difference relative to the tensor's scale.
+pub fn max_rel_diff(a: &Tensor, reference: &Tensor) -> Result<f32> {
+    let d = max_abs_diff(a, reference)?;
+    let scale = reference
+        .to_dtype(DType::F32)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
+    Ok(if d == 0.0 { 0.0 } else { d / scale })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

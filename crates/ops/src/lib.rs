@@ -11,7 +11,8 @@
 //!   its loss, chunked over rows)
 //! - [`frozen::frozen_matmul`], [`frozen::frozen_mul`], [`frozen::frozen_add`] (products with a
 //!   frozen operand: no gradient for it), [`lora::lora_forward`] (a frozen layer plus its
-//!   low-rank update, with [`dropout`])
+//!   low-rank update, with [`dropout`]); [`quantized::quant_matmul`] and [`quantized::Frozen`]
+//!   (frozen weights kept in GGML blocks, dequantized just in time)
 //! - [`adamw_step`] (the optimizer's in-place step)
 //!
 //! The kernels' element math lives in `csrc/row_math.h`, which build.rs also compiles for the
@@ -32,6 +33,7 @@ pub mod linalg;
 pub mod lora;
 pub mod lora_any_device;
 pub mod lora_cpu;
+pub mod quantized;
 pub mod row_math;
 pub mod seeded;
 pub mod softmax_row;

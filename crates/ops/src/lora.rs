@@ -2,13 +2,15 @@
 //! differentiable op (gradients for A and B only): the fused CPU f32 op on the matmul kernel
 //! where it applies ([`crate::lora_cpu`]), else the any-device op ([`crate::lora_any_device`]).
 use crate::dropout::DropoutMask;
+use crate::quantized::Frozen;
 use candle_core::{Result, Tensor};
 
-/// `x` `[.., in]`, `w` `[out, in]` (frozen; `wt` its transposed CPU copy if one exists),
+/// `x` `[.., in]`, `w` `[out, in]` (frozen, dense or quantized; `wt` a dense weight's transposed
+/// CPU copy if one exists),
 /// `a` `[r, in]`, `b` `[out, r]`; returns `[.., out]` without bias.
 pub fn lora_forward(
     x: &Tensor,
-    w: &Tensor,
+    w: &Frozen,
     wt: Option<&Tensor>,
     a: &Tensor,
     b: &Tensor,

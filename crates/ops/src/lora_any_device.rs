@@ -6,6 +6,7 @@
 //! captured, never differentiated. Written with storage and tensor ops only, so the CPU runs
 //! (and tests) the very code the GPU runs.
 use crate::dropout::DropoutMask;
+use crate::quantized::Frozen;
 use candle_core::backend::BackendStorage;
 use candle_core::op::Add;
 use candle_core::{
@@ -17,7 +18,7 @@ use candle_core::{
 /// dropout in training) is drawn again in the backward pass, never stored.
 pub fn lora_op(
     x: &Tensor,
-    w: &Tensor,
+    w: &Frozen,
     a: &Tensor,
     b: &Tensor,
     scaling: f64,
@@ -50,7 +51,7 @@ fn compute_dtype(x: DType, adapter: DType) -> DType {
 }
 
 struct LoraOp {
-    w: Tensor,
+    w: Frozen,
     scaling: f64,
     dropout: Option<DropoutMask>,
     /// `s·x·Aᵀ`, `[rows, r]` in the compute dtype.
@@ -81,6 +82,12 @@ impl LoraOp {
         x.to_dtype(compute_dtype(x.dtype(), adapter))
     }
 
+    /// W as a dense tensor in `dtype` for one product (a quantized W dequantized and dropped
+    /// after it).
+    fn weight(&self, dtype: DType) -> Result<Tensor> {
+        self.w.dense(dtype)
+    }
+
     fn u(&self) -> Result<&Tensor> {
         self.u
             .as_ref()
@@ -97,7 +104,7 @@ impl LoraOp {
                 lx.shape(),
                 la.shape(),
                 lb.shape(),
-                self.w.shape()
+                self.w.dims2()?
             );
         }
         if !lx.is_contiguous() || !la.is_contiguous() || !lb.is_contiguous() {
@@ -171,7 +178,8 @@ impl CustomOp3 for LoraOp {
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let sizes = self.sizes(lx, la, lb)?;
-        let (ws, wl) = self.w.storage_and_layout();
+        let w = self.weight(sx.dtype())?;
+        let (ws, wl) = w.storage_and_layout();
         let (us, ul) = self.u()?.storage_and_layout();
         let (Storage::Cpu(w), Storage::Cpu(u)) = (&*ws, &*us) else {
             candle_core::bail!("lora layer: W is not on the CPU");
@@ -189,7 +197,8 @@ impl CustomOp3 for LoraOp {
         lb: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let sizes = self.sizes(lx, la, lb)?;
-        let (ws, wl) = self.w.storage_and_layout();
+        let w = self.weight(sx.dtype())?;
+        let (ws, wl) = w.storage_and_layout();
         let (us, ul) = self.u()?.storage_and_layout();
         let (Storage::Cuda(w), Storage::Cuda(u)) = (&*ws, &*us) else {
             candle_core::bail!("lora layer: W is not on the GPU");
@@ -227,7 +236,7 @@ impl CustomOp3 for LoraOp {
             None => dx_low,
         }
         .to_dtype(x.dtype())?;
-        let dx = (g.matmul(&self.w.to_dtype(g.dtype())?)? + dx_low)?.reshape(x.shape())?;
+        let dx = (g.matmul(&self.weight(g.dtype())?)? + dx_low)?.reshape(x.shape())?;
         Ok((Some(dx), Some(da), Some(db)))
     }
 }
@@ -253,7 +262,14 @@ mod tests {
         let step = crate::dropout::StepSeed::default();
         step.set(11, 2, 0);
         let d = crate::dropout::Dropout::new(dropout, "layers.0.q_proj", step);
-        let fused = lora_op(x.as_tensor(), &w, a.as_tensor(), b.as_tensor(), s, d.draw())?;
+        let fused = lora_op(
+            x.as_tensor(),
+            &Frozen::Dense(w.clone()),
+            a.as_tensor(),
+            b.as_tensor(),
+            s,
+            d.draw(),
+        )?;
         let base = x.as_tensor().broadcast_matmul(&w.t()?)?;
         let xd = d.apply(x.as_tensor())?.to_dtype(DType::F32)?;
         let u = (xd.broadcast_matmul(&a.as_tensor().t()?)? * s)?;
@@ -311,7 +327,9 @@ mod tests {
         let w = Tensor::zeros((5, 8), DType::F32, &dev)?;
         let a = Tensor::zeros((2, 7), DType::F32, &dev)?;
         let b = Tensor::zeros((5, 2), DType::F32, &dev)?;
-        let e = lora_op(&x, &w, &a, &b, 1.0, None).unwrap_err().to_string();
+        let e = lora_op(&x, &Frozen::Dense(w.clone()), &a, &b, 1.0, None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("do not fit"), "{e}");
         Ok(())
     }

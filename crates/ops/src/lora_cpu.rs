@@ -7,24 +7,30 @@
 //! input of every node. W is frozen: captured, never differentiated.
 use crate::cpu_gemm::{product, product_into, Strided, Threads};
 use crate::dropout::DropoutMask;
+use crate::quantized::Frozen;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 /// `x·Wᵀ + scaling·(dropout(x)·Aᵀ)·Bᵀ` for `x` `[.., in]`, `w` `[out, in]`, `a` `[r, in]`, `b`
 /// `[out, r]`, differentiable in x, A and B. `wt`, a contiguous `[in, out]` copy of `wᵀ` if the
 /// caller keeps one, is what the forward product reads (the kernel repacks a transposed operand
-/// on every call). `None` when the op does not apply (not all CPU f32, or W not contiguous):
-/// use the generic op.
+/// on every call); a quantized W is dequantized a chunk at a time in both passes
+/// ([`crate::quantized`]). `None` when the op does not apply (not all CPU f32, or a dense W not
+/// contiguous): use the generic op.
 pub fn try_lora_matmul(
     x: &Tensor,
-    w: &Tensor,
+    w: &Frozen,
     wt: Option<&Tensor>,
     a: &Tensor,
     b: &Tensor,
     scaling: f64,
     dropout: Option<DropoutMask>,
 ) -> Option<Result<Tensor>> {
-    if !fits(&[x, w, a, b]) || !wt.is_none_or(|t| fits(&[t])) || !w.is_contiguous() {
+    let w_fits = match w {
+        Frozen::Dense(w) => fits(&[w]) && w.is_contiguous(),
+        Frozen::Quant(q) => q.device().is_cpu(),
+    };
+    if !fits(&[x, a, b]) || !wt.is_none_or(|t| fits(&[t])) || !w_fits {
         return None;
     }
     Some((|| {
@@ -62,7 +68,7 @@ struct Sizes {
 }
 
 impl Sizes {
-    fn of(x: &Tensor, w: &Tensor, wt: Option<&Tensor>, a: &Tensor, b: &Tensor) -> Result<Sizes> {
+    fn of(x: &Tensor, w: &Frozen, wt: Option<&Tensor>, a: &Tensor, b: &Tensor) -> Result<Sizes> {
         let (out, inner) = w.dims2()?;
         let (r, a_in) = a.dims2()?;
         let k = x.dims().last().copied().unwrap_or(0);
@@ -74,7 +80,7 @@ impl Sizes {
                 a.shape(),
                 b.shape(),
                 wt.map(|t| t.shape()),
-                w.shape()
+                w.dims2()?
             );
         }
         Ok(Sizes {
@@ -133,7 +139,7 @@ fn low_rank(
 }
 
 struct LoraMatmul {
-    w: Tensor,
+    w: Frozen,
     /// `wᵀ` stored contiguous (`[in, out]`), when the caller keeps one.
     wt: Option<Tensor>,
     scaling: f32,
@@ -168,35 +174,10 @@ impl CustomOp3 for LoraMatmul {
         if self.u.len() != rows * r || b.len() != out * r {
             candle_core::bail!("lora matmul: operands changed size since u was computed");
         }
-        let (ws, wl) = match &self.wt {
-            Some(wt) => wt.storage_and_layout(),
-            None => self.w.storage_and_layout(),
+        let mut y = match &self.w {
+            Frozen::Quant(q) => q.product_cpu(x, rows)?,
+            Frozen::Dense(w) => self.dense_product(w, x, (rows, out, inner))?,
         };
-        let (Storage::Cpu(CpuStorage::F32(wv)), Some((w0, w1))) = (&*ws, wl.contiguous_offsets())
-        else {
-            candle_core::bail!("lora matmul: W must be a contiguous f32 CPU tensor");
-        };
-        let data = &wv[w0..w1];
-        // as the right operand (k = input feature, n = output feature): Wᵀ's rows, or W read
-        // transposed
-        let w = match self.wt {
-            Some(_) => Strided {
-                data,
-                rs: out,
-                cs: 1,
-            },
-            None => Strided {
-                data,
-                rs: 1,
-                cs: inner,
-            },
-        };
-        let x = Strided {
-            data: x,
-            rs: inner,
-            cs: 1,
-        };
-        let mut y = product((rows, out, inner), x, w, 1.0, Threads::All)?;
         // y += u·Bᵀ (B out×r read transposed)
         let u = Strided {
             data: &self.u,
@@ -231,7 +212,6 @@ impl CustomOp3 for LoraMatmul {
         let g = grad.contiguous()?;
         let xl = dropped(x, self.dropout.as_ref())?;
         let (gs, gl) = g.storage_and_layout();
-        let (ws, wl) = self.w.storage_and_layout();
         let (as_, al) = a.storage_and_layout();
         let (bs, bl) = b.storage_and_layout();
         let (xs, xll) = xl.storage_and_layout();
@@ -243,8 +223,8 @@ impl CustomOp3 for LoraMatmul {
                 r,
             },
             s,
-            [&gs, &ws, &as_, &bs, &xs],
-            [gl, wl, al, bl, xll],
+            [&gs, &as_, &bs, &xs],
+            [gl, al, bl, xll],
         )?;
         let dev = x.device();
         Ok((
@@ -256,9 +236,47 @@ impl CustomOp3 for LoraMatmul {
 }
 
 impl LoraMatmul {
+    /// `x·Wᵀ` for a dense W, reading `wt` when kept.
+    fn dense_product(
+        &self,
+        w: &Tensor,
+        x: &[f32],
+        (rows, out, inner): (usize, usize, usize),
+    ) -> Result<Vec<f32>> {
+        let (ws, wl) = match &self.wt {
+            Some(wt) => wt.storage_and_layout(),
+            None => w.storage_and_layout(),
+        };
+        let (Storage::Cpu(CpuStorage::F32(wv)), Some((w0, w1))) = (&*ws, wl.contiguous_offsets())
+        else {
+            candle_core::bail!("lora matmul: W must be a contiguous f32 CPU tensor");
+        };
+        let data = &wv[w0..w1];
+        // as the right operand (k = input feature, n = output feature): Wᵀ's rows, or W read
+        // transposed
+        let w = match self.wt {
+            Some(_) => Strided {
+                data,
+                rs: out,
+                cs: 1,
+            },
+            None => Strided {
+                data,
+                rs: 1,
+                cs: inner,
+            },
+        };
+        let x = Strided {
+            data: x,
+            rs: inner,
+            cs: 1,
+        };
+        product((rows, out, inner), x, w, 1.0, Threads::All)
+    }
+
     /// `(dx, dA, dB)` from the output gradient `g` `[rows, out]`:
     /// `du = s·g·B`, `dB = gᵀ·u`, `dA = duᵀ·dropout(x)`, `dx = g·W + dropout'(du·A)`.
-    /// The storages (and layouts) are those of g, W, A, B and `dropout(x)`.
+    /// The storages (and layouts) are those of g, A, B and `dropout(x)`.
     fn grads(
         &self,
         Sizes {
@@ -268,14 +286,14 @@ impl LoraMatmul {
             r,
         }: Sizes,
         s: f32,
-        storages: [&Storage; 5],
-        layouts: [&Layout; 5],
+        storages: [&Storage; 4],
+        layouts: [&Layout; 4],
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-        let [g, w, a, b, xl] = [0, 1, 2, 3, 4].map(|i| values(storages[i], layouts[i]));
-        let (g, w, a, b, xl) = (g?, w?, a?, b?, xl?);
+        let [g, a, b, xl] = [0, 1, 2, 3].map(|i| values(storages[i], layouts[i]));
+        let (g, a, b, xl) = (g?, a?, b?, xl?);
         let u = &self.u;
-        let want = [rows * out, out * inner, r * inner, out * r, rows * inner];
-        if [g.len(), w.len(), a.len(), b.len(), xl.len()] != want || u.len() != rows * r {
+        let want = [rows * out, r * inner, out * r, rows * inner];
+        if [g.len(), a.len(), b.len(), xl.len()] != want || u.len() != rows * r {
             candle_core::bail!("lora matmul: the output gradient does not fit the layer");
         }
         let m = |data, rs, cs| Strided { data, rs, cs };
@@ -288,7 +306,26 @@ impl LoraMatmul {
         let da = product((r, inner, rows), m(&du, 1, r), m(xl, inner, 1), 1.0, t)?;
         // dx = g·W (W out×inner) + the low-rank part du·A (A r×inner), through the same
         // dropout mask when there is one
-        let mut dx = product((rows, inner, out), m(g, out, 1), m(w, inner, 1), 1.0, t)?;
+        let mut dx = match &self.w {
+            Frozen::Dense(w) => {
+                let (ws, wl) = w.storage_and_layout();
+                let wv = values(&ws, wl)?;
+                if wv.len() != out * inner {
+                    candle_core::bail!("lora matmul: W does not fit the layer");
+                }
+                let wv = Strided {
+                    data: wv,
+                    rs: inner,
+                    cs: 1,
+                };
+                product((rows, inner, out), m(g, out, 1), wv, 1.0, t)?
+            }
+            Frozen::Quant(q) => {
+                let mut dx = vec![0f32; rows * inner];
+                q.grad_cpu(g, rows, &mut dx, false)?;
+                dx
+            }
+        };
         let (du_, a_) = (m(&du, r, 1), m(a, inner, 1));
         match &self.dropout {
             None => product_into(&mut dx, (rows, inner, r), true, du_, a_, 1.0, t)?,
@@ -333,7 +370,8 @@ mod tests {
         for (wt, dropout) in [(None, None), (Some(&wt), None), (Some(&wt), Some(&drop))] {
             let (xt, at, bt) = (x.as_tensor(), a.as_tensor(), b.as_tensor());
             let mask = dropout.and_then(|d| d.draw());
-            let fused = try_lora_matmul(xt, &w, wt, at, bt, s, mask).unwrap()?;
+            let fused =
+                try_lora_matmul(xt, &Frozen::Dense(w.clone()), wt, at, bt, s, mask).unwrap()?;
             let xl = match dropout {
                 Some(d) => d.apply(xt)?,
                 None => xt.clone(),
@@ -365,8 +403,10 @@ mod tests {
         }
         // the dropout mask matters: without it the low-rank part differs
         let (xt, at, bt) = (x.as_tensor(), a.as_tensor(), b.as_tensor());
-        let with = try_lora_matmul(xt, &w, None, at, bt, s, drop.draw()).unwrap()?;
-        let without = try_lora_matmul(xt, &w, None, at, bt, s, None).unwrap()?;
+        let with = try_lora_matmul(xt, &Frozen::Dense(w.clone()), None, at, bt, s, drop.draw())
+            .unwrap()?;
+        let without =
+            try_lora_matmul(xt, &Frozen::Dense(w.clone()), None, at, bt, s, None).unwrap()?;
         assert!(max_abs_diff(&with, &without)? > 1e-3);
         Ok(())
     }
@@ -379,19 +419,32 @@ mod tests {
         let a = crate::seeded::randn(0f32, 1., (2, 8), &dev)?;
         let b = crate::seeded::randn(0f32, 1., (5, 2), &dev)?;
         let bad_b = crate::seeded::randn(0f32, 1., (4, 2), &dev)?;
-        let err = try_lora_matmul(&x, &w, None, &a, &bad_b, 1.0, None).unwrap();
+        let err =
+            try_lora_matmul(&x, &Frozen::Dense(w.clone()), None, &a, &bad_b, 1.0, None).unwrap();
         assert!(err.unwrap_err().to_string().contains("do not fit W"));
         // a transposed copy of the wrong shape (W itself, not Wᵀ)
-        let err = try_lora_matmul(&x, &w, Some(&w), &a, &b, 1.0, None).unwrap();
+        let err =
+            try_lora_matmul(&x, &Frozen::Dense(w.clone()), Some(&w), &a, &b, 1.0, None).unwrap();
         assert!(err.unwrap_err().to_string().contains("do not fit W"));
         let x64 = x.to_dtype(DType::F64)?;
-        assert!(try_lora_matmul(&x64, &w, None, &a, &b, 1.0, None).is_none());
+        assert!(
+            try_lora_matmul(&x64, &Frozen::Dense(w.clone()), None, &a, &b, 1.0, None).is_none()
+        );
         // a strided W is left to the generic op
         let w_strided = crate::seeded::randn(0f32, 1., (8, 5), &dev)?.t()?;
-        assert!(try_lora_matmul(&x, &w_strided, None, &a, &b, 1.0, None).is_none());
+        assert!(try_lora_matmul(&x, &Frozen::Dense(w_strided), None, &a, &b, 1.0, None).is_none());
         // no rows: an empty output, and empty gradients that still have their shapes
         let empty = Var::zeros((0, 8), DType::F32, &dev)?;
-        let y = try_lora_matmul(empty.as_tensor(), &w, None, &a, &b, 1.0, None).unwrap()?;
+        let y = try_lora_matmul(
+            empty.as_tensor(),
+            &Frozen::Dense(w.clone()),
+            None,
+            &a,
+            &b,
+            1.0,
+            None,
+        )
+        .unwrap()?;
         assert_eq!(y.dims(), [0, 5]);
         Ok(())
     }

@@ -22,6 +22,9 @@ pub struct MetricsRow {
     pub eval_perplexity: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_accuracy: Option<f64>,
+    /// The process's peak resident memory so far, MiB (Linux; training steps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_rss_mb: Option<f64>,
     /// Preference objectives, TRL's reward figures (means over the step's pairs).
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub rewards: Option<RewardFigures>,
@@ -174,6 +177,7 @@ mod tests {
                 eval_loss: (s % 2 == 0).then_some(4.0),
                 eval_perplexity: None,
                 eval_accuracy: None,
+                peak_rss_mb: None,
             })
             .collect();
         let svg = loss_svg(&rows);
@@ -209,6 +213,7 @@ mod tests {
                     eval_loss: None,
                     eval_perplexity: None,
                     eval_accuracy: None,
+                    peak_rss_mb: None,
                 },
             )
             .unwrap();

@@ -36,6 +36,41 @@ pub struct ModelSection {
     /// auto | cpu | cuda | cuda:N.
     #[serde(default = "auto")]
     pub device: String,
+    /// keep | dequantize: a GGUF base's quantized weights stay in their GGML blocks during
+    /// training, eval and generation (QLoRA; the default), or are dequantized at load.
+    #[serde(default)]
+    pub quantized: QuantizedMode,
+    /// q8_0 | q4_0 | q4_k | q5_k | q6_k: quantize the frozen linear weights at load (QLoRA for a
+    /// safetensors or f16/f32 GGUF base).
+    #[serde(default)]
+    pub quantize: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum QuantizedMode {
+    #[default]
+    Keep,
+    Dequantize,
+}
+
+impl ModelSection {
+    /// How the base's frozen weights are held (`model.quantized`, `model.quantize`); the type
+    /// name was checked when the recipe was read.
+    pub fn quantization(&self) -> lorakit_models::Quantization {
+        lorakit_models::Quantization {
+            keep: self.quantized == QuantizedMode::Keep,
+            quantize: self.quantize.as_deref().and_then(quantize_type),
+        }
+    }
+}
+
+/// The GGML type of a `model.quantize` name.
+pub fn quantize_type(name: &str) -> Option<candle_core::quantized::GgmlDType> {
+    lorakit_models::QUANTIZE_TYPES
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, t)| *t)
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -246,7 +281,18 @@ impl Default for TrainSection {
 /// Valid keys per section, for unknown-key messages.
 const SECTIONS: &[(&str, &[&str])] = &[
     ("", &["model", "data", "lora", "train", "output"]),
-    ("model", &["path", "task", "num_labels", "dtype", "device"]),
+    (
+        "model",
+        &[
+            "path",
+            "task",
+            "num_labels",
+            "dtype",
+            "device",
+            "quantized",
+            "quantize",
+        ],
+    ),
     (
         "data",
         &[
@@ -526,6 +572,18 @@ impl Recipe {
                 "model.dtype",
                 format!("{:?} is not one of auto, f32, bf16, f16", self.model.dtype),
             ));
+        }
+        if let Some(q) = &self.model.quantize {
+            if quantize_type(q).is_none() {
+                let names: Vec<&str> = lorakit_models::QUANTIZE_TYPES
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect();
+                return Err(bad.at(
+                    "model.quantize",
+                    format!("{q:?} is not one of {}", names.join(", ")),
+                ));
+            }
         }
         let dev = self.model.device.as_str();
         let cuda_n = dev

@@ -112,3 +112,42 @@ pub fn tune_process() {
         }
     }
 }
+
+/// The process's peak resident set size (`VmHWM` in `/proc/self/status`); `None` off Linux.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// "frozen weights kept in GGML blocks …: 210 (Q4_1 180, Q8_0 30), 61.2 MB" for a model built
+/// with quantized weights, and the linear weights a load-time quantization left dense; `None`
+/// when there is nothing to say.
+pub fn quantized_summary(report: &lorakit_adapter::BuildReport) -> Option<String> {
+    let quantized = &report.quantized;
+    let dense = match report.left_dense.len() {
+        0 => String::new(),
+        n => format!(
+            "{}{n} linear weight(s) stay dense: their rows are not whole blocks of the model.quantize type ({}{})",
+            if quantized.is_empty() { "" } else { "; " },
+            report.left_dense.iter().take(3).cloned().collect::<Vec<_>>().join(", "),
+            if n > 3 { ", ..." } else { "" }
+        ),
+    };
+    if quantized.is_empty() {
+        return (!dense.is_empty()).then(|| format!("warning: {dense}"));
+    }
+    let mut by_type: std::collections::BTreeMap<String, usize> = Default::default();
+    for (_, ty, _) in quantized {
+        *by_type.entry(format!("{ty:?}")).or_default() += 1;
+    }
+    let bytes: usize = quantized.iter().map(|(_, _, b)| b).sum();
+    let types: Vec<String> = by_type.iter().map(|(t, n)| format!("{t} {n}")).collect();
+    Some(format!(
+        "frozen weights kept in GGML blocks (dequantized just in time): {} ({}), {:.1} MB{dense}",
+        quantized.len(),
+        types.join(", "),
+        bytes as f64 / 1e6
+    ))
+}

@@ -82,6 +82,8 @@ pub struct TrainSummary {
     pub truncated: usize,
     /// Share of token slots that are padding, with and without packing (token data only).
     pub padding: Option<Padding>,
+    /// The process's peak resident memory (Linux).
+    pub peak_rss_bytes: Option<u64>,
 }
 
 /// Share of the token slots of an epoch's batches that are padding.
@@ -558,7 +560,7 @@ pub fn train(
     // Inputs: the model's header first, then tokenizer, labels and data.
     let model_path = lorakit_models::hub::resolve(&recipe.model.path)?;
     let classify = recipe.model.task == Task::SequenceClassification;
-    let base = BaseModel::open(&model_path)?;
+    let base = BaseModel::open(&model_path)?.with_quantization(recipe.model.quantization());
     let tok = TextTokenizer::open(&model_path)?;
     let labels: Vec<String> = match (&recipe.data.labels, classify) {
         (Some(l), true) => l.clone(),
@@ -641,6 +643,9 @@ pub fn train(
     };
     let (model, report) = base.load(adapters, task, dtype, &device)?;
     let model = TaskModel::from(model);
+    if let Some(line) = runtime::quantized_summary(&report) {
+        reporter.message(&line);
+    }
 
     // All inputs are good: now write, holding the directory's lock.
     let _lock = open_output(recipe, &plan, opts.resume.then_some(state.step), reporter)?;
@@ -886,6 +891,7 @@ pub fn train(
                     eval_loss: Some(r.loss),
                     eval_perplexity: Some(r.perplexity),
                     eval_accuracy: r.accuracy,
+                    peak_rss_mb: None,
                     rewards: None,
                     eval_rewards: r.preference.map(Into::into),
                 },
@@ -952,6 +958,7 @@ pub fn train(
                 eval_loss: None,
                 eval_perplexity: None,
                 eval_accuracy: None,
+                peak_rss_mb: runtime::peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0)),
                 rewards: done.pairs.map(|p| p.means().into()),
                 eval_rewards: None,
             };
@@ -1029,6 +1036,7 @@ pub fn train(
         eval_examples: run_data.eval_examples(),
         truncated: run_data.truncated().0,
         padding,
+        peak_rss_bytes: runtime::peak_rss_bytes(),
     })
 }
 

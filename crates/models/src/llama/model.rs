@@ -4,7 +4,7 @@ use crate::decoder;
 use crate::error::{ModelError, Result};
 use crate::model::{CausalLm, KvCache, ModelConfig};
 use candle_core::{DType, Module, Tensor};
-use lorakit_adapter::{LayerBuilder, LoraLinear};
+use lorakit_adapter::{Frozen, LayerBuilder, LoraLinear};
 use lorakit_ops::attention;
 use lorakit_ops::layers::{
     apply_rope, packed_positions, rms_norm, rope_tables, rope_tables_at, segment_bias,
@@ -292,7 +292,8 @@ impl DecoderLayer {
 /// A decoder-only causal language model of the Llama family.
 pub struct Llama {
     cfg: LlamaConfig,
-    embed_tokens: Tensor,
+    /// Dense, or in GGML blocks (a quantized GGUF base).
+    embed_tokens: Frozen,
     layers: Vec<DecoderLayer>,
     norm: Tensor,
     lm_head: LoraLinear,
@@ -376,7 +377,7 @@ impl Llama {
         seq: usize,
         dtype: DType,
     ) -> Result<[Option<(Tensor, Tensor)>; 2]> {
-        let dev = self.embed_tokens.device();
+        let dev = &self.embed_tokens.device();
         let table = |(freq, scale): &(Vec<f64>, f64)| -> Result<(Tensor, Tensor)> {
             Ok(match positions {
                 Some(p) => rope_tables_at(freq, *scale, p, dtype, dev)?,
@@ -431,7 +432,7 @@ impl Llama {
         let segments = decoder::segments(input_ids, attention_mask)?;
         let s = input_ids.dim(1)?;
         let x = self.embed(input_ids)?;
-        let dev = self.embed_tokens.device();
+        let dev = &self.embed_tokens.device();
         // rows that pack several examples: positions restart at each one
         let positions = packed_positions(&segments);
         let tables = self.rope_by_kind(positions.as_deref(), s, x.dtype())?;
@@ -468,10 +469,11 @@ impl Llama {
                 self.cfg.vocab_size
             )));
         }
-        let x = self
-            .embed_tokens
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, s, self.cfg.hidden_size))?;
+        let x = self.embed_tokens.rows(&ids, self.norm.dtype())?.reshape((
+            b,
+            s,
+            self.cfg.hidden_size,
+        ))?;
         Ok(match self.embed_scale {
             Some(f) => (x * f)?,
             None => x,
