@@ -7,7 +7,7 @@
 //!   cargo bench --bench op_profile -- [--device cpu|cuda] [--dtype f32|bf16] [--reps N]
 //!   (on the CPU use small reps: the shapes are a GPU's)
 use candle_core::{DType, Device, Result, Tensor, Var};
-use lorakit_ops::attention::recompute::attention_recompute;
+use lorakit_ops::attention::{attention, AttnMask};
 use lorakit_ops::frozen::frozen_matmul;
 use lorakit_ops::fused;
 use lorakit_ops::lora_any_device::lora_op;
@@ -141,15 +141,15 @@ fn main() -> anyhow::Result<()> {
     // attention core
     let qa = var(&[b, heads, s, d], dtype)?;
     let (ka, va) = (var(&[b, kv, s, d], dtype)?, var(&[b, kv, s, d], dtype)?);
-    let bias = lorakit_ops::layers::attention_bias(b, s, None, None, &device)?;
+    let mask = AttnMask::cached(0, None);
     let attn_flops = 2.0 * flops(b * heads * s, s, d);
     let us = time(&device, reps, || {
-        attention_recompute(qa.as_tensor(), ka.as_tensor(), va.as_tensor(), &bias).map(|_| ())
+        attention(qa.as_tensor(), ka.as_tensor(), va.as_tensor(), &mask).map(|_| ())
     })?;
     report("attention_fwd", us, Some((attn_flops, "flop")));
     let us = time(&device, reps, || {
         fwd_bwd(&[&qa, &ka, &va], || {
-            attention_recompute(qa.as_tensor(), ka.as_tensor(), va.as_tensor(), &bias)
+            attention(qa.as_tensor(), ka.as_tensor(), va.as_tensor(), &mask)
         })
     })?;
     report("attention_fwd_bwd", us, Some((3.5 * attn_flops, "flop")));

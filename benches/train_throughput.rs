@@ -105,6 +105,12 @@ fn gpu_peak_bytes(_: &Device) -> Option<u64> {
     None
 }
 
+/// Milliseconds per step of each phase, from seconds summed over `steps` steps.
+fn phase_ms(phases: &[f64; 4], steps: usize) -> serde_json::Value {
+    let ms = |i: usize| 1e3 * phases[i] / steps.max(1) as f64;
+    serde_json::json!({"forward": ms(0), "loss": ms(1), "backward": ms(2), "optimizer": ms(3)})
+}
+
 /// Seeded N(0, 0.02²)-ish values (sum of uniforms), so runs are comparable.
 fn random(n: usize, seed: u64) -> Vec<f32> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -303,7 +309,9 @@ fn main() -> anyhow::Result<()> {
         lap(3, phases)?;
         Ok(loss)
     };
-    let first_loss = step(&mut [0f64; 4])?; // warm-up, also the cold-start point
+    let setup = launched.elapsed().as_secs_f64();
+    let mut first_phases = [0f64; 4];
+    let first_loss = step(&mut first_phases)?; // warm-up, also the cold-start point
 
     device.synchronize()?;
     let cold_start = launched.elapsed().as_secs_f64();
@@ -329,9 +337,9 @@ fn main() -> anyhow::Result<()> {
             "peak_bytes": peak, "peak_kind": peak_kind,
             "peak_heap_bytes": PEAK.load(Ordering::Relaxed),
             "gradient_checkpointing": checkpointing, "full_logits": full_logits,
-            "cold_start_s": cold_start,
-            "phase_ms": {"forward": 1e3 * phases[0] / steps as f64, "loss": 1e3 * phases[1] / steps as f64,
-                "backward": 1e3 * phases[2] / steps as f64, "optimizer": 1e3 * phases[3] / steps as f64}, "first_loss": first_loss, "last_loss": last,
+            "cold_start_s": cold_start, "setup_s": setup,
+            "first_step_phase_ms": phase_ms(&first_phases, 1),
+            "phase_ms": phase_ms(&phases, steps), "first_loss": first_loss, "last_loss": last,
         })
     );
     Ok(())

@@ -69,6 +69,7 @@ def main():
         opt.zero_grad(set_to_none=True)
         return out.loss.item()
 
+    setup = time.time() - LAUNCH
     first = step()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -88,7 +89,7 @@ def main():
         "trainable_params": sum(p.numel() for p in params),
         "tokens_per_s": batch * seq * steps / secs, "ms_per_step": 1e3 * secs / steps,
         "peak_bytes": peak, "peak_kind": "GPU allocated" if device == "cuda" else "process peak RSS",
-        "cold_start_s": cold, "first_loss": first, "last_loss": last,
+        "cold_start_s": cold, "setup_s": setup, "first_loss": first, "last_loss": last,
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
                      "peft": __import__("peft").__version__},
     }))

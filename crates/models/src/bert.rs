@@ -9,7 +9,7 @@ use crate::model::{Dimensions, Model, ModelConfig, SequenceClassifier, Task};
 use crate::registry::Architecture;
 use candle_core::{DType, Tensor};
 use lorakit_adapter::{Adapters, Frozen, LayerBuilder, LoraLinear};
-use lorakit_ops::attention;
+use lorakit_ops::attention::{self, AttnMask};
 use lorakit_ops::layers::layer_norm;
 use serde_json::Value;
 use std::path::Path;
@@ -314,17 +314,14 @@ impl SequenceClassifier for BertClassifier {
         let x = x.broadcast_add(&self.token_type.narrow(0, 0, 1)?.unsqueeze(0)?)?;
         let eps = self.cfg.layer_norm_eps;
         let mut x = layer_norm(&x, &self.emb_norm.weight, &self.emb_norm.bias, eps)?;
-        // padding keys get a large negative score, for every query row
-        let bias = ((attention_mask.to_dtype(DType::F32)? - 1.0)? * 1.0e9)?
-            .reshape((b, 1, 1, s))?
-            .broadcast_as((b, 1, s, s))?
-            .contiguous()?;
+        // padding keys are hidden from every query row
+        let mask = AttnMask::bidirectional(&lorakit_ops::layers::mask_segments(attention_mask)?)?;
         let heads = self.cfg.num_attention_heads;
         for l in &self.layers {
             let q = l.query.forward_t(&x, train)?;
             let k = l.key.forward_t(&x, train)?;
             let v = l.value.forward_t(&x, train)?;
-            let ctx = attention::attention_heads_last(&q, &k, &v, &bias, heads, heads)?;
+            let ctx = attention::attention_heads_last(&q, &k, &v, &mask, heads, heads)?;
             let a = (l.attn_out.forward_t(&ctx, train)? + &x)?;
             x = layer_norm(&a, &l.attn_norm.weight, &l.attn_norm.bias, eps)?;
             let inter = l.intermediate.forward_t(&x, train)?;

@@ -1,9 +1,9 @@
 //! What every decoder language model does the same way, whatever its layers: reading its
-//! inputs, the attention bias of cached decoding, the loss of the output head, and the
+//! inputs, the loss of the output head, and the
 //! checkpointed backward pass over a stack of layers.
 use crate::error::{ModelError, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use lorakit_adapter::LoraLinear;
 use lorakit_ops::chunked_loss::{chunk_rows, frozen_linear_cross_entropy};
 
@@ -36,21 +36,6 @@ pub fn cached_len(input_ids: &Tensor) -> Result<usize> {
         )));
     }
     Ok(s)
-}
-
-/// Additive bias `[1, 1, s, past + s]` of `s` new tokens after `past` cached ones: each sees
-/// itself, the cached tokens and the new ones before it, within `window` if one is given.
-pub fn cached_bias(past: usize, s: usize, window: Option<usize>, dev: &Device) -> Result<Tensor> {
-    let total = past + s;
-    let mut bias = Vec::with_capacity(s * total);
-    for i in 0..s {
-        let qi = past + i;
-        for j in 0..total {
-            let in_window = window.is_none_or(|w| qi - j.min(qi) < w);
-            bias.push(if j <= qi && in_window { 0f32 } else { -1.0e9 });
-        }
-    }
-    Ok(Tensor::from_vec(bias, (1, 1, s, total), dev)?)
 }
 
 /// Summed cross-entropy of `lm_head` over `hidden` `[batch, seq, hidden]` at `positions` (flat

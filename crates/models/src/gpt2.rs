@@ -8,8 +8,8 @@ use crate::model::{CausalLm, Dimensions, KvCache, Model, ModelConfig, Task};
 use crate::registry::Architecture;
 use candle_core::{DType, Tensor};
 use lorakit_adapter::{Frozen, LayerBuilder, LoraLinear};
-use lorakit_ops::attention;
-use lorakit_ops::layers::{layer_norm, packed_positions, segment_bias};
+use lorakit_ops::attention::{self, AttnMask};
+use lorakit_ops::layers::{layer_norm, packed_positions};
 use serde::Deserialize;
 use serde_json::Value;
 use std::path::Path;
@@ -232,7 +232,7 @@ impl Block {
     fn forward(
         &self,
         x: &Tensor,
-        bias: &Tensor,
+        mask: &AttnMask,
         cfg: &Gpt2Config,
         train: bool,
         slot: Option<&mut Option<(Tensor, Tensor)>>,
@@ -245,7 +245,7 @@ impl Block {
         let v = qkv.narrow(2, 2 * h, h)?.contiguous()?;
         let heads = cfg.n_head;
         let out = match slot {
-            None => attention::attention_heads_last(&q, &k, &v, bias, heads, heads)?,
+            None => attention::attention_heads_last(&q, &k, &v, mask, heads, heads)?,
             Some(slot) => {
                 let (q, mut k, mut v) = attention::split_heads(&q, &k, &v, heads, heads)?;
                 if let Some((pk, pv)) = slot.as_ref() {
@@ -253,7 +253,7 @@ impl Block {
                     v = Tensor::cat(&[pv, &v], 2)?;
                 }
                 *slot = Some((k.clone(), v.clone()));
-                attention::attention(&q, &k, &v, bias)?
+                attention::attention(&q, &k, &v, mask)?
             }
         };
         let x = (x + self.attn_proj.forward_t(&out, train)?)?;
@@ -338,27 +338,26 @@ impl Gpt2 {
         Ok(x.reshape((b, s, self.cfg.n_embd))?)
     }
 
-    /// Embeddings and attention bias of a full-sequence pass; packed rows (segment numbers in
+    /// Embeddings and attention mask of a full-sequence pass; packed rows (segment numbers in
     /// the mask) restart their positions at each example.
-    fn inputs(&self, input_ids: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+    fn inputs(&self, input_ids: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, AttnMask)> {
         let segments = decoder::segments(input_ids, mask)?;
         let (b, s) = input_ids.dims2()?;
         let positions = packed_positions(&segments).unwrap_or_else(|| vec![(0..s).collect(); b]);
         let x = self.embed(input_ids, &positions)?;
-        let bias = segment_bias(&segments, None, x.device())?;
-        Ok((x, bias))
+        Ok((x, AttnMask::causal(&segments, None)?))
     }
 
     fn blocks_forward(
         &self,
         mut x: Tensor,
-        bias: &Tensor,
+        mask: &AttnMask,
         train: bool,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         for (i, block) in self.blocks.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = block.forward(&x, bias, &self.cfg, train, slot)?;
+            x = block.forward(&x, mask, &self.cfg, train, slot)?;
         }
         self.ln_f.forward(&x, self.cfg.layer_norm_epsilon)
     }
@@ -409,8 +408,8 @@ impl CausalLm for Gpt2 {
         attention_mask: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
-        let (x, bias) = self.inputs(input_ids, attention_mask)?;
-        self.blocks_forward(x, &bias, train, None)
+        let (x, mask) = self.inputs(input_ids, attention_mask)?;
+        self.blocks_forward(x, &mask, train, None)
     }
 
     fn head_loss(
@@ -439,11 +438,11 @@ impl CausalLm for Gpt2 {
         scale: f64,
         vars: &[Tensor],
     ) -> Result<(f32, Vec<Option<Tensor>>)> {
-        let (x, bias) = self.inputs(input_ids, attention_mask)?;
+        let (x, mask) = self.inputs(input_ids, attention_mask)?;
         decoder::checkpointed_loss_and_grads(
             x,
             self.blocks.len(),
-            |i, x| self.blocks[i].forward(x, &bias, &self.cfg, true, None),
+            |i, x| self.blocks[i].forward(x, &mask, &self.cfg, true, None),
             |top| {
                 let hidden = self.ln_f.forward(top, self.cfg.layer_norm_epsilon)?;
                 self.head_loss(&hidden, positions, labels, true)
@@ -467,7 +466,7 @@ impl CausalLm for Gpt2 {
             )));
         }
         let x = self.embed(input_ids, positions)?;
-        let hidden = self.blocks_forward(x, bias, false, None)?;
+        let hidden = self.blocks_forward(x, &AttnMask::bias(bias.clone()), false, None)?;
         let d = hidden.dim(2)?;
         let picked = hidden.reshape((b * s, d))?.index_select(at, 0)?;
         self.logits(&picked, false)
@@ -482,8 +481,7 @@ impl CausalLm for Gpt2 {
         let past = cache.len;
         let total = past + s;
         let x = self.embed(input_ids, &[(past..total).collect()])?;
-        let bias = decoder::cached_bias(past, s, None, x.device())?;
-        let hidden = self.blocks_forward(x, &bias, false, Some(cache))?;
+        let hidden = self.blocks_forward(x, &AttnMask::cached(past, None), false, Some(cache))?;
         cache.len = total;
         self.logits(&hidden, false)
     }

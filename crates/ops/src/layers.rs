@@ -130,50 +130,6 @@ pub fn rope_tables_at(
     Ok((rows(&cos)?, rows(&sin)?))
 }
 
-/// Additive attention bias `[b, 1, s, s]` in f32: 0 where query i may see key j, a large
-/// negative number elsewhere. Key j is visible when j ≤ i, it lies within the sliding window,
-/// it is no padding, and it belongs to the query's example (see [`mask_segments`]: so packed
-/// examples never see each other). A finite value keeps rows that see nothing free of NaN.
-pub fn attention_bias(
-    batch: usize,
-    seq: usize,
-    key_mask: Option<&Tensor>,
-    sliding_window: Option<usize>,
-    device: &Device,
-) -> Result<Tensor> {
-    let segments = match key_mask {
-        Some(m) => mask_segments(m)?,
-        None => vec![vec![1; seq]; batch],
-    };
-    segment_bias(&segments, sliding_window, device)
-}
-
-/// [`attention_bias`] of mask rows already read (`segments`, `[b][s]`).
-pub fn segment_bias(
-    segments: &[Vec<u32>],
-    sliding_window: Option<usize>,
-    device: &Device,
-) -> Result<Tensor> {
-    const NEG: f32 = -1.0e9;
-    let batch = segments.len();
-    let seq = segments.first().map(|r| r.len()).unwrap_or(0);
-    let mut bias = Vec::with_capacity(batch * seq * seq);
-    for row in segments.iter() {
-        if row.len() != seq {
-            candle_core::bail!("attention mask rows differ in length");
-        }
-        for (i, q) in row.iter().enumerate() {
-            for (j, k) in row.iter().enumerate() {
-                let in_window = sliding_window.is_none_or(|w| i - j.min(i) < w);
-                // a padding query (segment 0) looks at every earlier token, as it always has
-                let ok = j <= i && *k != 0 && in_window && (*q == 0 || q == k);
-                bias.push(if ok { 0.0 } else { NEG });
-            }
-        }
-    }
-    Tensor::from_vec(bias, (batch, 1, seq, seq), device)
-}
-
 /// Additive bias `[b, 1, s, s]` hiding key j from query i when `positions[i] − positions[j]`
 /// reaches `window` (0 elsewhere): a sliding window over rows whose tokens carry explicit
 /// positions, to add to a bias that says what else each token sees.
@@ -198,6 +154,7 @@ pub fn window_bias_at(positions: &[Vec<usize>], window: usize, device: &Device) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::attention::AttnMask;
 
     #[test]
     fn packed_examples_see_only_themselves_and_positions_restart() -> Result<()> {
@@ -209,7 +166,8 @@ mod tests {
             Some(vec![vec![0, 1, 0, 1, 2, 0], vec![0, 1, 2, 3, 4, 5]])
         );
         assert_eq!(packed_positions(&[vec![1, 1, 0]]), None);
-        let b: Vec<Vec<Vec<f32>>> = attention_bias(2, 6, Some(&m), None, &dev)?
+        let b: Vec<Vec<Vec<f32>>> = AttnMask::causal(&segments, None)?
+            .to_bias(2, 6, 6, &dev)?
             .squeeze(1)?
             .to_vec3::<f32>()?;
         let seen = |row: usize, i: usize| -> Vec<usize> {
@@ -242,7 +200,8 @@ mod tests {
     fn mask_combines_causal_padding_and_window() -> Result<()> {
         let dev = Device::Cpu;
         let m = Tensor::new(&[[1u32, 1, 1, 0]], &dev)?;
-        let b = attention_bias(1, 4, Some(&m), Some(2), &dev)?
+        let b = AttnMask::causal(&mask_segments(&m)?, Some(2))?
+            .to_bias(1, 4, 4, &dev)?
             .squeeze(0)?
             .squeeze(0)?;
         let allowed: Vec<Vec<bool>> = b

@@ -3,10 +3,10 @@
 //! cubins with the `cuda` feature) or a composed candle fallback. Knows no model and no adapter.
 //!
 //! Entry points (each chooses its implementation itself; callers never test device or dtype):
-//! - [`layers::rms_norm`], [`layers::apply_rope`], [`layers::rope_tables`],
-//!   [`layers::attention_bias`], [`fused::swiglu`]
+//! - [`layers::rms_norm`], [`layers::apply_rope`], [`layers::rope_tables`], [`fused::swiglu`]
 //! - [`attention::attention`] (any layout `[b, heads, s, d]`), [`attention::rope_attention`]
-//!   (the projections' `[b, s, heads·d]` outputs, rotary embedding included)
+//!   (the projections' `[b, s, heads·d]` outputs, rotary embedding included), under an
+//!   [`attention::AttnMask`] (causal, window, padding, packed examples: a rule, no dense matrix)
 //! - [`fused::cross_entropy`], [`chunked_loss::linear_cross_entropy`] (a frozen output head and
 //!   its loss, chunked over rows)
 //! - [`frozen::frozen_matmul`], [`frozen::frozen_mul`], [`frozen::frozen_add`] (products with a

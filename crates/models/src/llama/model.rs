@@ -5,10 +5,9 @@ use crate::error::{ModelError, Result};
 use crate::model::{CausalLm, KvCache, ModelConfig};
 use candle_core::{DType, Module, Tensor};
 use lorakit_adapter::{Frozen, LayerBuilder, LoraLinear};
-use lorakit_ops::attention;
+use lorakit_ops::attention::{self, AttnMask};
 use lorakit_ops::layers::{
-    apply_rope, packed_positions, rms_norm, rope_tables, rope_tables_at, segment_bias,
-    window_bias_at,
+    apply_rope, packed_positions, rms_norm, rope_tables, rope_tables_at, window_bias_at,
 };
 
 /// The q, k and v projections: three modules, or Phi-3's one `qkv_proj` whose output rows are
@@ -114,7 +113,7 @@ impl Attention {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        bias: &Tensor,
+        mask: &AttnMask,
         train: bool,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
@@ -128,7 +127,7 @@ impl Attention {
             q = (q * f)?;
         }
         let Some(slot) = cache else {
-            let out = attention::rope_attention(&q, &k, &v, cos, sin, bias, h, kv)?;
+            let out = attention::rope_attention(&q, &k, &v, cos, sin, mask, h, kv)?;
             return Ok(self.o_proj.forward_t(&out, train)?);
         };
         // generation: keys and values after RoPE are kept, in `[b, kv_heads, t, d]`
@@ -140,7 +139,7 @@ impl Attention {
             v = Tensor::cat(&[pv, &v], 2)?;
         }
         *slot = Some((k.clone(), v.clone()));
-        let out = attention::attention(&q, &k, &v, bias)?;
+        let out = attention::attention(&q, &k, &v, mask)?;
         Ok(self.o_proj.forward_t(&out, train)?)
     }
 }
@@ -238,15 +237,15 @@ struct DecoderLayer {
     mlp: Mlp,
 }
 
-/// Rotary tables and attention bias of one kind of layer.
+/// Rotary tables and attention mask of one kind of layer.
 #[derive(Clone)]
 struct KindInputs {
     cos: Tensor,
     sin: Tensor,
-    bias: Tensor,
+    mask: AttnMask,
 }
 
-/// What the layers of one forward pass share: rotary tables and attention bias per layer kind
+/// What the layers of one forward pass share: rotary tables and attention mask per layer kind
 /// (only the kinds the model has).
 struct LayerInputs {
     full: Option<KindInputs>,
@@ -276,7 +275,7 @@ impl DecoderLayer {
         let h = rms_norm(x, &self.input_layernorm, eps)?;
         let attn = self
             .self_attn
-            .forward(&h, &t.cos, &t.sin, &t.bias, train, slot)?;
+            .forward(&h, &t.cos, &t.sin, &t.mask, train, slot)?;
         let Some((pre_ff, post_ff)) = &self.feedforward_norms else {
             let x = (x + attn)?;
             let h = rms_norm(&x, &self.post_attention_layernorm, eps)?;
@@ -396,17 +395,17 @@ impl Llama {
         Ok([full, sliding])
     }
 
-    /// Pairs the rotary tables with each kind's attention bias.
+    /// Pairs the rotary tables with each kind's attention mask.
     fn by_kind(
         [full, sliding]: [Option<(Tensor, Tensor)>; 2],
-        mut bias: impl FnMut(LayerKind) -> Result<Tensor>,
+        mut mask: impl FnMut(LayerKind) -> Result<AttnMask>,
     ) -> Result<LayerInputs> {
         let mut make = |t: Option<(Tensor, Tensor)>, kind| -> Result<Option<KindInputs>> {
             t.map(|(cos, sin)| {
                 Ok(KindInputs {
                     cos,
                     sin,
-                    bias: bias(kind)?,
+                    mask: mask(kind)?,
                 })
             })
             .transpose()
@@ -423,7 +422,7 @@ impl Llama {
     }
 
     /// The checked inputs of a full-sequence pass: embeddings, and rotary tables and attention
-    /// bias per layer kind.
+    /// mask per layer kind.
     fn inputs(
         &self,
         input_ids: &Tensor,
@@ -432,29 +431,17 @@ impl Llama {
         let segments = decoder::segments(input_ids, attention_mask)?;
         let s = input_ids.dim(1)?;
         let x = self.embed(input_ids)?;
-        let dev = &self.embed_tokens.device();
         // rows that pack several examples: positions restart at each one
         let positions = packed_positions(&segments);
         let tables = self.rope_by_kind(positions.as_deref(), s, x.dtype())?;
         let window = self.window_within(s);
-        let mut full: Option<Tensor> = None;
         let inputs = Self::by_kind(tables, |kind| {
             let w = if kind == LayerKind::Sliding {
                 window
             } else {
                 None
             };
-            // a window longer than the rows changes nothing: both kinds share one bias
-            if w.is_none() {
-                if let Some(f) = &full {
-                    return Ok(f.clone());
-                }
-            }
-            let bias = segment_bias(&segments, w, dev)?;
-            if w.is_none() {
-                full = Some(bias.clone());
-            }
-            Ok(bias)
+            Ok(AttnMask::causal(&segments, w)?)
         })?;
         Ok((x, inputs))
     }
@@ -618,10 +605,10 @@ impl CausalLm for Llama {
         let tables = self.rope_by_kind(Some(positions), s, x.dtype())?;
         let shared = Self::by_kind(tables, |kind| match self.cfg.sliding_window {
             // the window counts positions, so the caller's bias knows nothing of it
-            Some(w) if kind == LayerKind::Sliding => {
-                Ok((bias + window_bias_at(positions, w, &dev)?)?)
-            }
-            _ => Ok(bias.clone()),
+            Some(w) if kind == LayerKind::Sliding => Ok(AttnMask::bias(
+                (bias + window_bias_at(positions, w, &dev)?)?,
+            )),
+            _ => Ok(AttnMask::bias(bias.clone())),
         })?;
         let hidden = self.layers_forward(x, &shared, false, None)?;
         let d = hidden.dim(2)?;
@@ -643,7 +630,6 @@ impl CausalLm for Llama {
     fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let s = decoder::cached_len(input_ids)?;
         let x = self.embed(input_ids)?;
-        let dev = x.device().clone();
         let past = cache.len;
         let total = past + s;
         let mut tables = self.rope_by_kind(None, total, x.dtype())?;
@@ -657,7 +643,7 @@ impl CausalLm for Llama {
             } else {
                 None
             };
-            decoder::cached_bias(past, s, w, &dev)
+            Ok(AttnMask::cached(past, w))
         })?;
         let hidden = self.layers_forward(x, &shared, false, Some(cache))?;
         cache.len = total;

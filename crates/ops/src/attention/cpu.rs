@@ -1,65 +1,87 @@
-//! Fused attention core on the CPU (f32): `softmax(q·kᵀ/√d + bias)·v` for every head, with
-//! grouped kv heads read in place (no `repeat_kv` copies) and the output written straight in
-//! the `[b, s, heads·d]` layout the output projection reads. The composed version costs about
-//! ten passes over `[b, heads, s, t]` buffers (copies, scale, bias, softmax, transposes) and as
-//! many in its backward pass; here each head is a few calls of the `gemm` crate's kernels plus
-//! one softmax pass. The forward pass keeps the probabilities for the backward pass, like the
-//! composed version does. Checked against the composed version (values and gradients) below.
+//! Tiled attention on the CPU (f32), `softmax(q·kᵀ/√d + mask)·v`, as flash attention computes
+//! it: queries in blocks of [`BQ`] rows meet keys in blocks of [`BK`]; each tile's scores live
+//! in a small buffer only while the block is processed, and an online softmax (running row max
+//! and sum, the partial output rescaled as the max grows) folds the tiles together. Only each
+//! row's log-sum-exp is kept for the backward pass, which recomputes a tile's probabilities
+//! from it. Tiles the mask hides are never computed (causal blocks above the diagonal, blocks
+//! outside a sliding window, other packed examples, padding); grouped kv heads are read in
+//! place and the inputs in the projections' layout (no transposes). Time and memory are then
+//! those of the visible tiles: memory linear in the sequence length.
+//! Checked against the composed candle attention (values and gradients) below.
+use super::mask::{AttnMask, MaskRule, Tile};
 use crate::cpu_gemm::{gemm_f32, Threads};
-use crate::softmax_row::softmax_in_place;
+use crate::softmax_row::{exp_shifted_in_place, max, scale as scale_row};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
-/// Causal (or any biased) attention of `q` `[b, heads, s, d]` over `k`, `v`
-/// `[b, kv_heads, t, d]` with an additive f32 `bias` `[1 or b, 1, s, t]`, returning
-/// `[b, s, heads·d]`; differentiable in q, k and v. `None` when the fused kernel does not apply
-/// (not CPU f32): use the composed version.
-pub fn try_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Option<Result<Tensor>> {
-    fused(q, k, v, bias, None)
+/// Query rows per tile.
+pub const BQ: usize = 64;
+/// Key rows per tile.
+pub const BK: usize = 256;
+
+/// Attention of `q` `[b, heads, s, d]` over `k`, `v` `[b, kv_heads, t, d]`, returning
+/// `[b, s, heads·d]`; differentiable in q, k and v. `None` when the kernel does not apply
+/// (not CPU f32).
+pub fn try_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttnMask,
+) -> Option<Result<Tensor>> {
+    tiled(q, k, v, mask, None)
 }
 
-/// [`attention`] with q `[b, s, heads·d]` and k, v `[b, t, kv_heads·d]`: the projections'
-/// outputs as they are, heads side by side, so no transposes (and none in the backward pass).
+/// [`try_attention`] with q `[b, s, heads·d]` and k, v `[b, t, kv_heads·d]`: the projections'
+/// outputs as they are, heads side by side.
 pub fn try_attention_heads_last(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    bias: &Tensor,
+    mask: &AttnMask,
     heads: usize,
     kv_heads: usize,
 ) -> Option<Result<Tensor>> {
-    fused(q, k, v, bias, Some((heads, kv_heads)))
+    tiled(q, k, v, mask, Some((heads, kv_heads)))
 }
 
-fn fused(
+fn tiled(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    bias: &Tensor,
+    mask: &AttnMask,
     heads_last: Option<(usize, usize)>,
 ) -> Option<Result<Tensor>> {
     let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-    if !(cpu_f32(q) && cpu_f32(k) && cpu_f32(v) && cpu_f32(bias)) {
+    let bias_ok = match mask {
+        AttnMask::Bias(b) => cpu_f32(b),
+        AttnMask::Rule(_) => true,
+    };
+    if !(cpu_f32(q) && cpu_f32(k) && cpu_f32(v) && bias_ok) {
         return None;
     }
     Some((|| {
-        let op = FusedAttention {
-            bias: bias.contiguous()?,
+        let mask = match mask {
+            AttnMask::Bias(b) => AttnMask::Bias(b.contiguous()?),
+            m => m.clone(),
+        };
+        let op = TiledAttention {
+            mask,
             heads_last,
-            probs: Mutex::new(None),
+            lse: Mutex::new(None),
         };
         q.contiguous()?
             .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
     })())
 }
 
-struct FusedAttention {
-    bias: Tensor,
+struct TiledAttention {
+    mask: AttnMask,
     /// `Some((heads, kv_heads))`: inputs are `[b, s, heads·d]`, else `[b, heads, s, d]`.
     heads_last: Option<(usize, usize)>,
-    /// `[b, heads, s, t]`, written by the forward pass for the backward pass.
-    probs: Mutex<Option<Vec<f32>>>,
+    /// Log-sum-exp of every score row, `[b, heads, s]` (+∞ for a row that sees nothing),
+    /// written by the forward pass for the backward pass.
+    lse: Mutex<Option<Vec<f32>>>,
 }
 
 /// Sizes of one call, and where each head lives in the inputs.
@@ -71,8 +93,6 @@ struct Dims {
     s: usize,
     t: usize,
     d: usize,
-    /// Batch size of the bias (1: shared by every row).
-    bias_b: usize,
     heads_last: bool,
 }
 
@@ -81,7 +101,6 @@ impl Dims {
         lq: &Layout,
         lk: &Layout,
         lv: &Layout,
-        bias: &[usize],
         heads_last: Option<(usize, usize)>,
     ) -> Result<Self> {
         let misfit = || {
@@ -117,10 +136,6 @@ impl Dims {
         if kv == 0 || heads % kv != 0 {
             candle_core::bail!("attention: {heads} heads are not a multiple of {kv} kv heads");
         }
-        let bias_b = match bias {
-            [bb, 1, bs, bt] if (*bb == 1 || *bb == b) && *bs == s && *bt == t => *bb,
-            _ => candle_core::bail!("attention: bias {bias:?} does not fit [{b}, 1, {s}, {t}]"),
-        };
         Ok(Dims {
             b,
             heads,
@@ -128,7 +143,6 @@ impl Dims {
             s,
             t,
             d,
-            bias_b,
             heads_last: heads_last.is_some(),
         })
     }
@@ -164,6 +178,60 @@ impl Dims {
             ((bi * self.kv + kvi) * self.t * self.d, self.d)
         }
     }
+
+    /// Offset of head `hi`, batch row `bi` in the `[b, s, heads·d]` output (rows `heads·d` apart).
+    fn out_at(&self, bi: usize, hi: usize) -> usize {
+        bi * self.s * self.heads * self.d + hi * self.d
+    }
+
+    fn q_blocks(&self) -> usize {
+        self.s.div_ceil(BQ)
+    }
+}
+
+/// The mask as the kernels read it: a rule, or the dense bias's data.
+#[derive(Clone, Copy)]
+enum MaskView<'a> {
+    Rule(&'a MaskRule),
+    /// Bias data `[bias_b, 1, s, t]`.
+    Bias(&'a [f32], usize),
+}
+
+impl MaskView<'_> {
+    fn key_range(&self, i0: usize, i1: usize, t: usize) -> (usize, usize) {
+        match self {
+            MaskView::Rule(r) => r.key_range(i0, i1, t),
+            MaskView::Bias(..) => (0, t),
+        }
+    }
+
+    fn query_range(&self, j0: usize, j1: usize, s: usize) -> (usize, usize) {
+        match self {
+            MaskView::Rule(r) => r.query_range(j0, j1, s),
+            MaskView::Bias(..) => (0, s),
+        }
+    }
+
+    fn tile(&self, bi: usize, i: (usize, usize), j: (usize, usize)) -> Tile {
+        match self {
+            MaskView::Rule(r) => r.tile(bi, i, j),
+            MaskView::Bias(..) => Tile::Partial,
+        }
+    }
+
+    /// Masks query `i`'s scores for keys `j0..`: −∞ where hidden, or the bias added.
+    fn apply(&self, bi: usize, i: usize, j0: usize, (s, t): (usize, usize), row: &mut [f32]) {
+        match self {
+            MaskView::Rule(r) => r.hide(bi, i, j0, row),
+            MaskView::Bias(bias, bias_b) => {
+                let at = ((bi % bias_b) * s + i) * t + j0;
+                let n = row.len();
+                row.iter_mut()
+                    .zip(&bias[at..at + n])
+                    .for_each(|(x, c)| *x += c);
+            }
+        }
+    }
 }
 
 fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -181,15 +249,35 @@ fn cpu_data<'a>(s: &'a Storage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     }
 }
 
-/// A raw pointer that rayon tasks may share; every task writes a disjoint part.
+/// A raw pointer that rayon tasks may share; every task writes a disjoint part (or holds the
+/// lock of the part it adds to).
 #[derive(Clone, Copy)]
 struct Out(*mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
-impl CustomOp3 for FusedAttention {
+impl TiledAttention {
+    /// Runs `f` with the mask's view (the bias's storage borrowed for the call).
+    fn with_mask<R>(&self, dm: &Dims, f: impl FnOnce(MaskView) -> Result<R>) -> Result<R> {
+        self.mask.check(dm.b, dm.s, dm.t)?;
+        match &self.mask {
+            AttnMask::Rule(r) => f(MaskView::Rule(r)),
+            AttnMask::Bias(b) => {
+                let (st, l) = b.storage_and_layout();
+                let data = cpu_data(&st, l, "bias")?;
+                f(MaskView::Bias(data, b.dim(0)?))
+            }
+        }
+    }
+
+    fn poisoned() -> candle_core::Error {
+        candle_core::Error::Msg("attention: poisoned".into())
+    }
+}
+
+impl CustomOp3 for TiledAttention {
     fn name(&self) -> &'static str {
-        "fused-attention"
+        "tiled-attention"
     }
 
     fn cpu_fwd(
@@ -201,63 +289,29 @@ impl CustomOp3 for FusedAttention {
         sv: &CpuStorage,
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dm = Dims::of(lq, lk, lv, self.bias.dims(), self.heads_last)?;
+        let dm = Dims::of(lq, lk, lv, self.heads_last)?;
         let (q, k, v) = (f32s(sq, lq, "q")?, f32s(sk, lk, "k")?, f32s(sv, lv, "v")?);
-        let Dims {
-            b, heads, s, t, d, ..
-        } = dm;
-        let mut probs = vec![0f32; b * heads * s * t];
+        let Dims { b, heads, s, d, .. } = dm;
         let mut out = vec![0f32; b * s * heads * d];
-        let dst = Out(out.as_mut_ptr());
-        let (bias_storage, bias_layout) = self.bias.storage_and_layout();
-        let bias = cpu_data(&bias_storage, bias_layout, "bias")?;
-        probs.par_chunks_mut(s * t).enumerate().for_each(|(bh, p)| {
-            let (bi, hi) = (bh / heads, bh % heads);
-            let (qo, q_rs) = dm.q_at(bi, hi);
-            let (ko, kv_rs) = dm.kv_at(bi, hi / dm.rep());
-            let bias = &bias[(bi % dm.bias_b) * s * t..];
-            let o = dst;
-            // SAFETY: offsets and strides stay inside the operands (checked shapes);
-            // each task writes its own probabilities and its own head's columns of `out`.
-            unsafe {
-                // scores = scale · q kᵀ
-                gemm_f32(
-                    (s, t, d),
-                    p.as_mut_ptr(),
-                    t,
-                    false,
-                    q[qo..].as_ptr(),
-                    (q_rs, 1),
-                    k[ko..].as_ptr(),
-                    (1, kv_rs),
-                    dm.scale(),
-                    Threads::One,
-                );
-            }
-            for (row, brow) in p.chunks_mut(t).zip(bias.chunks(t)) {
-                row.iter_mut().zip(brow).for_each(|(x, c)| *x += c);
-                softmax_in_place(row);
-            }
-            unsafe {
-                // out[bi, :, hi, :] = probs · v
-                gemm_f32(
-                    (s, d, t),
-                    o.0.add(bi * s * heads * d + hi * d),
-                    heads * d,
-                    false,
-                    p.as_ptr(),
-                    (t, 1),
-                    v[ko..].as_ptr(),
-                    (kv_rs, 1),
-                    1.0,
-                    Threads::One,
-                );
-            }
-        });
-        *self
-            .probs
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("attention: poisoned".into()))? = Some(probs);
+        let mut lse = vec![0f32; b * heads * s];
+        let (dst, lse_dst) = (Out(out.as_mut_ptr()), Out(lse.as_mut_ptr()));
+        let nqb = dm.q_blocks();
+        self.with_mask(&dm, |mask| {
+            (0..b * heads * nqb).into_par_iter().for_each(|task| {
+                let (bh, qb) = (task / nqb, task % nqb);
+                let (bi, hi) = (bh / heads, bh % heads);
+                let i0 = qb * BQ;
+                let i1 = (i0 + BQ).min(s);
+                let (o, l) = (dst, lse_dst);
+                // SAFETY: this task alone writes rows i0..i1 of head hi of row bi in `out`
+                // and `lse`; the reads stay inside the checked operands.
+                unsafe {
+                    forward_block(&dm, mask, (q, k, v), (bi, hi), (i0, i1), o.0, l.0);
+                }
+            });
+            Ok(())
+        })?;
+        *self.lse.lock().map_err(|_| Self::poisoned())? = Some(lse);
         Ok((CpuStorage::F32(out), Shape::from((b, s, heads * d))))
     }
 
@@ -266,133 +320,325 @@ impl CustomOp3 for FusedAttention {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let probs = self
-            .probs
+        let lse = self
+            .lse
             .lock()
-            .map_err(|_| candle_core::Error::Msg("attention: poisoned".into()))?
-            .take();
-        let Some(probs) = probs else {
-            candle_core::bail!("attention: backward without a forward pass");
-        };
-        let grad = grad.contiguous()?;
-        let dm = Dims::of(
-            q.layout(),
-            k.layout(),
-            v.layout(),
-            self.bias.dims(),
-            self.heads_last,
-        )?;
+            .map_err(|_| Self::poisoned())?
+            .clone()
+            .ok_or_else(|| {
+                candle_core::Error::Msg("attention: backward without a forward pass".into())
+            })?;
+        let (grad, res) = (grad.contiguous()?, res.contiguous()?);
+        let dm = Dims::of(q.layout(), k.layout(), v.layout(), self.heads_last)?;
         let Dims {
             b,
             heads,
             s,
-            t,
             d,
             kv,
+            t,
             ..
         } = dm;
-        let rep = dm.rep();
+        let (q_shape, kv_shape, dev) = (q.shape().clone(), k.shape().clone(), q.device().clone());
+        let guards = [q, k, v, &grad, &res].map(|t| t.storage_and_layout());
+        let [q, k, v, g, o] = [("q", 0), ("k", 1), ("v", 2), ("grad", 3), ("output", 4)]
+            .map(|(what, i)| cpu_data(&guards[i].0, guards[i].1, what));
+        let (q, k, v, g, o) = (q?, k?, v?, g?, o?);
+        // D = Σ_d dout ∘ out per row, [b, heads, s]
+        let mut dsum = vec![0f32; b * heads * s];
+        dsum.par_chunks_mut(s).enumerate().for_each(|(bh, row)| {
+            let at = dm.out_at(bh / heads, bh % heads);
+            for (i, x) in row.iter_mut().enumerate() {
+                let r = at + i * heads * d;
+                let dot: f64 = g[r..r + d]
+                    .iter()
+                    .zip(&o[r..r + d])
+                    .map(|(a, b)| (a * b) as f64)
+                    .sum();
+                *x = dot as f32;
+            }
+        });
         let mut dq = vec![0f32; b * heads * s * d];
         let mut dk = vec![0f32; b * kv * t * d];
         let mut dv = vec![0f32; b * kv * t * d];
-        let (pq, pk, pv) = (
+        let nqb = dm.q_blocks();
+        let locks: Vec<Mutex<()>> = (0..b * heads * nqb).map(|_| Mutex::new(())).collect();
+        let ptrs = (
             Out(dq.as_mut_ptr()),
             Out(dk.as_mut_ptr()),
             Out(dv.as_mut_ptr()),
         );
-        let (q_shape, kv_shape, dev) = (q.shape().clone(), k.shape().clone(), q.device().clone());
-        let guards = [q, k, v, &grad].map(|t| t.storage_and_layout());
-        let [q, k, v, g] = [("q", 0), ("k", 1), ("v", 2), ("grad", 3)]
-            .map(|(what, i)| cpu_data(&guards[i].0, guards[i].1, what));
-        let (q, k, v, g) = (q?, k?, v?, g?);
-        (0..b * kv).into_par_iter().for_each(|group| {
-            let (bi, kvi) = (group / kv, group % kv);
-            let (ko, kv_rs) = dm.kv_at(bi, kvi);
-            let (dqp, dkp, dvp) = (pq, pk, pv);
-            let mut ds = vec![0f32; s * t];
-            for r in 0..rep {
-                let hi = kvi * rep + r;
-                let bh = bi * heads + hi;
-                let p = &probs[bh * s * t..(bh + 1) * s * t];
-                let (qo, q_rs) = dm.q_at(bi, hi);
-                let go = g[bi * s * heads * d + hi * d..].as_ptr();
-                let first = r == 0;
-                // SAFETY: as in the forward pass; this task alone writes its
-                // group's heads of dq and its kv head of dk and dv.
-                unsafe {
-                    // dv += pᵀ · dout
-                    gemm_f32(
-                        (t, d, s),
-                        dvp.0.add(ko),
-                        kv_rs,
-                        !first,
-                        p.as_ptr(),
-                        (1, t),
-                        go,
-                        (heads * d, 1),
-                        1.0,
-                        Threads::One,
-                    );
-                    // dp = dout · vᵀ
-                    gemm_f32(
-                        (s, t, d),
-                        ds.as_mut_ptr(),
-                        t,
-                        false,
-                        go,
-                        (heads * d, 1),
-                        v[ko..].as_ptr(),
-                        (1, kv_rs),
-                        1.0,
-                        Threads::One,
-                    );
-                }
-                // ds = p ∘ (dp − Σ dp∘p)
-                for (dsr, pr) in ds.chunks_mut(t).zip(p.chunks(t)) {
-                    let dot: f64 = dsr.iter().zip(pr).map(|(a, b)| (a * b) as f64).sum();
-                    let dot = dot as f32;
-                    dsr.iter_mut()
-                        .zip(pr)
-                        .for_each(|(x, pj)| *x = pj * (*x - dot));
-                }
-                unsafe {
-                    // dq = scale · ds · k
-                    gemm_f32(
-                        (s, d, t),
-                        dqp.0.add(qo),
-                        q_rs,
-                        false,
-                        ds.as_ptr(),
-                        (t, 1),
-                        k[ko..].as_ptr(),
-                        (kv_rs, 1),
-                        dm.scale(),
-                        Threads::One,
-                    );
-                    // dk += scale · dsᵀ · q
-                    gemm_f32(
-                        (t, d, s),
-                        dkp.0.add(ko),
-                        kv_rs,
-                        !first,
-                        ds.as_ptr(),
-                        (1, t),
-                        q[qo..].as_ptr(),
-                        (q_rs, 1),
-                        dm.scale(),
-                        Threads::One,
-                    );
-                }
-            }
-        });
+        let nkb = t.div_ceil(BK);
+        self.with_mask(&dm, |mask| {
+            (0..b * kv * nkb).into_par_iter().try_for_each(|task| {
+                let (group, kb) = (task / nkb, task % nkb);
+                let (bi, kvi) = (group / kv, group % kv);
+                let j0 = kb * BK;
+                let j1 = (j0 + BK).min(t);
+                let ctx = BackwardCtx {
+                    dm: &dm,
+                    mask,
+                    q,
+                    k,
+                    v,
+                    g,
+                    lse: &lse,
+                    dsum: &dsum,
+                    locks: &locks,
+                };
+                // SAFETY: this task alone writes rows j0..j1 of kv head kvi of row bi in dk
+                // and dv; it adds to dq only under the lock of the query block it adds to.
+                unsafe { ctx.key_block((bi, kvi), (j0, j1), ptrs) }
+            })
+        })?;
         Ok((
             Some(Tensor::from_vec(dq, q_shape, &dev)?),
             Some(Tensor::from_vec(dk, kv_shape.clone(), &dev)?),
             Some(Tensor::from_vec(dv, kv_shape, &dev)?),
         ))
+    }
+}
+
+/// Output rows `i0..i1` of head `hi` of batch row `bi`, and their log-sum-exps.
+///
+/// # Safety
+/// `out` and `lse` must be the `[b, s, heads·d]` and `[b, heads, s]` buffers of `dm`, with no
+/// one else writing those rows meanwhile.
+unsafe fn forward_block(
+    dm: &Dims,
+    mask: MaskView,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    (bi, hi): (usize, usize),
+    (i0, i1): (usize, usize),
+    out: *mut f32,
+    lse: *mut f32,
+) {
+    let Dims { s, t, d, heads, .. } = *dm;
+    let rows = i1 - i0;
+    let (qo, q_rs) = dm.q_at(bi, hi);
+    let (ko, kv_rs) = dm.kv_at(bi, hi / dm.rep());
+    let mut scores = vec![0f32; BQ * BK];
+    let mut acc = vec![0f32; rows * d];
+    let mut m = vec![f32::NEG_INFINITY; rows];
+    let mut l = vec![0f64; rows];
+    let (lo, hi_k) = mask.key_range(i0, i1, t);
+    let mut j0 = lo - lo % BK;
+    while j0 < hi_k {
+        let j1 = (j0 + BK).min(t);
+        let cols = j1 - j0;
+        let tile = mask.tile(bi, (i0, i1), (j0, j1));
+        if tile != Tile::Skip {
+            // scores = scale · q kᵀ
+            gemm_f32(
+                (rows, cols, d),
+                scores.as_mut_ptr(),
+                BK,
+                false,
+                q[qo + i0 * q_rs..].as_ptr(),
+                (q_rs, 1),
+                k[ko + j0 * kv_rs..].as_ptr(),
+                (1, kv_rs),
+                dm.scale(),
+                Threads::One,
+            );
+            for r in 0..rows {
+                let row = &mut scores[r * BK..r * BK + cols];
+                if tile == Tile::Partial {
+                    mask.apply(bi, i0 + r, j0, (s, t), row);
+                }
+                let m_new = max(row).max(m[r]);
+                if m_new == f32::NEG_INFINITY {
+                    // nothing visible yet: the row's probabilities are all 0 (`max` skips
+                    // NaNs: a NaN score must still poison the row, as softmax's would)
+                    if row.iter().any(|x| x.is_nan()) {
+                        l[r] = f64::NAN;
+                    }
+                    row.fill(0.0);
+                    continue;
+                }
+                let sum = exp_shifted_in_place(row, m_new);
+                if m[r] != m_new {
+                    let corr = crate::softmax_row::exp(m[r] - m_new);
+                    l[r] *= corr as f64;
+                    scale_row(&mut acc[r * d..(r + 1) * d], corr);
+                    m[r] = m_new;
+                }
+                l[r] += sum;
+            }
+            // acc += p · v
+            gemm_f32(
+                (rows, d, cols),
+                acc.as_mut_ptr(),
+                d,
+                true,
+                scores.as_ptr(),
+                (BK, 1),
+                v[ko + j0 * kv_rs..].as_ptr(),
+                (kv_rs, 1),
+                1.0,
+                Threads::One,
+            );
+        }
+        j0 = j1;
+    }
+    let at = dm.out_at(bi, hi);
+    for r in 0..rows {
+        let dst = std::slice::from_raw_parts_mut(out.add(at + (i0 + r) * heads * d), d);
+        let src = &acc[r * d..(r + 1) * d];
+        if l[r] != 0.0 {
+            let inv = (1.0 / l[r]) as f32;
+            dst.iter_mut().zip(src).for_each(|(o, a)| *o = a * inv);
+            *lse.add((bi * heads + hi) * s + i0 + r) = m[r] + (l[r].ln() as f32);
+        } else {
+            dst.fill(0.0);
+            *lse.add((bi * heads + hi) * s + i0 + r) = f32::INFINITY;
+        }
+    }
+}
+
+/// What every key block's backward task reads.
+struct BackwardCtx<'a> {
+    dm: &'a Dims,
+    mask: MaskView<'a>,
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    /// The output's gradient, `[b, s, heads·d]`.
+    g: &'a [f32],
+    lse: &'a [f32],
+    dsum: &'a [f32],
+    /// One per query block of each head: held while adding to its rows of dq.
+    locks: &'a [Mutex<()>],
+}
+
+impl BackwardCtx<'_> {
+    /// The gradients of keys `j0..j1` of kv head `kvi` (dk, dv: this task's alone), and their
+    /// share of every query head's dq that sees them.
+    ///
+    /// # Safety
+    /// `dq`, `dk`, `dv` must be the gradient buffers of `dm`'s q, k and v layouts, with no one
+    /// else writing rows j0..j1 of kv head kvi meanwhile, and dq written only under `locks`.
+    unsafe fn key_block(
+        &self,
+        (bi, kvi): (usize, usize),
+        (j0, j1): (usize, usize),
+        (dq, dk, dv): (Out, Out, Out),
+    ) -> Result<()> {
+        let dm = self.dm;
+        let Dims { s, t, d, heads, .. } = *dm;
+        let cols = j1 - j0;
+        let (ko, kv_rs) = dm.kv_at(bi, kvi);
+        let k_blk = self.k[ko + j0 * kv_rs..].as_ptr();
+        let v_blk = self.v[ko + j0 * kv_rs..].as_ptr();
+        let (dk_blk, dv_blk) = (dk.0.add(ko + j0 * kv_rs), dv.0.add(ko + j0 * kv_rs));
+        let mut p = vec![0f32; BQ * BK];
+        let mut dp = vec![0f32; BQ * BK];
+        let (lo, hi) = self.mask.query_range(j0, j1, s);
+        let nqb = dm.q_blocks();
+        for r in 0..dm.rep() {
+            let hi_q = kvi * dm.rep() + r;
+            let (qo, q_rs) = dm.q_at(bi, hi_q);
+            let bh = bi * heads + hi_q;
+            for qb in lo / BQ..hi.div_ceil(BQ) {
+                let i0 = qb * BQ;
+                let i1 = (i0 + BQ).min(s);
+                let rows = i1 - i0;
+                let tile = self.mask.tile(bi, (i0, i1), (j0, j1));
+                if tile == Tile::Skip {
+                    continue;
+                }
+                let q_blk = self.q[qo + i0 * q_rs..].as_ptr();
+                let go = self.g[dm.out_at(bi, hi_q) + i0 * heads * d..].as_ptr();
+                // p = exp(scale · q kᵀ + mask − lse)
+                gemm_f32(
+                    (rows, cols, d),
+                    p.as_mut_ptr(),
+                    BK,
+                    false,
+                    q_blk,
+                    (q_rs, 1),
+                    k_blk,
+                    (1, kv_rs),
+                    dm.scale(),
+                    Threads::One,
+                );
+                for r in 0..rows {
+                    let row = &mut p[r * BK..r * BK + cols];
+                    if tile == Tile::Partial {
+                        self.mask.apply(bi, i0 + r, j0, (s, t), row);
+                    }
+                    exp_shifted_in_place(row, self.lse[bh * s + i0 + r]);
+                }
+                // dv += pᵀ · dout
+                gemm_f32(
+                    (cols, d, rows),
+                    dv_blk,
+                    kv_rs,
+                    true,
+                    p.as_ptr(),
+                    (1, BK),
+                    go,
+                    (heads * d, 1),
+                    1.0,
+                    Threads::One,
+                );
+                // dp = dout · vᵀ
+                gemm_f32(
+                    (rows, cols, d),
+                    dp.as_mut_ptr(),
+                    BK,
+                    false,
+                    go,
+                    (heads * d, 1),
+                    v_blk,
+                    (1, kv_rs),
+                    1.0,
+                    Threads::One,
+                );
+                // ds = p ∘ (dp − D), in p
+                for r in 0..rows {
+                    let dr = self.dsum[bh * s + i0 + r];
+                    let at = r * BK;
+                    p[at..at + cols]
+                        .iter_mut()
+                        .zip(&dp[at..at + cols])
+                        .for_each(|(x, g)| *x *= g - dr);
+                }
+                // dk += scale · dsᵀ · q
+                gemm_f32(
+                    (cols, d, rows),
+                    dk_blk,
+                    kv_rs,
+                    true,
+                    p.as_ptr(),
+                    (1, BK),
+                    q_blk,
+                    (q_rs, 1),
+                    dm.scale(),
+                    Threads::One,
+                );
+                // dq += scale · ds · k, under the query block's lock
+                let _held = self.locks[bh * nqb + qb]
+                    .lock()
+                    .map_err(|_| TiledAttention::poisoned())?;
+                gemm_f32(
+                    (rows, d, cols),
+                    dq.0.add(qo + i0 * q_rs),
+                    q_rs,
+                    true,
+                    p.as_ptr(),
+                    (BK, 1),
+                    k_blk,
+                    (kv_rs, 1),
+                    dm.scale(),
+                    Threads::One,
+                );
+            }
+        }
+        Ok(())
     }
 }
 
@@ -402,8 +648,8 @@ pub(crate) mod tests {
     use crate::compare::max_abs_diff;
     use candle_core::{Device, Var, D};
 
-    /// The composed attention the model used before: repeat kv heads, scale, bias, softmax;
-    /// in f32 (inputs of other dtypes are cast), returned in q's dtype.
+    /// The composed attention: repeat kv heads, scale, dense bias, softmax; in f32 (inputs of
+    /// other dtypes are cast), returned in q's dtype.
     pub(crate) fn composed(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
         let (b, h, s, d) = q.dims4()?;
         let rep = h / k.dim(1)?;
@@ -423,11 +669,20 @@ pub(crate) mod tests {
             .to_dtype(q.dtype())
     }
 
-    /// Values and the q/k/v gradients (under a random upstream gradient) agree.
-    fn assert_same(fused: Tensor, want: Tensor, vars: [&Var; 3]) -> Result<()> {
-        assert!(max_abs_diff(&fused, &want)? < 1e-5);
-        let up = crate::seeded::randn(0f32, 1., fused.shape(), fused.device())?;
-        let g1 = (fused * &up)?.sum_all()?.backward()?;
+    /// Values and the q/k/v gradients (under a random upstream gradient that is 0 on `dead`
+    /// query rows, which see nothing: the composed softmax spreads them uniformly, the tiled
+    /// kernel gives 0) agree to f32 tolerance.
+    pub(crate) fn assert_same(
+        got: Tensor,
+        want: Tensor,
+        vars: [&Var; 3],
+        live: &Tensor,
+    ) -> Result<()> {
+        let (got, want) = (got.broadcast_mul(live)?, want.broadcast_mul(live)?);
+        let diff = max_abs_diff(&got, &want)?;
+        assert!(diff < 2e-5, "values differ by {diff}");
+        let up = crate::seeded::randn(0f32, 1., got.shape(), got.device())?;
+        let g1 = (got * &up)?.sum_all()?.backward()?;
         let g2 = (want * &up)?.sum_all()?.backward()?;
         for x in vars {
             let (a, b) = (g1.get(x.as_tensor()), g2.get(x.as_tensor()));
@@ -441,84 +696,201 @@ pub(crate) mod tests {
         Ok(())
     }
 
-    fn causal_bias(b: usize, s: usize, t: usize, pad_row: Option<usize>) -> Result<Tensor> {
-        let mut v = Vec::with_capacity(b * s * t);
-        for bi in 0..b {
-            for i in 0..s {
-                for j in 0..t {
-                    let visible = j <= i + (t - s) && !(pad_row == Some(bi) && j + 2 >= t);
-                    v.push(if visible { 0f32 } else { -1.0e9 });
-                }
-            }
-        }
-        Tensor::from_vec(v, (b, 1, s, t), &Device::Cpu)
+    /// `[b, s, 1]`: 1 on query rows that see some key, 0 on rows that see none.
+    pub(crate) fn live_rows(bias: &Tensor, b: usize) -> Result<Tensor> {
+        let (_, _, s, _) = bias.dims4()?;
+        let seen = bias.ge(-1.0e8)?.to_dtype(DType::F32)?.max(D::Minus1)?;
+        seen.broadcast_as((b, 1, s))?
+            .reshape((b, s, 1))?
+            .contiguous()
     }
 
-    /// Grouped kv heads, a padded row, a bias shared by the batch, and a query shorter than the
-    /// keys (cached decoding): values and q/k/v gradients equal the composed version's.
-    #[test]
-    fn fused_attention_matches_the_composed_version_and_its_gradients() -> Result<()> {
+    fn vars(dims: [(usize, usize, usize, usize); 2], heads_last: bool) -> Result<[Var; 3]> {
         let dev = Device::Cpu;
-        for (b, h, kv, s, t, d, bias_b) in [
-            (2, 4, 2, 7, 7, 16, 2),
-            (1, 3, 3, 5, 5, 8, 1),
-            (2, 6, 2, 3, 9, 32, 1),
-        ] {
-            let q = crate::seeded::var_randn(0f32, 1., (b, h, s, d), &dev)?;
-            let k = crate::seeded::var_randn(0f32, 1., (b, kv, t, d), &dev)?;
-            let v = crate::seeded::var_randn(0f32, 1., (b, kv, t, d), &dev)?;
-            let bias = causal_bias(bias_b, s, t, (bias_b == 2).then_some(1))?;
-            let fused =
-                try_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias).unwrap()?;
-            let want = composed(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias)?;
-            assert_eq!(fused.dims(), [b, s, h * d]);
-            assert_same(fused, want, [&q, &k, &v])?;
+        let [(b, h, s, d), (_, kv, t, _)] = dims;
+        let make = |n: usize, len: usize| -> Result<Var> {
+            let shape = if heads_last {
+                (b, len, n * d, 1)
+            } else {
+                (b, n, len, d)
+            };
+            let x = crate::seeded::randn(0f32, 1.5, shape, &dev)?;
+            let x = if heads_last { x.squeeze(3)? } else { x };
+            Var::from_tensor(&x)
+        };
+        Ok([make(h, s)?, make(kv, t)?, make(kv, t)?])
+    }
+
+    /// `[b, s, n·d]` → `[b, n, s, d]`.
+    fn first(x: &Tensor, n: usize) -> Result<Tensor> {
+        let (b, s, w) = x.dims3()?;
+        x.reshape((b, s, n, w / n))?.transpose(1, 2)?.contiguous()
+    }
+
+    /// Odd lengths that cut tiles raggedly, several tiles per row, grouped kv heads, both
+    /// layouts; masks: causal, sliding windows, padding, packed examples, a cached prefix, no
+    /// mask (bidirectional) and a dense bias. Values and gradients equal the composed version's.
+    #[test]
+    fn tiled_attention_matches_the_composed_version_and_its_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let s = 2 * BK + 37; // 3 key tiles, 5 query tiles, both ragged
+        let packed: Vec<Vec<u32>> = vec![
+            (0..s)
+                .map(|i| {
+                    if i < 90 {
+                        1
+                    } else if i < 250 {
+                        2
+                    } else if i < s - 11 {
+                        3
+                    } else {
+                        0
+                    }
+                })
+                .collect(),
+            (0..s).map(|i| if i < s - 70 { 1 } else { 0 }).collect(),
+        ];
+        let padded: Vec<Vec<u32>> = vec![vec![1; s], (0..s).map(|i| (i < 150) as u32).collect()];
+        let ones = vec![vec![1u32; s]; 2];
+        let masks: Vec<(&str, AttnMask, usize)> = vec![
+            ("causal", AttnMask::causal(&ones, None)?, 0),
+            ("window 100", AttnMask::causal(&ones, Some(100))?, 0),
+            ("window 1", AttnMask::causal(&ones, Some(1))?, 0),
+            ("padding", AttnMask::causal(&padded, None)?, 0),
+            (
+                "packed + window 70",
+                AttnMask::causal(&packed, Some(70))?,
+                0,
+            ),
+            (
+                "bidirectional padding",
+                AttnMask::bidirectional(&padded)?,
+                0,
+            ),
+            ("cached 45, window 200", AttnMask::cached(45, Some(200)), 45),
+        ];
+        for (name, mask, past) in masks {
+            for (h, kv, d, heads_last) in [(4, 2, 16, true), (3, 1, 8, false), (2, 2, 32, true)] {
+                let (b, q_len) = (2, s - past);
+                let [q, k, v] = vars([(b, h, q_len, d), (b, kv, s, d)], heads_last)?;
+                let got = if heads_last {
+                    try_attention_heads_last(
+                        q.as_tensor(),
+                        k.as_tensor(),
+                        v.as_tensor(),
+                        &mask,
+                        h,
+                        kv,
+                    )
+                } else {
+                    try_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask)
+                }
+                .unwrap()?;
+                let bias = mask.to_bias(b, q_len, s, &dev)?;
+                let (qf, kf, vf) = if heads_last {
+                    (
+                        first(q.as_tensor(), h)?,
+                        first(k.as_tensor(), kv)?,
+                        first(v.as_tensor(), kv)?,
+                    )
+                } else {
+                    (
+                        q.as_tensor().clone(),
+                        k.as_tensor().clone(),
+                        v.as_tensor().clone(),
+                    )
+                };
+                let want = composed(&qf, &kf, &vf, &bias)?;
+                assert_eq!(got.dims(), [b, q_len, h * d], "{name}");
+                let live = live_rows(&bias, b)?;
+                assert_same(got, want, [&q, &k, &v], &live)
+                    .map_err(|e| candle_core::Error::Msg(format!("{name}: {e}")))?;
+                // the dense bias through the same kernel
+                let [q2, k2, v2] = [&q, &k, &v].map(|x| Var::from_tensor(x.as_tensor()).unwrap());
+                let bias_mask = AttnMask::bias(bias.clone());
+                let got = if heads_last {
+                    try_attention_heads_last(
+                        q2.as_tensor(),
+                        k2.as_tensor(),
+                        v2.as_tensor(),
+                        &bias_mask,
+                        h,
+                        kv,
+                    )
+                } else {
+                    try_attention(q2.as_tensor(), k2.as_tensor(), v2.as_tensor(), &bias_mask)
+                }
+                .unwrap()?;
+                let (qf, kf, vf) = if heads_last {
+                    (
+                        first(q2.as_tensor(), h)?,
+                        first(k2.as_tensor(), kv)?,
+                        first(v2.as_tensor(), kv)?,
+                    )
+                } else {
+                    (
+                        q2.as_tensor().clone(),
+                        k2.as_tensor().clone(),
+                        v2.as_tensor().clone(),
+                    )
+                };
+                let want = composed(&qf, &kf, &vf, &bias)?;
+                assert_same(got, want, [&q2, &k2, &v2], &live)?;
+            }
         }
         Ok(())
     }
 
-    /// Inputs with heads side by side (`[b, s, heads·d]`, the projections' layout) give the
-    /// same values and gradients as the heads-first layout.
+    /// A query row that sees nothing (a left-padded position) gives 0 and passes no gradient.
     #[test]
-    fn heads_last_layout_matches_the_composed_version_and_its_gradients() -> Result<()> {
+    fn rows_that_see_nothing_give_zero() -> Result<()> {
+        let segs = vec![vec![0, 0, 1, 1, 1]];
+        let mask = AttnMask::causal(&segs, None)?;
+        let [q, k, v] = vars([(1, 2, 5, 4), (1, 2, 5, 4)], true)?;
+        let out =
+            try_attention_heads_last(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask, 2, 2)
+                .unwrap()?;
+        let rows = out.squeeze(0)?.to_vec2::<f32>()?;
+        assert!(rows[0].iter().chain(&rows[1]).all(|x| *x == 0.0));
+        assert!(rows[2].iter().any(|x| *x != 0.0));
+        let g = out.sum_all()?.backward()?;
+        let dq = g.get(q.as_tensor()).unwrap().squeeze(0)?.to_vec2::<f32>()?;
+        assert!(dq[0].iter().all(|x| x.is_finite() && *x == 0.0));
+        Ok(())
+    }
+
+    /// A NaN score makes its row NaN (as the composed softmax does), even where it is the
+    /// only score a row has: bad numbers are never hidden.
+    #[test]
+    fn nan_scores_poison_their_rows() -> Result<()> {
+        let mask = AttnMask::cached(0, None);
         let dev = Device::Cpu;
-        for (b, h, kv, s, t, d, bias_b) in [(2, 4, 2, 7, 7, 16, 2), (2, 6, 2, 3, 9, 32, 1)] {
-            let q = crate::seeded::var_randn(0f32, 1., (b, s, h * d), &dev)?;
-            let k = crate::seeded::var_randn(0f32, 1., (b, t, kv * d), &dev)?;
-            let v = crate::seeded::var_randn(0f32, 1., (b, t, kv * d), &dev)?;
-            let bias = causal_bias(bias_b, s, t, (bias_b == 2).then_some(1))?;
-            let fused =
-                try_attention_heads_last(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias, h, kv)
-                    .unwrap()?;
-            let first = |x: &Tensor, n: usize| -> Result<Tensor> {
-                let (b, s, _) = x.dims3()?;
-                x.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous()
-            };
-            let want = composed(
-                &first(q.as_tensor(), h)?,
-                &first(k.as_tensor(), kv)?,
-                &first(v.as_tensor(), kv)?,
-                &bias,
-            )?;
-            assert_same(fused, want, [&q, &k, &v])?;
-        }
+        let mut qv = vec![0.5f32; 3 * 4];
+        qv[0] = f32::NAN; // row 0 sees one key, whose score is NaN
+        let q = Tensor::from_vec(qv, (1, 3, 4), &dev)?;
+        let k = Tensor::ones((1, 3, 4), DType::F32, &dev)?;
+        let out = try_attention_heads_last(&q, &k, &k, &mask, 1, 1).unwrap()?;
+        let rows = out.squeeze(0)?.to_vec2::<f32>()?;
+        assert!(rows[0].iter().all(|x| x.is_nan()), "{rows:?}");
+        assert!(rows[1].iter().all(|x| x.is_finite()), "{rows:?}");
         Ok(())
     }
 
     #[test]
     fn other_devices_and_dtypes_and_bad_shapes_are_refused() -> Result<()> {
         let dev = Device::Cpu;
+        let mask = AttnMask::cached(0, None);
         let q = Tensor::zeros((1, 2, 3, 4), DType::F64, &dev)?;
-        assert!(try_attention(&q, &q, &q, &q).is_none());
+        assert!(try_attention(&q, &q, &q, &mask).is_none());
         let q = Tensor::zeros((1, 3, 3, 4), DType::F32, &dev)?;
         let k = Tensor::zeros((1, 2, 3, 4), DType::F32, &dev)?;
-        let bias = Tensor::zeros((1, 1, 3, 3), DType::F32, &dev)?;
-        let e = try_attention(&q, &k, &k, &bias)
+        let e = try_attention(&q, &k, &k, &mask)
             .unwrap()
             .unwrap_err()
             .to_string();
         assert!(e.contains("not a multiple"), "{e}");
-        let e = try_attention(&q, &q, &q, &Tensor::zeros((1, 1, 3, 4), DType::F32, &dev)?)
+        let bias = AttnMask::bias(Tensor::zeros((1, 1, 3, 4), DType::F32, &dev)?);
+        let e = try_attention(&q, &q, &q, &bias)
             .unwrap()
             .unwrap_err()
             .to_string();

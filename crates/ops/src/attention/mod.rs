@@ -1,20 +1,25 @@
-//! Attention, `softmax(q·kᵀ/√d + bias)·v`, for every architecture: the entry points here pick
-//! the implementation — the fused CPU f32 kernel ([`cpu`]), else the memory-light op that
-//! recomputes the probabilities in its backward pass ([`recompute`], any device and dtype; its
-//! softmax rows are [`probs`]).
+//! Attention, `softmax(q·kᵀ/√d + mask)·v`, for every architecture: the entry points here pick
+//! the implementation — the tiled CPU f32 kernel with an online softmax ([`cpu`]), else query
+//! blocks of the op that recomputes the probabilities in its backward pass ([`recompute`], any
+//! device and dtype; its softmax rows are [`probs`]). Which keys a query sees is an
+//! [`AttnMask`]: a rule (causal, window, padding, packed examples) that neither path turns into
+//! a `seq × seq` matrix.
 pub mod cpu;
+pub mod mask;
 pub mod probs;
 pub mod recompute;
+
+pub use mask::AttnMask;
 
 use candle_core::{Result, Tensor};
 
 /// Attention of `q` `[b, heads, s, d]` over `k`, `v` `[b, kv_heads, t, d]` (grouped kv heads
-/// read in place) with an additive f32 `bias` `[1 or b, 1, s, t]`; returns `[b, s, heads·d]`,
-/// the output projection's input. Differentiable in q, k and v.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    match cpu::try_attention(q, k, v, bias) {
+/// read in place) under `mask`; returns `[b, s, heads·d]`, the output projection's input.
+/// Differentiable in q, k and v.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask) -> Result<Tensor> {
+    match cpu::try_attention(q, k, v, mask) {
         Some(out) => out,
-        None => recompute::attention_recompute(q, k, v, bias),
+        None => recompute::attention_blocks(q, k, v, mask),
     }
 }
 
@@ -25,15 +30,15 @@ pub fn attention_heads_last(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    bias: &Tensor,
+    mask: &AttnMask,
     heads: usize,
     kv_heads: usize,
 ) -> Result<Tensor> {
-    if let Some(out) = cpu::try_attention_heads_last(q, k, v, bias, heads, kv_heads) {
+    if let Some(out) = cpu::try_attention_heads_last(q, k, v, mask, heads, kv_heads) {
         return out;
     }
     let (q, k, v) = split_heads(q, k, v, heads, kv_heads)?;
-    attention(&q, &k, &v, bias)
+    attention(&q, &k, &v, mask)
 }
 
 /// Rotary embedding of q and k (tables `[s, d/2]`), then [`attention_heads_last`]: a decoder
@@ -45,7 +50,7 @@ pub fn rope_attention(
     v: &Tensor,
     cos: &Tensor,
     sin: &Tensor,
-    bias: &Tensor,
+    mask: &AttnMask,
     heads: usize,
     kv_heads: usize,
 ) -> Result<Tensor> {
@@ -53,14 +58,14 @@ pub fn rope_attention(
     let k_rot = crate::fused::try_rope_heads_last(k, cos, sin, kv_heads);
     if let (Some(q), Some(k)) = (q_rot, k_rot) {
         let (q, k) = (q?, k?);
-        if let Some(out) = cpu::try_attention_heads_last(&q, &k, v, bias, heads, kv_heads) {
+        if let Some(out) = cpu::try_attention_heads_last(&q, &k, v, mask, heads, kv_heads) {
             return out;
         }
     }
     let (q, k, v) = split_heads(q, k, v, heads, kv_heads)?;
     let q = crate::layers::apply_rope(&q, cos, sin)?;
     let k = crate::layers::apply_rope(&k, cos, sin)?;
-    attention(&q, &k, &v, bias)
+    attention(&q, &k, &v, mask)
 }
 
 /// `[b, s, n·d]` → `[b, n, s, d]` (contiguous) for q (`heads`) and k, v (`kv_heads`).

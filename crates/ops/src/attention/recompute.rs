@@ -8,6 +8,13 @@
 //! product is one batched matmul over `b · kv_heads` groups and there is no `repeat_kv` copy.
 //! Scores and softmax are f32 whatever the inputs' dtype. Tensor and storage ops only: the CPU
 //! runs (and the tests check) the very code the GPU runs.
+//!
+//! [`attention_blocks`] takes a mask rule instead of a dense bias and goes through the queries
+//! in blocks: each block meets only the keys its rule can show it (causal: none after its last
+//! query; a sliding window: none before its reach), with that block's bias built on the device
+//! from positions and segment numbers. The scores of one block are all that exists at a time,
+//! in the forward and the backward pass, so memory grows linearly with the sequence length.
+use crate::attention::mask::AttnMask;
 use crate::attention::probs::{attention_probs, attention_probs_grad, ScoreRows};
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
@@ -29,6 +36,57 @@ pub fn attention_recompute(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) ->
             shape,
         },
     )
+}
+
+/// Score elements (`b · heads · rows · keys`) one query block may hold: 2²⁶ f32, 256 MiB.
+const BLOCK_SCORES: usize = 1 << 26;
+
+/// Attention of `q` `[b, heads, s, d]` over `k`, `v` `[b, kv_heads, t, d]` under `mask`,
+/// returning `[b, s, heads·d]`; differentiable in q, k and v. A rule is applied block by block
+/// of queries (at least 64 rows, as many as [`BLOCK_SCORES`] allows); a dense bias in one call.
+pub fn attention_blocks(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask) -> Result<Tensor> {
+    let (b, heads, _, _) = q.dims4()?;
+    let rows = (BLOCK_SCORES / (b * heads * k.dim(2)?).max(1)).max(64);
+    attention_blocks_of(q, k, v, mask, rows)
+}
+
+/// [`attention_blocks`] with query blocks of `rows` rows.
+fn attention_blocks_of(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttnMask,
+    rows: usize,
+) -> Result<Tensor> {
+    let (b, _, s, _) = q.dims4()?;
+    let t = k.dim(2)?;
+    mask.check(b, s, t)?;
+    let rule = match mask {
+        AttnMask::Bias(bias) => return attention_recompute(q, k, v, bias),
+        AttnMask::Rule(r) => r,
+    };
+    let rows = rows.clamp(1, s.max(1));
+    let dev = q.device();
+    let mut outs = Vec::with_capacity(s.div_ceil(rows));
+    for i0 in (0..s).step_by(rows) {
+        let n = rows.min(s - i0);
+        let (lo, hi) = rule.key_range(i0, i0 + n, t);
+        let bias = rule.block_bias(b, (i0, n), (lo, hi - lo), dev)?;
+        let (q, k, v) = if n == s && hi - lo == t {
+            (q.clone(), k.clone(), v.clone())
+        } else {
+            (
+                q.narrow(2, i0, n)?,
+                k.narrow(2, lo, hi - lo)?,
+                v.narrow(2, lo, hi - lo)?,
+            )
+        };
+        outs.push(attention_recompute(&q, &k, &v, &bias)?);
+    }
+    if outs.len() == 1 {
+        return Ok(outs.remove(0));
+    }
+    Tensor::cat(&outs, 1)
 }
 
 /// Sizes of one call.
@@ -262,6 +320,50 @@ mod tests {
     fn recomputing_attention_matches_the_composed_version_in_bf16() -> Result<()> {
         check(DType::BF16, 2, 0, 3e-2)?;
         check(DType::BF16, 1, 3, 3e-2)
+    }
+
+    /// Query blocks (forced small by a long row) under causal, windowed and packed rules give
+    /// the composed values and gradients; bf16 inputs too, to bf16 tolerance.
+    #[test]
+    fn attention_in_query_blocks_matches_the_composed_version() -> Result<()> {
+        use crate::attention::cpu::tests::{assert_same, live_rows};
+        let dev = Device::Cpu;
+        let (b, h, kv, d) = (1, 4, 2, 8);
+        let s = 301; // five blocks of 64 queries, the last ragged
+        let segs = vec![(0..s)
+            .map(|i| {
+                if i < 120 {
+                    1
+                } else if i < 290 {
+                    2
+                } else {
+                    0
+                }
+            })
+            .collect::<Vec<u32>>()];
+        for mask in [
+            AttnMask::causal(&segs, None)?,
+            AttnMask::causal(&[vec![1; s]], Some(50))?,
+            AttnMask::cached(0, None),
+        ] {
+            let q = crate::seeded::var_randn(0f32, 1., (b, h, s, d), &dev)?;
+            let k = crate::seeded::var_randn(0f32, 1., (b, kv, s, d), &dev)?;
+            let v = crate::seeded::var_randn(0f32, 1., (b, kv, s, d), &dev)?;
+            let got = attention_blocks_of(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask, 64)?;
+            let bias = mask.to_bias(b, s, s, &dev)?;
+            let want = composed(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias)?;
+            assert_same(got, want, [&q, &k, &v], &live_rows(&bias, b)?)?;
+            let bf = |x: &Var| x.as_tensor().to_dtype(DType::BF16);
+            let got = attention_blocks_of(&bf(&q)?, &bf(&k)?, &bf(&v)?, &mask, 64)?;
+            let live = live_rows(&bias, b)?;
+            let want = composed(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias)?;
+            let diff = max_abs_diff(
+                &got.to_dtype(DType::F32)?.broadcast_mul(&live)?,
+                &want.broadcast_mul(&live)?,
+            )?;
+            assert!(diff < 3e-2, "bf16: {diff}");
+        }
+        Ok(())
     }
 
     #[test]
