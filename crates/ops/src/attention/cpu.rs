@@ -402,6 +402,43 @@ impl CustomOp3 for TiledAttention {
     }
 }
 
+/// `scale · q kᵀ` of one tile into `buf` (rows `BK` apart), masked unless the tile is whole:
+/// queries `i0..i0+rows` of batch row `bi` (first row at `q`, rows `q_rs` apart) against keys
+/// `j0..j0+cols` (first at `k`, rows `k_rs` apart).
+///
+/// # Safety
+/// `q` and `k` must be valid for `rows` and `cols` rows of `dm.d` values at their strides.
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_scores(
+    dm: &Dims,
+    mask: MaskView,
+    tile: Tile,
+    (q, q_rs): (*const f32, usize),
+    (k, k_rs): (*const f32, usize),
+    (bi, i0, rows): (usize, usize, usize),
+    (j0, cols): (usize, usize),
+    buf: &mut [f32],
+) {
+    gemm_f32(
+        (rows, cols, dm.d),
+        buf.as_mut_ptr(),
+        BK,
+        false,
+        q,
+        (q_rs, 1),
+        k,
+        (1, k_rs),
+        dm.scale(),
+        Threads::One,
+    );
+    if tile == Tile::Partial {
+        for r in 0..rows {
+            let row = &mut buf[r * BK..r * BK + cols];
+            mask.apply(bi, i0 + r, j0, (dm.s, dm.t), row);
+        }
+    }
+}
+
 /// Output rows `i0..i1` of head `hi` of batch row `bi`, and their log-sum-exps.
 ///
 /// # Safety
@@ -431,24 +468,20 @@ unsafe fn forward_block(
         let cols = j1 - j0;
         let tile = mask.tile(bi, (i0, i1), (j0, j1));
         if tile != Tile::Skip {
-            // scores = scale · q kᵀ
-            gemm_f32(
-                (rows, cols, d),
-                scores.as_mut_ptr(),
-                BK,
-                false,
-                q[qo + i0 * q_rs..].as_ptr(),
-                (q_rs, 1),
-                k[ko + j0 * kv_rs..].as_ptr(),
-                (1, kv_rs),
-                dm.scale(),
-                Threads::One,
+            let q_blk = (q[qo + i0 * q_rs..].as_ptr(), q_rs);
+            let k_blk = (k[ko + j0 * kv_rs..].as_ptr(), kv_rs);
+            tile_scores(
+                dm,
+                mask,
+                tile,
+                q_blk,
+                k_blk,
+                (bi, i0, rows),
+                (j0, cols),
+                &mut scores,
             );
             for r in 0..rows {
                 let row = &mut scores[r * BK..r * BK + cols];
-                if tile == Tile::Partial {
-                    mask.apply(bi, i0 + r, j0, (s, t), row);
-                }
                 let m_new = max(row).max(m[r]);
                 if m_new == f32::NEG_INFINITY {
                     // nothing visible yet: the row's probabilities are all 0 (`max` skips
@@ -528,7 +561,7 @@ impl BackwardCtx<'_> {
         (dq, dk, dv): (Out, Out, Out),
     ) -> Result<()> {
         let dm = self.dm;
-        let Dims { s, t, d, heads, .. } = *dm;
+        let Dims { s, d, heads, .. } = *dm;
         let cols = j1 - j0;
         let (ko, kv_rs) = dm.kv_at(bi, kvi);
         let k_blk = self.k[ko + j0 * kv_rs..].as_ptr();
@@ -553,23 +586,19 @@ impl BackwardCtx<'_> {
                 let q_blk = self.q[qo + i0 * q_rs..].as_ptr();
                 let go = self.g[dm.out_at(bi, hi_q) + i0 * heads * d..].as_ptr();
                 // p = exp(scale · q kᵀ + mask − lse)
-                gemm_f32(
-                    (rows, cols, d),
-                    p.as_mut_ptr(),
-                    BK,
-                    false,
-                    q_blk,
-                    (q_rs, 1),
-                    k_blk,
-                    (1, kv_rs),
-                    dm.scale(),
-                    Threads::One,
+                let (qs, ks) = ((q_blk, q_rs), (k_blk, kv_rs));
+                tile_scores(
+                    dm,
+                    self.mask,
+                    tile,
+                    qs,
+                    ks,
+                    (bi, i0, rows),
+                    (j0, cols),
+                    &mut p,
                 );
                 for r in 0..rows {
                     let row = &mut p[r * BK..r * BK + cols];
-                    if tile == Tile::Partial {
-                        self.mask.apply(bi, i0 + r, j0, (s, t), row);
-                    }
                     exp_shifted_in_place(row, self.lse[bh * s + i0 + r]);
                 }
                 // dv += pᵀ · dout
@@ -727,13 +756,38 @@ pub(crate) mod tests {
         x.reshape((b, s, n, w / n))?.transpose(1, 2)?.contiguous()
     }
 
+    /// The tiled kernel under `mask` against the composed version under its dense `bias`, for
+    /// inputs `[q, k, v]` heads-first or (`heads_last: Some((heads, kv_heads))`) heads-last.
+    fn compare(
+        mask: &AttnMask,
+        bias: &Tensor,
+        [q, k, v]: &[Var; 3],
+        heads_last: Option<(usize, usize)>,
+    ) -> Result<()> {
+        let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+        let (got, (qf, kf, vf)) = match heads_last {
+            Some((h, kv)) => (
+                try_attention_heads_last(qt, kt, vt, mask, h, kv).unwrap()?,
+                (first(qt, h)?, first(kt, kv)?, first(vt, kv)?),
+            ),
+            None => (
+                try_attention(qt, kt, vt, mask).unwrap()?,
+                (qt.clone(), kt.clone(), vt.clone()),
+            ),
+        };
+        let want = composed(&qf, &kf, &vf, bias)?;
+        assert_eq!(got.dims(), want.dims());
+        let live = live_rows(bias, got.dim(0)?)?;
+        assert_same(got, want, [q, k, v], &live)
+    }
+
     /// Odd lengths that cut tiles raggedly, several tiles per row, grouped kv heads, both
     /// layouts; masks: causal, sliding windows, padding, packed examples, a cached prefix, no
     /// mask (bidirectional) and a dense bias. Values and gradients equal the composed version's.
     #[test]
     fn tiled_attention_matches_the_composed_version_and_its_gradients() -> Result<()> {
         let dev = Device::Cpu;
-        let s = 2 * BK + 37; // 3 key tiles, 5 query tiles, both ragged
+        let s = 2 * BK + 37; // three key tiles and the last query tile ragged
         let packed: Vec<Vec<u32>> = vec![
             (0..s)
                 .map(|i| {
@@ -772,70 +826,13 @@ pub(crate) mod tests {
         for (name, mask, past) in masks {
             for (h, kv, d, heads_last) in [(4, 2, 16, true), (3, 1, 8, false), (2, 2, 32, true)] {
                 let (b, q_len) = (2, s - past);
-                let [q, k, v] = vars([(b, h, q_len, d), (b, kv, s, d)], heads_last)?;
-                let got = if heads_last {
-                    try_attention_heads_last(
-                        q.as_tensor(),
-                        k.as_tensor(),
-                        v.as_tensor(),
-                        &mask,
-                        h,
-                        kv,
-                    )
-                } else {
-                    try_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask)
-                }
-                .unwrap()?;
                 let bias = mask.to_bias(b, q_len, s, &dev)?;
-                let (qf, kf, vf) = if heads_last {
-                    (
-                        first(q.as_tensor(), h)?,
-                        first(k.as_tensor(), kv)?,
-                        first(v.as_tensor(), kv)?,
-                    )
-                } else {
-                    (
-                        q.as_tensor().clone(),
-                        k.as_tensor().clone(),
-                        v.as_tensor().clone(),
-                    )
-                };
-                let want = composed(&qf, &kf, &vf, &bias)?;
-                assert_eq!(got.dims(), [b, q_len, h * d], "{name}");
-                let live = live_rows(&bias, b)?;
-                assert_same(got, want, [&q, &k, &v], &live)
-                    .map_err(|e| candle_core::Error::Msg(format!("{name}: {e}")))?;
-                // the dense bias through the same kernel
-                let [q2, k2, v2] = [&q, &k, &v].map(|x| Var::from_tensor(x.as_tensor()).unwrap());
-                let bias_mask = AttnMask::bias(bias.clone());
-                let got = if heads_last {
-                    try_attention_heads_last(
-                        q2.as_tensor(),
-                        k2.as_tensor(),
-                        v2.as_tensor(),
-                        &bias_mask,
-                        h,
-                        kv,
-                    )
-                } else {
-                    try_attention(q2.as_tensor(), k2.as_tensor(), v2.as_tensor(), &bias_mask)
+                // the rule, and the same mask as a dense bias through the same kernel
+                for m in [&mask, &AttnMask::bias(bias.clone())] {
+                    let xs = vars([(b, h, q_len, d), (b, kv, s, d)], heads_last)?;
+                    compare(m, &bias, &xs, heads_last.then_some((h, kv)))
+                        .map_err(|e| candle_core::Error::Msg(format!("{name}: {e}")))?;
                 }
-                .unwrap()?;
-                let (qf, kf, vf) = if heads_last {
-                    (
-                        first(q2.as_tensor(), h)?,
-                        first(k2.as_tensor(), kv)?,
-                        first(v2.as_tensor(), kv)?,
-                    )
-                } else {
-                    (
-                        q2.as_tensor().clone(),
-                        k2.as_tensor().clone(),
-                        v2.as_tensor().clone(),
-                    )
-                };
-                let want = composed(&qf, &kf, &vf, &bias)?;
-                assert_same(got, want, [&q2, &k2, &v2], &live)?;
             }
         }
         Ok(())

@@ -87,27 +87,6 @@ impl AttnMask {
         AttnMask::Bias(bias)
     }
 
-    /// The same mask with a sliding window (a rule gets the window; a bias gets the window
-    /// counted in key positions added).
-    pub fn with_window(&self, window: usize) -> Result<Self> {
-        Ok(match self {
-            AttnMask::Rule(r) => AttnMask::Rule(MaskRule {
-                window: Some(r.window.map_or(window, |w| w.min(window))),
-                ..r.clone()
-            }),
-            AttnMask::Bias(b) => {
-                let (bb, _, s, t) = b.dims4()?;
-                let rule = MaskRule {
-                    causal: false,
-                    window: Some(window),
-                    past: t.saturating_sub(s),
-                    segments: None,
-                };
-                AttnMask::Bias((b + rule.dense(bb, s, t, b.device())?.broadcast_as(b.shape())?)?)
-            }
-        })
-    }
-
     /// Checks the mask against `b` rows of `s` queries over `t` keys.
     pub fn check(&self, b: usize, s: usize, t: usize) -> Result<()> {
         match self {
