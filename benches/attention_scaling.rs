@@ -6,7 +6,10 @@
 //! do: forward 2, backward 5 products of `s²/2 · d`). One JSON line per length; numbers are
 //! reported, never asserted.
 //!
-//!   cargo bench --bench attention_scaling -- [SEQ ...]     (default 512 1024 2048 4096 8192)
+//!   cargo bench --bench attention_scaling -- [--tiled-only] [SEQ ...]
+//!
+//! (default lengths 512 1024 2048 4096 8192; `--tiled-only` skips the composed attention, for
+//! profiling the kernel alone)
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use lorakit_ops::attention::{attention_heads_last, AttnMask};
 use std::time::Instant;
@@ -44,6 +47,7 @@ fn composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, kv: usize) -> Resu
 
 fn main() -> anyhow::Result<()> {
     lorakit_train::runtime::tune_process();
+    let tiled_only = std::env::args().any(|a| a == "--tiled-only");
     let lengths: Vec<usize> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())
@@ -89,7 +93,7 @@ fn main() -> anyhow::Result<()> {
         };
         let (tf, tb) = run(&tiled)?;
         // the composed version holds several [heads, s, s] f32 buffers: 8 GiB at 8192
-        let composed_s = if s <= 4096 {
+        let composed_s = if s <= 4096 && !tiled_only {
             let c = || composed(q.as_tensor(), k.as_tensor(), v.as_tensor(), heads, kv);
             let check = (tiled()? - c()?)?
                 .abs()?

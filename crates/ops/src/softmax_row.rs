@@ -3,8 +3,8 @@
 //! (float addition is not reassociated for us): on the CPU the output head's softmax (one exp
 //! per logit, 8·10⁶ per step for 256 tokens × 32k vocabulary) ran at a few ns per element.
 //! Here the exp is branch-free arithmetic and the reductions keep `LANES` independent partial
-//! results; on x86-64 the row passes run compiled for AVX2 + FMA when the CPU has them (the
-//! build's baseline is SSE2).
+//! results; on x86-64 the row passes run compiled for AVX-512, or AVX2 + FMA, when the CPU has
+//! them (the build's baseline is SSE2).
 
 /// Independent partial results per reduction (two 512-bit or four 256-bit registers of f32).
 const LANES: usize = 32;
@@ -38,8 +38,8 @@ pub fn exp(x: f32) -> f32 {
     p * f32::from_bits(bits)
 }
 
-/// Defines `pub fn` whose body is also compiled for AVX2 + FMA and picked at run time when the
-/// CPU has them (the body is inlined into a function with those target features).
+/// Defines `pub fn` whose body is also compiled for AVX-512 and for AVX2 + FMA, the widest the
+/// CPU has picked at run time (the body is inlined into functions with those target features).
 macro_rules! simd_fn {
     ($(#[$meta:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty $body:block) => {
         $(#[$meta])*
@@ -48,6 +48,15 @@ macro_rules! simd_fn {
             fn body($($arg: $ty),*) -> $ret $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) -> $ret {
+                    body($($arg),*)
+                }
+                if is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has the features `avx512` is compiled for (AVX-512F
+                    // implies AVX2 and FMA).
+                    return unsafe { avx512($($arg),*) };
+                }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) -> $ret {
                     body($($arg),*)

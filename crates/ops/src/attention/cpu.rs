@@ -5,8 +5,10 @@
 //! row's log-sum-exp is kept for the backward pass, which recomputes a tile's probabilities
 //! from it. Tiles the mask hides are never computed (causal blocks above the diagonal, blocks
 //! outside a sliding window, other packed examples, padding); grouped kv heads are read in
-//! place and the inputs in the projections' layout (no transposes). Time and memory are then
-//! those of the visible tiles: memory linear in the sequence length.
+//! place and the inputs in the projections' layout (no transposes). The query heads that share
+//! a kv head meet each key tile together, one stack of rows: the matrix kernel packs a key or
+//! value tile once for all of them instead of once per head. Time and memory are then those
+//! of the visible tiles: memory linear in the sequence length.
 //! Checked against the composed candle attention (values and gradients) below.
 use super::mask::{AttnMask, MaskRule, Tile};
 use crate::cpu_gemm::{gemm_f32, Threads};
@@ -16,9 +18,11 @@ use rayon::prelude::*;
 use std::sync::Mutex;
 
 /// Query rows per tile.
-pub const BQ: usize = 64;
+pub const BQ: usize = 128;
 /// Key rows per tile.
 pub const BK: usize = 256;
+/// Most query rows stacked into one tile (heads sharing a kv head, [`BQ`] rows each).
+const STACK_ROWS: usize = 256;
 
 /// Attention of `q` `[b, heads, s, d]` over `k`, `v` `[b, kv_heads, t, d]`, returning
 /// `[b, s, heads·d]`; differentiable in q, k and v. `None` when the kernel does not apply
@@ -151,6 +155,16 @@ impl Dims {
         self.heads / self.kv
     }
 
+    /// Query heads stacked into one tile: the largest divisor of `rep` whose stack of [`BQ`]
+    /// rows each fits [`STACK_ROWS`].
+    fn stack(&self) -> usize {
+        let rep = self.rep();
+        (1..=rep)
+            .rev()
+            .find(|g| rep.is_multiple_of(*g) && g * BQ <= STACK_ROWS)
+            .unwrap_or(1)
+    }
+
     fn scale(&self) -> f32 {
         1.0 / (self.d as f32).sqrt()
     }
@@ -186,6 +200,30 @@ impl Dims {
 
     fn q_blocks(&self) -> usize {
         self.s.div_ceil(BQ)
+    }
+
+    /// Copies query rows `i0..i1` of heads `h0..h0+g` of batch row `bi` from `src` (laid out
+    /// as q when `of_q`, else as the output) into `dst`, `[g·rows, d]`, head after head.
+    fn gather(
+        &self,
+        src: &[f32],
+        of_q: bool,
+        (bi, h0, g): (usize, usize, usize),
+        (i0, i1): (usize, usize),
+        dst: &mut Vec<f32>,
+    ) {
+        let d = self.d;
+        dst.clear();
+        for h in h0..h0 + g {
+            let (at, rs) = if of_q {
+                self.q_at(bi, h)
+            } else {
+                (self.out_at(bi, h), self.heads * d)
+            };
+            for i in i0..i1 {
+                dst.extend_from_slice(&src[at + i * rs..at + i * rs + d]);
+            }
+        }
     }
 }
 
@@ -295,18 +333,19 @@ impl CustomOp3 for TiledAttention {
         let mut out = vec![0f32; b * s * heads * d];
         let mut lse = vec![0f32; b * heads * s];
         let (dst, lse_dst) = (Out(out.as_mut_ptr()), Out(lse.as_mut_ptr()));
-        let nqb = dm.q_blocks();
+        let (nqb, g) = (dm.q_blocks(), dm.stack());
+        let stacks = heads / g;
         self.with_mask(&dm, |mask| {
-            (0..b * heads * nqb).into_par_iter().for_each(|task| {
-                let (bh, qb) = (task / nqb, task % nqb);
-                let (bi, hi) = (bh / heads, bh % heads);
+            (0..b * stacks * nqb).into_par_iter().for_each(|task| {
+                let (bst, qb) = (task / nqb, task % nqb);
+                let (bi, h0) = (bst / stacks, bst % stacks * g);
                 let i0 = qb * BQ;
                 let i1 = (i0 + BQ).min(s);
                 let (o, l) = (dst, lse_dst);
-                // SAFETY: this task alone writes rows i0..i1 of head hi of row bi in `out`
-                // and `lse`; the reads stay inside the checked operands.
+                // SAFETY: this task alone writes rows i0..i1 of heads h0..h0+g of row bi in
+                // `out` and `lse`; the reads stay inside the checked operands.
                 unsafe {
-                    forward_block(&dm, mask, (q, k, v), (bi, hi), (i0, i1), o.0, l.0);
+                    forward_block(&dm, mask, (q, k, v), (bi, h0), (i0, i1), o.0, l.0);
                 }
             });
             Ok(())
@@ -403,43 +442,44 @@ impl CustomOp3 for TiledAttention {
 }
 
 /// `scale · q kᵀ` of one tile into `buf` (rows `BK` apart), masked unless the tile is whole:
-/// queries `i0..i0+rows` of batch row `bi` (first row at `q`, rows `q_rs` apart) against keys
-/// `j0..j0+cols` (first at `k`, rows `k_rs` apart).
+/// a stack of `g` heads' queries `i0..i0+rows` of batch row `bi` (`[g·rows, d]` at `q`, head
+/// after head) against keys `j0..j0+cols` (first at `k`, rows `k_rs` apart).
 ///
 /// # Safety
-/// `q` and `k` must be valid for `rows` and `cols` rows of `dm.d` values at their strides.
+/// `q` and `k` must be valid for `g·rows` and `cols` rows of `dm.d` values.
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile_scores(
     dm: &Dims,
     mask: MaskView,
     tile: Tile,
-    (q, q_rs): (*const f32, usize),
+    q: *const f32,
     (k, k_rs): (*const f32, usize),
-    (bi, i0, rows): (usize, usize, usize),
+    (bi, i0, rows, g): (usize, usize, usize, usize),
     (j0, cols): (usize, usize),
     buf: &mut [f32],
 ) {
     gemm_f32(
-        (rows, cols, dm.d),
+        (g * rows, cols, dm.d),
         buf.as_mut_ptr(),
         BK,
         false,
         q,
-        (q_rs, 1),
+        (dm.d, 1),
         k,
         (1, k_rs),
         dm.scale(),
         Threads::One,
     );
     if tile == Tile::Partial {
-        for r in 0..rows {
-            let row = &mut buf[r * BK..r * BK + cols];
-            mask.apply(bi, i0 + r, j0, (dm.s, dm.t), row);
+        for x in 0..g * rows {
+            let row = &mut buf[x * BK..x * BK + cols];
+            mask.apply(bi, i0 + x % rows, j0, (dm.s, dm.t), row);
         }
     }
 }
 
-/// Output rows `i0..i1` of head `hi` of batch row `bi`, and their log-sum-exps.
+/// Output rows `i0..i1` of the stack of heads from `h0` ([`Dims::stack`] of them) of batch row
+/// `bi`, and their log-sum-exps.
 ///
 /// # Safety
 /// `out` and `lse` must be the `[b, s, heads·d]` and `[b, heads, s]` buffers of `dm`, with no
@@ -448,19 +488,21 @@ unsafe fn forward_block(
     dm: &Dims,
     mask: MaskView,
     (q, k, v): (&[f32], &[f32], &[f32]),
-    (bi, hi): (usize, usize),
+    (bi, h0): (usize, usize),
     (i0, i1): (usize, usize),
     out: *mut f32,
     lse: *mut f32,
 ) {
     let Dims { s, t, d, heads, .. } = *dm;
-    let rows = i1 - i0;
-    let (qo, q_rs) = dm.q_at(bi, hi);
-    let (ko, kv_rs) = dm.kv_at(bi, hi / dm.rep());
-    let mut scores = vec![0f32; BQ * BK];
-    let mut acc = vec![0f32; rows * d];
-    let mut m = vec![f32::NEG_INFINITY; rows];
-    let mut l = vec![0f64; rows];
+    let (rows, g) = (i1 - i0, dm.stack());
+    let n = g * rows;
+    let mut qs = Vec::with_capacity(n * d);
+    dm.gather(q, true, (bi, h0, g), (i0, i1), &mut qs);
+    let (ko, kv_rs) = dm.kv_at(bi, h0 / dm.rep());
+    let mut scores = vec![0f32; n * BK];
+    let mut acc = vec![0f32; n * d];
+    let mut m = vec![f32::NEG_INFINITY; n];
+    let mut l = vec![0f64; n];
     let (lo, hi_k) = mask.key_range(i0, i1, t);
     let mut j0 = lo - lo % BK;
     while j0 < hi_k {
@@ -468,42 +510,42 @@ unsafe fn forward_block(
         let cols = j1 - j0;
         let tile = mask.tile(bi, (i0, i1), (j0, j1));
         if tile != Tile::Skip {
-            let q_blk = (q[qo + i0 * q_rs..].as_ptr(), q_rs);
             let k_blk = (k[ko + j0 * kv_rs..].as_ptr(), kv_rs);
+            let at = (bi, i0, rows, g);
             tile_scores(
                 dm,
                 mask,
                 tile,
-                q_blk,
+                qs.as_ptr(),
                 k_blk,
-                (bi, i0, rows),
+                at,
                 (j0, cols),
                 &mut scores,
             );
-            for r in 0..rows {
-                let row = &mut scores[r * BK..r * BK + cols];
-                let m_new = max(row).max(m[r]);
+            for x in 0..n {
+                let row = &mut scores[x * BK..x * BK + cols];
+                let m_new = max(row).max(m[x]);
                 if m_new == f32::NEG_INFINITY {
                     // nothing visible yet: the row's probabilities are all 0 (`max` skips
                     // NaNs: a NaN score must still poison the row, as softmax's would)
                     if row.iter().any(|x| x.is_nan()) {
-                        l[r] = f64::NAN;
+                        l[x] = f64::NAN;
                     }
                     row.fill(0.0);
                     continue;
                 }
                 let sum = exp_shifted_in_place(row, m_new);
-                if m[r] != m_new {
-                    let corr = crate::softmax_row::exp(m[r] - m_new);
-                    l[r] *= corr as f64;
-                    scale_row(&mut acc[r * d..(r + 1) * d], corr);
-                    m[r] = m_new;
+                if m[x] != m_new {
+                    let corr = crate::softmax_row::exp(m[x] - m_new);
+                    l[x] *= corr as f64;
+                    scale_row(&mut acc[x * d..(x + 1) * d], corr);
+                    m[x] = m_new;
                 }
-                l[r] += sum;
+                l[x] += sum;
             }
             // acc += p · v
             gemm_f32(
-                (rows, d, cols),
+                (n, d, cols),
                 acc.as_mut_ptr(),
                 d,
                 true,
@@ -517,17 +559,18 @@ unsafe fn forward_block(
         }
         j0 = j1;
     }
-    let at = dm.out_at(bi, hi);
-    for r in 0..rows {
-        let dst = std::slice::from_raw_parts_mut(out.add(at + (i0 + r) * heads * d), d);
-        let src = &acc[r * d..(r + 1) * d];
-        if l[r] != 0.0 {
-            let inv = (1.0 / l[r]) as f32;
+    for x in 0..n {
+        let (h, i) = (h0 + x / rows, i0 + x % rows);
+        let dst = std::slice::from_raw_parts_mut(out.add(dm.out_at(bi, h) + i * heads * d), d);
+        let src = &acc[x * d..(x + 1) * d];
+        let lse_at = lse.add((bi * heads + h) * s + i);
+        if l[x] != 0.0 {
+            let inv = (1.0 / l[x]) as f32;
             dst.iter_mut().zip(src).for_each(|(o, a)| *o = a * inv);
-            *lse.add((bi * heads + hi) * s + i0 + r) = m[r] + (l[r].ln() as f32);
+            *lse_at = m[x] + (l[x].ln() as f32);
         } else {
             dst.fill(0.0);
-            *lse.add((bi * heads + hi) * s + i0 + r) = f32::INFINITY;
+            *lse_at = f32::INFINITY;
         }
     }
 }
@@ -549,7 +592,8 @@ struct BackwardCtx<'a> {
 
 impl BackwardCtx<'_> {
     /// The gradients of keys `j0..j1` of kv head `kvi` (dk, dv: this task's alone), and their
-    /// share of every query head's dq that sees them.
+    /// share of every query head's dq that sees them; the query heads of the group meet the
+    /// key block in stacks of [`Dims::stack`].
     ///
     /// # Safety
     /// `dq`, `dk`, `dv` must be the gradient buffers of `dm`'s q, k and v layouts, with no one
@@ -562,75 +606,69 @@ impl BackwardCtx<'_> {
     ) -> Result<()> {
         let dm = self.dm;
         let Dims { s, d, heads, .. } = *dm;
-        let cols = j1 - j0;
+        let (cols, g) = (j1 - j0, dm.stack());
         let (ko, kv_rs) = dm.kv_at(bi, kvi);
         let k_blk = self.k[ko + j0 * kv_rs..].as_ptr();
         let v_blk = self.v[ko + j0 * kv_rs..].as_ptr();
         let (dk_blk, dv_blk) = (dk.0.add(ko + j0 * kv_rs), dv.0.add(ko + j0 * kv_rs));
-        let mut p = vec![0f32; BQ * BK];
-        let mut dp = vec![0f32; BQ * BK];
+        let mut p = vec![0f32; g * BQ * BK];
+        let mut dp = vec![0f32; g * BQ * BK];
+        let (mut qs, mut gs) = (Vec::new(), Vec::new());
+        let mut dqs = vec![0f32; g * BQ * d];
         let (lo, hi) = self.mask.query_range(j0, j1, s);
         let nqb = dm.q_blocks();
-        for r in 0..dm.rep() {
-            let hi_q = kvi * dm.rep() + r;
-            let (qo, q_rs) = dm.q_at(bi, hi_q);
-            let bh = bi * heads + hi_q;
+        for h0 in (kvi * dm.rep()..(kvi + 1) * dm.rep()).step_by(g) {
             for qb in lo / BQ..hi.div_ceil(BQ) {
                 let i0 = qb * BQ;
                 let i1 = (i0 + BQ).min(s);
                 let rows = i1 - i0;
+                let n = g * rows;
                 let tile = self.mask.tile(bi, (i0, i1), (j0, j1));
                 if tile == Tile::Skip {
                     continue;
                 }
-                let q_blk = self.q[qo + i0 * q_rs..].as_ptr();
-                let go = self.g[dm.out_at(bi, hi_q) + i0 * heads * d..].as_ptr();
+                dm.gather(self.q, true, (bi, h0, g), (i0, i1), &mut qs);
+                dm.gather(self.g, false, (bi, h0, g), (i0, i1), &mut gs);
+                // the stack's row x is query i0 + x % rows of head h0 + x / rows
+                let row_of = |x: usize| (bi * heads + h0 + x / rows) * s + i0 + x % rows;
                 // p = exp(scale · q kᵀ + mask − lse)
-                let (qs, ks) = ((q_blk, q_rs), (k_blk, kv_rs));
-                tile_scores(
-                    dm,
-                    self.mask,
-                    tile,
-                    qs,
-                    ks,
-                    (bi, i0, rows),
-                    (j0, cols),
-                    &mut p,
-                );
-                for r in 0..rows {
-                    let row = &mut p[r * BK..r * BK + cols];
-                    exp_shifted_in_place(row, self.lse[bh * s + i0 + r]);
+                let at = (bi, i0, rows, g);
+                let ks = (k_blk, kv_rs);
+                tile_scores(dm, self.mask, tile, qs.as_ptr(), ks, at, (j0, cols), &mut p);
+                for x in 0..n {
+                    let row = &mut p[x * BK..x * BK + cols];
+                    exp_shifted_in_place(row, self.lse[row_of(x)]);
                 }
                 // dv += pᵀ · dout
                 gemm_f32(
-                    (cols, d, rows),
+                    (cols, d, n),
                     dv_blk,
                     kv_rs,
                     true,
                     p.as_ptr(),
                     (1, BK),
-                    go,
-                    (heads * d, 1),
+                    gs.as_ptr(),
+                    (d, 1),
                     1.0,
                     Threads::One,
                 );
                 // dp = dout · vᵀ
                 gemm_f32(
-                    (rows, cols, d),
+                    (n, cols, d),
                     dp.as_mut_ptr(),
                     BK,
                     false,
-                    go,
-                    (heads * d, 1),
+                    gs.as_ptr(),
+                    (d, 1),
                     v_blk,
                     (1, kv_rs),
                     1.0,
                     Threads::One,
                 );
                 // ds = p ∘ (dp − D), in p
-                for r in 0..rows {
-                    let dr = self.dsum[bh * s + i0 + r];
-                    let at = r * BK;
+                for x in 0..n {
+                    let dr = self.dsum[row_of(x)];
+                    let at = x * BK;
                     p[at..at + cols]
                         .iter_mut()
                         .zip(&dp[at..at + cols])
@@ -638,26 +676,24 @@ impl BackwardCtx<'_> {
                 }
                 // dk += scale · dsᵀ · q
                 gemm_f32(
-                    (cols, d, rows),
+                    (cols, d, n),
                     dk_blk,
                     kv_rs,
                     true,
                     p.as_ptr(),
                     (1, BK),
-                    q_blk,
-                    (q_rs, 1),
+                    qs.as_ptr(),
+                    (d, 1),
                     dm.scale(),
                     Threads::One,
                 );
-                // dq += scale · ds · k, under the query block's lock
-                let _held = self.locks[bh * nqb + qb]
-                    .lock()
-                    .map_err(|_| TiledAttention::poisoned())?;
+                // dq += scale · ds · k: the stack's share, then each head's rows under the
+                // query block's lock
                 gemm_f32(
-                    (rows, d, cols),
-                    dq.0.add(qo + i0 * q_rs),
-                    q_rs,
-                    true,
+                    (n, d, cols),
+                    dqs.as_mut_ptr(),
+                    d,
+                    false,
                     p.as_ptr(),
                     (BK, 1),
                     k_blk,
@@ -665,6 +701,18 @@ impl BackwardCtx<'_> {
                     dm.scale(),
                     Threads::One,
                 );
+                for r in 0..g {
+                    let h = h0 + r;
+                    let (qo, q_rs) = dm.q_at(bi, h);
+                    let _held = self.locks[(bi * heads + h) * nqb + qb]
+                        .lock()
+                        .map_err(|_| TiledAttention::poisoned())?;
+                    for x in 0..rows {
+                        let dst = std::slice::from_raw_parts_mut(dq.0.add(qo + (i0 + x) * q_rs), d);
+                        let src = &dqs[(r * rows + x) * d..(r * rows + x + 1) * d];
+                        dst.iter_mut().zip(src).for_each(|(a, b)| *a += b);
+                    }
+                }
             }
         }
         Ok(())
@@ -824,7 +872,12 @@ pub(crate) mod tests {
             ("cached 45, window 200", AttnMask::cached(45, Some(200)), 45),
         ];
         for (name, mask, past) in masks {
-            for (h, kv, d, heads_last) in [(4, 2, 16, true), (3, 1, 8, false), (2, 2, 32, true)] {
+            for (h, kv, d, heads_last) in [
+                (4, 2, 16, true),
+                (3, 1, 8, false),
+                (2, 2, 32, true),
+                (8, 1, 8, true),
+            ] {
                 let (b, q_len) = (2, s - past);
                 let bias = mask.to_bias(b, q_len, s, &dev)?;
                 // the rule, and the same mask as a dense bias through the same kernel

@@ -265,32 +265,53 @@ impl MaskRule {
         Tensor::from_vec(v, (rows, 1, s, t), device)
     }
 
+    /// The rule ready to build block biases on `device` for `b` rows: the segment numbers
+    /// uploaded once, not once per block.
+    pub fn blocks(&self, b: usize, device: &Device) -> Result<BlockBiases<'_>> {
+        let ids = match &self.segments {
+            Some(seg) => {
+                let ids: Vec<f32> = seg.ids.iter().map(|x| *x as f32).collect();
+                Some(Tensor::from_vec(ids, (b, seg.t), device)?)
+            }
+            None => None,
+        };
+        Ok(BlockBiases {
+            rule: self,
+            ids,
+            device: device.clone(),
+        })
+    }
+}
+
+/// A [`MaskRule`] with its segment numbers on a device (see [`MaskRule::blocks`]).
+pub struct BlockBiases<'a> {
+    rule: &'a MaskRule,
+    /// Segment numbers `[b, t]` as f32, when the rule has any.
+    ids: Option<Tensor>,
+    device: Device,
+}
+
+impl BlockBiases<'_> {
     /// The bias `[1 or b, 1, rows, cols]` (0 visible, −10⁹ hidden) of queries `i0..i0+rows`
-    /// and keys `j0..j0+cols`, built on `device` from positions and segment numbers by
+    /// and keys `j0..j0+cols`, built on the device from positions and segment numbers by
     /// broadcast comparisons: one block's mask, never the whole matrix.
-    pub fn block_bias(
-        &self,
-        b: usize,
-        (i0, rows): (usize, usize),
-        (j0, cols): (usize, usize),
-        device: &Device,
-    ) -> Result<Tensor> {
-        let p0 = (self.past + i0) as f32;
+    pub fn block(&self, (i0, rows): (usize, usize), (j0, cols): (usize, usize)) -> Result<Tensor> {
+        let (r, device) = (self.rule, &self.device);
+        let p0 = (r.past + i0) as f32;
         let qp = Tensor::arange(p0, p0 + rows as f32, device)?.reshape((rows, 1))?;
         let kp = Tensor::arange(j0 as f32, (j0 + cols) as f32, device)?.reshape((1, cols))?;
         let mut vis = Tensor::ones((rows, cols), DType::U8, device)?;
-        if self.causal {
+        if r.causal {
             vis = (vis * kp.broadcast_le(&qp)?)?;
         }
-        if let Some(w) = self.window {
+        if let Some(w) = r.window {
             let near = qp.broadcast_sub(&kp)?.abs()?.lt(w as f64)?;
             vis = (vis * near)?;
         }
         let mut vis = vis.unsqueeze(0)?;
-        if let Some(seg) = &self.segments {
-            let ids: Vec<f32> = seg.ids.iter().map(|x| *x as f32).collect();
-            let ids = Tensor::from_vec(ids, (b, seg.t), device)?;
-            let sq = ids.narrow(1, self.past + i0, rows)?.unsqueeze(2)?;
+        if let Some(ids) = &self.ids {
+            let b = ids.dim(0)?;
+            let sq = ids.narrow(1, r.past + i0, rows)?.unsqueeze(2)?;
             let sk = ids.narrow(1, j0, cols)?.unsqueeze(1)?;
             let same = sq
                 .broadcast_eq(&sk)?
@@ -387,8 +408,9 @@ mod tests {
             let r = rule(&m);
             let (s, t) = (6 - r.past, 6);
             let dense = m.to_bias(2, s, t, &dev)?;
+            let blocks = r.blocks(2, &dev)?;
             for (i0, rows, j0, cols) in [(0, s, 0, t), (1, 2, 0, 3), (2, s - 2, 1, 5)] {
-                let got = r.block_bias(2, (i0, rows), (j0, cols), &dev)?;
+                let got = blocks.block((i0, rows), (j0, cols))?;
                 let want = dense.narrow(2, i0, rows)?.narrow(3, j0, cols)?;
                 let want = want.broadcast_as(got.shape())?;
                 assert_eq!(

@@ -66,12 +66,12 @@ fn attention_blocks_of(
         AttnMask::Rule(r) => r,
     };
     let rows = rows.clamp(1, s.max(1));
-    let dev = q.device();
+    let biases = rule.blocks(b, q.device())?;
     let mut outs = Vec::with_capacity(s.div_ceil(rows));
     for i0 in (0..s).step_by(rows) {
         let n = rows.min(s - i0);
         let (lo, hi) = rule.key_range(i0, i0 + n, t);
-        let bias = rule.block_bias(b, (i0, n), (lo, hi - lo), dev)?;
+        let bias = biases.block((i0, n), (lo, hi - lo))?;
         let (q, k, v) = if n == s && hi - lo == t {
             (q.clone(), k.clone(), v.clone())
         } else {
