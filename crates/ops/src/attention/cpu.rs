@@ -506,7 +506,9 @@ unsafe fn forward_block(
     let (lo, hi_k) = mask.key_range(i0, i1, t);
     let mut j0 = lo - lo % BK;
     while j0 < hi_k {
-        let j1 = (j0 + BK).min(t);
+        // the tile ends at the block's last visible key: the diagonal tile of a causal mask
+        // computes no columns past it
+        let j1 = (j0 + BK).min(hi_k);
         let cols = j1 - j0;
         let tile = mask.tile(bi, (i0, i1), (j0, j1));
         if tile != Tile::Skip {
@@ -606,7 +608,7 @@ impl BackwardCtx<'_> {
     ) -> Result<()> {
         let dm = self.dm;
         let Dims { s, d, heads, .. } = *dm;
-        let (cols, g) = (j1 - j0, dm.stack());
+        let g = dm.stack();
         let (ko, kv_rs) = dm.kv_at(bi, kvi);
         let k_blk = self.k[ko + j0 * kv_rs..].as_ptr();
         let v_blk = self.v[ko + j0 * kv_rs..].as_ptr();
@@ -623,6 +625,12 @@ impl BackwardCtx<'_> {
                 let i1 = (i0 + BQ).min(s);
                 let rows = i1 - i0;
                 let n = g * rows;
+                // no columns past the query block's last visible key
+                let j1 = j1.min(self.mask.key_range(i0, i1, dm.t).1);
+                if j1 <= j0 {
+                    continue;
+                }
+                let cols = j1 - j0;
                 let tile = self.mask.tile(bi, (i0, i1), (j0, j1));
                 if tile == Tile::Skip {
                     continue;
