@@ -6,10 +6,10 @@
 //! do: forward 2, backward 5 products of `s²/2 · d`). One JSON line per length; numbers are
 //! reported, never asserted.
 //!
-//!   cargo bench --bench attention_scaling -- [--tiled-only] [SEQ ...]
+//!   cargo bench --bench attention_scaling -- [--tiled-only] [--heads=H/KV] [SEQ ...]
 //!
 //! (default lengths 512 1024 2048 4096 8192; `--tiled-only` skips the composed attention, for
-//! profiling the kernel alone)
+//! profiling the kernel alone; `--heads=9/3` takes another model's heads, e.g. SmolLM2-135M's)
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use lorakit_ops::attention::{attention_heads_last, AttnMask};
 use std::time::Instant;
@@ -58,7 +58,13 @@ fn main() -> anyhow::Result<()> {
         lengths
     };
     let dev = Device::Cpu;
-    let (heads, kv, d) = (8, 4, 64);
+    let (heads, kv) = std::env::args()
+        .find_map(|a| {
+            let (h, kv) = a.strip_prefix("--heads=")?.split_once('/')?;
+            Some((h.parse().ok()?, kv.parse().ok()?))
+        })
+        .unwrap_or((8, 4));
+    let d = 64;
     let sq = Tensor::randn(0f32, 1., (2048, 2048), &dev)?;
     let matmul_s = time(3, || sq.matmul(&sq).map(|_| ()))?;
     let matmul_rate = 2.0 * 2048f64.powi(3) / matmul_s;
