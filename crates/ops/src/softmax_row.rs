@@ -52,9 +52,12 @@ macro_rules! simd_fn {
                 unsafe fn avx512($($arg: $ty),*) -> $ret {
                     body($($arg),*)
                 }
-                if is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU has the features `avx512` is compiled for (AVX-512F
-                    // implies AVX2 and FMA).
+                if is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has every feature `avx512` is compiled for (checked one
+                    // by one: a virtual CPU may report any subset).
                     return unsafe { avx512($($arg),*) };
                 }
                 #[target_feature(enable = "avx2,fma")]
