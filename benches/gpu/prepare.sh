@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Builds everything the GPU check needs, on this (GPU-less) machine, into devbin/ (git-ignored):
+# Builds everything the GPU checks need, on this (GPU-less) machine, into devbin/ (git-ignored):
 # the CUDA benches, the CUDA kernel tests and the `lorakit` binary, xz-compressed to fit the
 # device tool's carry limit.
-#   bash benches/gpu/prepare.sh      then carry devbin/ and run benches/gpu/run.sh there
+#   bash benches/gpu/prepare.sh      then carry devbin/ and run benches/gpu/run.sh or
+#                                    benches/gpu/long_rows.sh there
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/cuda-toolchain.sh
@@ -20,8 +21,10 @@ for l in sys.stdin:
 bench=$(build train_throughput build --bench train_throughput)
 cli=$(build lorakit build -p lorakit --bin lorakit)
 ops=$(build op_profile build --bench op_profile)
+attn=$(build attention_scaling build --bench attention_scaling)
 tests=$(build cuda_kernels test -p lorakit-models --test cuda_kernels --no-run)
-for f in "$bench:train_throughput" "$ops:op_profile" "$tests:cuda_kernels" "$cli:lorakit"; do
+for f in "$bench:train_throughput" "$ops:op_profile" "$attn:attention_scaling" "$tests:cuda_kernels" \
+  "$cli:lorakit"; do
   src=${f%%:*}; dst=devbin/${f##*:}
   [ -n "$src" ] || { echo "prepare: no executable for ${f##*:}" >&2; exit 1; }
   cp "$src" "$dst" && strip "$dst" && xz -T2 -f -6 "$dst"

@@ -307,3 +307,5 @@ FLOAT_AND_BF16(dropout,
                (const __nv_bfloat16* x, __nv_bfloat16* y, size_t n, uint64_t seed, float keep,
                 float scale),
                (x, y, n, seed, keep, scale))
+
+#include "flash_attention.cuh"

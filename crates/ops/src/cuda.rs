@@ -19,7 +19,7 @@ const BLOCK: u32 = 256;
 /// The loaded fatbin, per device.
 type Modules = Mutex<Vec<(DeviceId, Arc<CudaModule>)>>;
 
-fn function(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
+pub(crate) fn function(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
     static MODULES: OnceLock<Modules> = OnceLock::new();
     let mut modules = MODULES
         .get_or_init(Default::default)
@@ -37,7 +37,11 @@ fn function(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
     module.load_function(name).w()
 }
 
-fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+pub(crate) fn view<'a, T: CudaDType>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<CudaView<'a, T>> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
         None => candle_core::bail!("{what}: expected a contiguous tensor"),

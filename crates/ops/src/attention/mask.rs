@@ -265,6 +265,12 @@ impl MaskRule {
         Tensor::from_vec(v, (rows, 1, s, t), device)
     }
 
+    /// The segment numbers `[b][t]` of the key positions, flattened (`None`: every token is in
+    /// example 1).
+    pub fn segment_ids(&self) -> Option<&[u32]> {
+        self.segments.as_ref().map(|s| s.ids.as_slice())
+    }
+
     /// The rule ready to build block biases on `device` for `b` rows: the segment numbers
     /// uploaded once, not once per block.
     pub fn blocks(&self, b: usize, device: &Device) -> Result<BlockBiases<'_>> {

@@ -1,10 +1,13 @@
 //! Attention, `softmax(q·kᵀ/√d + mask)·v`, for every architecture: the entry points here pick
-//! the implementation — the tiled CPU f32 kernel with an online softmax ([`cpu`]), else query
-//! blocks of the op that recomputes the probabilities in its backward pass ([`recompute`], any
-//! device and dtype; its softmax rows are [`probs`]). Which keys a query sees is an
+//! the implementation — the tiled CPU f32 kernel with an online softmax ([`cpu`]), on an NVIDIA
+//! GPU in bf16 the tensor-core kernel with an online softmax (`flash`, built with the `cuda`
+//! feature), else query blocks of the op that recomputes the probabilities in its backward pass
+//! ([`recompute`], any device and dtype; its softmax rows are [`probs`]). Which keys a query sees is an
 //! [`AttnMask`]: a rule (causal, window, padding, packed examples) that neither path turns into
 //! a `seq × seq` matrix.
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod flash;
 pub mod mask;
 pub mod probs;
 pub mod recompute;
@@ -17,10 +20,14 @@ use candle_core::{Result, Tensor};
 /// read in place) under `mask`; returns `[b, s, heads·d]`, the output projection's input.
 /// Differentiable in q, k and v.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask) -> Result<Tensor> {
-    match cpu::try_attention(q, k, v, mask) {
-        Some(out) => out,
-        None => recompute::attention_blocks(q, k, v, mask),
+    if let Some(out) = cpu::try_attention(q, k, v, mask) {
+        return out;
     }
+    #[cfg(feature = "cuda")]
+    if let Some(out) = flash::try_attention(q, k, v, mask, flash::Heads::First) {
+        return out;
+    }
+    recompute::attention_blocks(q, k, v, mask)
 }
 
 /// [`attention`] of the projections' outputs as they are: q `[b, s, heads·d]`, k and v
@@ -36,6 +43,16 @@ pub fn attention_heads_last(
 ) -> Result<Tensor> {
     if let Some(out) = cpu::try_attention_heads_last(q, k, v, mask, heads, kv_heads) {
         return out;
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let layout = flash::Heads::Last {
+            heads,
+            kv: kv_heads,
+        };
+        if let Some(out) = flash::try_attention(q, k, v, mask, layout) {
+            return out;
+        }
     }
     let (q, k, v) = split_heads(q, k, v, heads, kv_heads)?;
     attention(&q, &k, &v, mask)
