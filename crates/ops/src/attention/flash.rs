@@ -10,7 +10,7 @@ use crate::cuda::{function, view};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{
-    DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{
@@ -209,21 +209,29 @@ fn run(q: &Tensor, k: &Tensor, v: &Tensor, rule: &MaskRule, g: Geometry) -> Resu
         &k,
         &v,
         Flash {
-            rule: rule.clone(),
-            seg,
-            g,
+            call: Call {
+                rule: rule.clone(),
+                seg,
+                g,
+            },
             lse: Mutex::new(None),
         },
     )
 }
 
-/// The forward op; keeps the rows' log-sum-exp for its backward pass.
-struct Flash {
+/// What both passes of one call need.
+#[derive(Clone)]
+struct Call {
     rule: MaskRule,
     /// Segment numbers `[b·t]` u32 on the device, when the rule has any.
     seg: Option<Tensor>,
     g: Geometry,
-    lse: Mutex<Option<candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>>>,
+}
+
+/// The forward op; keeps the rows' log-sum-exp for its backward pass.
+struct Flash {
+    call: Call,
+    lse: Mutex<Option<CudaSlice<f32>>>,
 }
 
 /// Shared memory of the kernels for heads of `d`: the forward pass double-buffers key and value
@@ -238,11 +246,7 @@ fn backward_shared(d: usize) -> u32 {
 }
 
 /// The kernel `name`, allowed `shared` bytes of dynamic shared memory.
-fn kernel(
-    dev: &candle_core::CudaDevice,
-    name: &str,
-    shared: u32,
-) -> Result<candle_core::cuda_backend::cudarc::driver::CudaFunction> {
+fn kernel(dev: &candle_core::CudaDevice, name: &str, shared: u32) -> Result<CudaFunction> {
     let func = function(dev, name)?;
     if shared > DEFAULT_SHARED {
         func.set_attribute(
@@ -267,7 +271,7 @@ fn seg_ptr(seg: &Option<Tensor>, f: impl FnOnce(u64) -> Result<()>) -> Result<()
     f(p)
 }
 
-impl Flash {
+impl Call {
     fn params(&self, (q, k, v): (u64, u64, u64), seg: u64) -> Params {
         let g = &self.g;
         Params {
@@ -321,7 +325,7 @@ impl CustomOp3 for Flash {
         vs: &CudaStorage,
         lv: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let g = self.g;
+        let g = self.call.g;
         let dev = qs.device().clone();
         let stream = dev.cuda_stream();
         let (qv, kv, vv) = (
@@ -331,11 +335,11 @@ impl CustomOp3 for Flash {
         );
         let mut out = unsafe { dev.alloc::<bf16>(g.q_elems())? };
         let mut lse = unsafe { dev.alloc::<f32>(g.b * g.heads * g.s)? };
-        seg_ptr(&self.seg, |seg| {
+        seg_ptr(&self.call.seg, |seg| {
             let (qp, _a) = qv.device_ptr(&stream);
             let (kp, _b) = kv.device_ptr(&stream);
             let (vp, _c) = vv.device_ptr(&stream);
-            let params = self.params((qp, kp, vp), seg);
+            let params = self.call.params((qp, kp, vp), seg);
             let shared = forward_shared(g.d);
             let func = kernel(&dev, &format!("flash_fwd_{}", g.d), shared)?;
             let mut b = stream.launch_builder(&func);
@@ -375,18 +379,13 @@ impl CustomOp3 for Flash {
             .take()
             .ok_or_else(|| candle_core::Error::Msg("attention: backward ran twice".into()))?;
         let op = FlashGrad {
-            fwd: Flash {
-                rule: self.rule.clone(),
-                seg: self.seg.clone(),
-                g: self.g,
-                lse: Mutex::new(None),
-            },
+            call: self.call.clone(),
             lse,
             out: res.detach().contiguous()?,
             dout: grad.detach().contiguous()?,
         };
         let all = q.detach().apply_op3_no_bwd(&k.detach(), &v.detach(), &op)?;
-        let (nq, nk) = (self.g.q_elems(), self.g.k_elems());
+        let (nq, nk) = (self.call.g.q_elems(), self.call.g.k_elems());
         let dq = all.narrow(0, 0, nq)?.reshape(q.shape())?;
         let dk = all.narrow(0, nq, nk)?.reshape(k.shape())?;
         let dv = all.narrow(0, nq + nk, nk)?.reshape(k.shape())?;
@@ -396,8 +395,8 @@ impl CustomOp3 for Flash {
 
 /// The backward op: dq, dk and dv flattened one after the other, in q's and k's layouts.
 struct FlashGrad {
-    fwd: Flash,
-    lse: candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
+    call: Call,
+    lse: CudaSlice<f32>,
     /// The forward output and its gradient, `[b, s, heads·d]`.
     out: Tensor,
     dout: Tensor,
@@ -436,7 +435,7 @@ impl CustomOp3 for FlashGrad {
         vs: &CudaStorage,
         lv: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let g = self.fwd.g;
+        let g = self.call.g;
         let dev = qs.device().clone();
         let stream = dev.cuda_stream();
         let (qv, kv, vv) = (
@@ -477,11 +476,11 @@ impl CustomOp3 for FlashGrad {
         {
             let (base, _grads) = grads.device_ptr_mut(&stream);
             let (dk, dv) = (base + 4 * nq as u64, base + 4 * (nq + nk) as u64);
-            seg_ptr(&self.fwd.seg, |seg| {
+            seg_ptr(&self.call.seg, |seg| {
                 let (qp, _a) = qv.device_ptr(&stream);
                 let (kp, _b) = kv.device_ptr(&stream);
                 let (vp, _c) = vv.device_ptr(&stream);
-                let params = self.fwd.params((qp, kp, vp), seg);
+                let params = self.call.params((qp, kp, vp), seg);
                 let shared = backward_shared(g.d);
                 let func = kernel(&dev, &format!("flash_bwd_{}", g.d), shared)?;
                 let mut b = stream.launch_builder(&func);
