@@ -3,7 +3,8 @@
 // nvcc into one fatbin holding sm_80 and sm_90 cubins, so the first step does not wait for a PTX
 // JIT. Row kernels take one block per row (attention probabilities: a warp per row); sums are
 // taken in f32 (the CPU versions sum in f64). bf16 tensors are computed in f32 and
-// rounded once per output, like the composed candle versions.
+// rounded once per output, like the composed candle versions. The tensor-core attention
+// (flash_attention.cuh) is included at the end, into the same fatbin.
 #include <cuda_bf16.h>
 #include <stdint.h>
 

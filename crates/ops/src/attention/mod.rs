@@ -2,9 +2,9 @@
 //! the implementation — the tiled CPU f32 kernel with an online softmax ([`cpu`]), on an NVIDIA
 //! GPU in bf16 the tensor-core kernel with an online softmax (`flash`, built with the `cuda`
 //! feature), else query blocks of the op that recomputes the probabilities in its backward pass
-//! ([`recompute`], any device and dtype; its softmax rows are [`probs`]). Which keys a query sees is an
-//! [`AttnMask`]: a rule (causal, window, padding, packed examples) that neither path turns into
-//! a `seq × seq` matrix.
+//! ([`recompute`], any device and dtype; its softmax rows are [`probs`]). Which keys a query
+//! sees is an [`AttnMask`]: a rule (causal, window, padding, packed examples) that no path turns
+//! into a `seq × seq` matrix.
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod flash;
