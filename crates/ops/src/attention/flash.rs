@@ -10,7 +10,8 @@ use crate::cuda::{function, view};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
+    PushKernelArg,
 };
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{
@@ -328,11 +329,7 @@ impl CustomOp3 for Flash {
         let g = self.call.g;
         let dev = qs.device().clone();
         let stream = dev.cuda_stream();
-        let (qv, kv, vv) = (
-            view::<bf16>(qs, lq, "q")?,
-            view::<bf16>(ks, lk, "k")?,
-            view::<bf16>(vs, lv, "v")?,
-        );
+        let (qv, kv, vv) = qkv((qs, lq), (ks, lk), (vs, lv))?;
         let mut out = unsafe { dev.alloc::<bf16>(g.q_elems())? };
         let mut lse = unsafe { dev.alloc::<f32>(g.b * g.heads * g.s)? };
         seg_ptr(&self.call.seg, |seg| {
@@ -402,6 +399,19 @@ struct FlashGrad {
     dout: Tensor,
 }
 
+/// The bf16 views of one call's q, k and v.
+fn qkv<'a>(
+    (qs, lq): (&'a CudaStorage, &Layout),
+    (ks, lk): (&'a CudaStorage, &Layout),
+    (vs, lv): (&'a CudaStorage, &Layout),
+) -> Result<(CudaView<'a, bf16>, CudaView<'a, bf16>, CudaView<'a, bf16>)> {
+    Ok((
+        view::<bf16>(qs, lq, "q")?,
+        view::<bf16>(ks, lk, "k")?,
+        view::<bf16>(vs, lv, "v")?,
+    ))
+}
+
 fn cuda_of<'a>(st: &'a Storage, what: &str) -> Result<&'a CudaStorage> {
     match st {
         Storage::Cuda(s) => Ok(s),
@@ -438,11 +448,7 @@ impl CustomOp3 for FlashGrad {
         let g = self.call.g;
         let dev = qs.device().clone();
         let stream = dev.cuda_stream();
-        let (qv, kv, vv) = (
-            view::<bf16>(qs, lq, "q")?,
-            view::<bf16>(ks, lk, "k")?,
-            view::<bf16>(vs, lv, "v")?,
-        );
+        let (qv, kv, vv) = qkv((qs, lq), (ks, lk), (vs, lv))?;
         let (os, lo) = self.out.storage_and_layout();
         let (gs, lg) = self.dout.storage_and_layout();
         let ov = view::<bf16>(cuda_of(&os, "output")?, lo, "output")?;
